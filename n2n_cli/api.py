@@ -1,0 +1,324 @@
+"""The n2n library API: grow, verify, inspect, validate. Usable from Python without the CLI.
+
+    from n2n_cli import api
+    report = api.grow("specs/mnist-cnn-grow.yaml", "teacher.safetensors", "student.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
+from .errors import CheckpointError, ModelError, SpecError, StepError, VerificationFailed
+from .execute import Materializer
+from .layers import PRODUCERS
+from .model import ModelDescription
+from .plan import Plan, build_plan, exact_counterpart
+from .spec import GrowthSpec, StepEntry, load_model_description, load_spec, parse_model_description
+from .verify import compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run
+
+Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+META_MODEL = "n2n_model"
+META_LINEAGE = "n2n_lineage"
+META_VERIFICATION = "n2n_verification"
+META_VERSION = "n2n_version"
+
+
+# ----------------------------------------------------------------------------- checkpoint + model
+
+
+def model_from_metadata(source: TensorSource) -> ModelDescription | None:
+    raw = source.metadata.get(META_MODEL)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"its '{META_MODEL}' metadata is not valid JSON ({e})", where=str(source.path)) from None
+    return parse_model_description(data, where=f"{source.path} (metadata '{META_MODEL}')")
+
+
+def resolve_model(source: TensorSource, *candidates: ModelDescription | None) -> ModelDescription:
+    """The first given description, else the one the checkpoint carries."""
+    for desc in candidates:
+        if desc is not None:
+            return desc
+    desc = model_from_metadata(source)
+    if desc is None:
+        raise ModelError("no model description for this checkpoint", where=str(source.path),
+                         hint="Pass --model FILE.yaml (or set model: in the spec); checkpoints written by n2n "
+                              "carry their own.")
+    return desc
+
+
+def check_checkpoint(source: TensorSource, desc: ModelDescription) -> dict[str, tuple[torch.dtype, tuple]]:
+    """Compare the checkpoint with the description; report every missing, unexpected or
+    mis-shaped tensor at once. Returns the header {key: (dtype, shape)}."""
+    expected = desc.layout().tensors
+    keys = set(source.keys())
+    problems = []
+    for key, info in expected.items():
+        if key not in keys:
+            problems.append(f"missing tensor '{key}' (expected shape {list(info.shape)})")
+        elif source.shape(key) != info.shape:
+            problems.append(f"tensor '{key}' has shape {list(source.shape(key))}, the description implies "
+                            f"{list(info.shape)}")
+        elif info.floating != source.dtype(key).is_floating_point:
+            problems.append(f"tensor '{key}' has dtype {str(source.dtype(key)).removeprefix('torch.')}, "
+                            f"expected a {'floating point' if info.floating else 'integer'} tensor")
+    for key in sorted(keys - set(expected)):
+        problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}) not in the description")
+    if problems:
+        raise CheckpointError(f"the checkpoint does not match the model description ({len(problems)} "
+                              f"problem{'s' * (len(problems) > 1)})", where=str(source.path), problems=problems,
+                              hint="Fix the description (layer names, sizes, bias, input_shape) or pass the right --model.")
+    return {k: (source.dtype(k), source.shape(k)) for k in expected}
+
+
+def check_finite(source: TensorSource, keys, progress: Progress | None = None) -> None:
+    bad = []
+    keys = list(keys)
+    for n, key in enumerate(keys):
+        t = source.get(key)
+        if t.is_floating_point():
+            nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            if nan or inf:
+                bad.append(f"'{key}': {nan} NaN, {inf} Inf")
+        if progress:
+            progress("checking weights", n + 1, len(keys))
+    if bad:
+        raise CheckpointError("refusing: the checkpoint has non-finite weights, which growth would copy and "
+                              "verification cannot compare", where=str(source.path), problems=bad,
+                              hint="Fix or retrain the checkpoint first.")
+
+
+# ----------------------------------------------------------------------------- grow
+
+
+def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol):
+    seed = spec.seed if seed is None else seed
+    d_atol, d_rtol = default_tolerances(d for d, _ in header.values())
+    return (seed, probes or spec.verify.probes,
+            atol if atol is not None else (spec.verify.atol if spec.verify.atol is not None else d_atol),
+            rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol))
+
+
+def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
+         device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
+         rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
+         progress: Progress | None = None) -> dict:
+    """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file). Returns the report (a dict).
+
+    Raises a ``UserError`` for bad input and ``VerificationFailed`` when the grown network
+    does not compute the teacher's function; in both cases nothing is written.
+    """
+    spec_model = None
+    if not isinstance(spec, GrowthSpec):
+        spec, spec_model = load_spec(spec)
+    if isinstance(model, (str, Path)):
+        model = load_model_description(model)
+    src = Path(src)
+    out_path = Path(out)
+    if not dry_run:
+        check_output_path(out_path, [src], force)
+    with open_checkpoint(src) as source:
+        desc = resolve_model(source, model, spec_model)
+        header = check_checkpoint(source, desc)
+        check_finite(source, header, progress)
+        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
+        plan = build_plan(desc, header, spec.steps, seed)
+        report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
+                  "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False}
+        if dry_run:
+            return report
+        mat = Materializer(plan, source)
+        do_verify = spec.verify.enabled if verify is None else verify
+        if do_verify:
+            report["verification"] = _verify_plan(spec.steps, plan, source, desc, header, mat, probes=probes,
+                                                  seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
+                                                  progress=progress)
+            if report["verification"]["passed"] is False:
+                c = report["verification"]["exact"]
+                raise VerificationFailed(
+                    f"the grown network does not compute the teacher's function: max abs error "
+                    f"{c['max_abs_error']:.3g} > atol {atol:g} + rtol {rtol:g} * max|teacher| {c['max_abs_teacher']:.3g}; "
+                    "nothing was written", where=str(src), report=report,
+                    hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report.")
+        else:
+            report["verification"] = {"passed": None, "skipped": True}
+        metadata = {
+            "format": "pt",
+            META_VERSION: __version__,
+            META_MODEL: plan.model_after.to_json(),
+            META_LINEAGE: json.dumps(_lineage(source, spec, plan), sort_keys=True, separators=(",", ":")),
+            META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":")),
+        }
+        entries = plan.entries()
+        with atomic_output(out_path) as tmp:
+            done = iter(range(1, len(entries) + 1))
+            write_safetensors(tmp, entries, mat.get, metadata,
+                              on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
+        report["written"] = True
+        return report
+
+
+def _lineage(source: TensorSource, spec: GrowthSpec, plan: Plan) -> list[dict]:
+    try:
+        previous = json.loads(source.metadata.get(META_LINEAGE, "[]"))
+    except json.JSONDecodeError:
+        previous = []
+    return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": source.sha256(),
+                        "steps": [e.to_dict() for e in spec.steps],
+                        "params_before": plan.params_before, "params_after": plan.params_after}]
+
+
+def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc: ModelDescription, header,
+                 mat: Materializer, *, probes, seed, atol, rtol, device, progress) -> dict:
+    """Verify the exact transform; measure (not judge) noise and random baselines on top."""
+    dtype = compute_dtype(d for d, _ in header.values())
+    x = probe_inputs(desc, probes, seed)
+    kw = dict(atol=atol, rtol=rtol, probes=probes, seed=seed, device=device, dtype=dtype)
+    if progress:
+        progress("verifying", 0, 2)
+    teacher = run(desc, source.get, x, device, dtype)
+    student = run(plan.model_after, mat.get, x, device, dtype)
+    if progress:
+        progress("verifying", 1, 2)
+    actual = compare_outputs(teacher, student, **kw)
+    exact_steps = exact_counterpart(steps)
+    if [e.to_dict() for e in exact_steps] == [e.to_dict() for e in steps]:
+        result = {"passed": actual.passed, "checked": "student", "exact": actual.to_dict(), "deviation": None}
+    else:
+        try:
+            exact_plan = build_plan(desc, header, exact_steps, plan.seed)
+        except StepError as e:
+            result = {"passed": None, "checked": "nothing exact",
+                      "note": f"no function-preserving counterpart: {e.message}", "exact": None,
+                      "deviation": actual.to_dict()}
+        else:
+            exact = compare_outputs(teacher, run(exact_plan.model_after, Materializer(exact_plan, source).get, x,
+                                                 device, dtype), **kw)
+            result = {"passed": exact.passed, "checked": "exact counterpart (no noise, function-preserving methods)",
+                      "exact": exact.to_dict(), "deviation": actual.to_dict()}
+    if progress:
+        progress("verifying", 2, 2)
+    return result
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
+           student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
+           probes: int = 64, atol: float | None = None, rtol: float | None = None) -> dict:
+    """Compare two checkpoints' functions on seeded probes. Raises VerificationFailed on mismatch."""
+    if isinstance(model, (str, Path)):
+        model = load_model_description(model)
+    if isinstance(student_model, (str, Path)):
+        student_model = load_model_description(student_model)
+    with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
+        t_desc = resolve_model(t_src, model)
+        s_desc = resolve_model(s_src, student_model)
+        t_head, s_head = check_checkpoint(t_src, t_desc), check_checkpoint(s_src, s_desc)
+        if list(t_desc.input_shape) != list(s_desc.input_shape):
+            raise ModelError(f"the networks take different inputs: {t_desc.input_shape} vs {s_desc.input_shape}",
+                             where=str(student))
+        dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
+        d_atol, d_rtol = default_tolerances(dtypes)
+        atol = d_atol if atol is None else atol
+        rtol = d_rtol if rtol is None else rtol
+        dev, dtype = resolve_device(device), compute_dtype(dtypes)
+        x = probe_inputs(t_desc, probes, seed)
+        c = compare_outputs(run(t_desc, t_src.get, x, dev, dtype), run(s_desc, s_src.get, x, dev, dtype),
+                            atol=atol, rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
+        report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
+                  "params_teacher": t_desc.layout().num_parameters(),
+                  "params_student": s_desc.layout().num_parameters()}
+        if not c.passed:
+            raise VerificationFailed(
+                f"the student does not compute the teacher's function: max abs error {c.max_abs_error:.3g} > "
+                f"atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}",
+                where=str(student), report=report)
+        return report
+
+
+# ----------------------------------------------------------------------------- inspect / validate
+
+
+def growth_options(desc: ModelDescription) -> dict[str, dict[str, str]]:
+    """For each linear/conv2d layer: can it be widened / deepened after exactly, and if not, why.
+    Answered by planning the step itself, so it can never disagree with ``grow``."""
+    out = {}
+    for layer in desc.layers:
+        if layer.type not in PRODUCERS:
+            continue
+        res = {}
+        for kind, step in (("widen", {"widen": {"layer": layer.name, "factor": 2}}),
+                           ("deepen", {"deepen": {"after": layer.name}})):
+            try:
+                build_plan(desc, None, [StepEntry.model_validate(step)], 0)
+                res[kind] = "yes"
+            except StepError as e:
+                res[kind] = "no: " + e.message.split(": ", 1)[1]
+        out[layer.name] = res
+    return out
+
+
+def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None) -> dict:
+    if isinstance(model, (str, Path)):
+        model = load_model_description(model)
+    with open_checkpoint(src) as source:
+        tensors = [{"key": k, "shape": list(source.shape(k)), "dtype": str(source.dtype(k)).removeprefix("torch.")}
+                   for k in source.keys()]
+        report: dict = {"checkpoint": str(src), "tensors": tensors,
+                        "n2n_version": source.metadata.get(META_VERSION)}
+        for key, name in ((META_LINEAGE, "lineage"), (META_VERIFICATION, "verification")):
+            if key in source.metadata:
+                try:
+                    report[name] = json.loads(source.metadata[key])
+                except json.JSONDecodeError:
+                    report[name] = source.metadata[key]
+        desc = model if model is not None else model_from_metadata(source)
+        if desc is None:
+            report["model"] = None
+            return report
+        check_checkpoint(source, desc)
+        layout, options = desc.layout(), growth_options(desc)
+        layers = []
+        for i, layer in enumerate(desc.layers):
+            (ins, outs) = layout.layer_io[i]
+            params = sum(math.prod(t.shape) for t in layout.tensors.values() if layer.parametric
+                         and t.layer == layer.name and t.floating and t.key.rsplit(".", 1)[1] in ("weight", "bias"))
+            layers.append({"index": i, "type": layer.type, "name": getattr(layer, "name", None),
+                           "input_shape": list(ins), "output_shape": list(outs), "params": params,
+                           **options.get(getattr(layer, "name", None), {})})
+        report.update(model=json.loads(desc.to_json()), layers=layers, params=layout.num_parameters())
+        return report
+
+
+def validate(spec_path: str | Path, *, checkpoint: str | Path | None = None,
+             model: ModelDescription | str | Path | None = None) -> dict:
+    """Check a spec: every schema problem, then every step problem, reported at once."""
+    spec, spec_model = load_spec(spec_path)
+    if isinstance(model, (str, Path)):
+        model = load_model_description(model)
+    desc, header = model or spec_model, None
+    if checkpoint is not None:
+        with open_checkpoint(checkpoint) as source:
+            desc = resolve_model(source, desc)
+            header = check_checkpoint(source, desc)
+    if desc is None:
+        return {"spec": str(spec_path), "valid": True, "checked": "schema only",
+                "note": "the spec has no model: pass --checkpoint (or --model) to check its steps too"}
+    plan = build_plan(desc, header, spec.steps, spec.seed, collect=True)
+    if plan.problems:
+        raise SpecError(f"{len(plan.problems)} step{'s' * (len(plan.problems) > 1)} cannot be applied",
+                        where=str(spec_path), problems=plan.problems)
+    return {"spec": str(spec_path), "valid": True, "checked": "schema and steps", "plan": plan.to_dict()}

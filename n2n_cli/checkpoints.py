@@ -1,0 +1,265 @@
+"""Reading and writing checkpoint files, tensor by tensor. Knows files, not growth."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import pickle
+import struct
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+from safetensors import safe_open
+
+from .errors import CheckpointError, OutputError
+
+SAFETENSORS_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+
+DTYPE_TO_ST = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+
+
+class TensorSource:
+    """Read-only access to a checkpoint's tensors without loading them all at once."""
+
+    path: Path
+    metadata: dict[str, str]
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype:
+        raise NotImplementedError
+
+    def get(self, key: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def sha256(self) -> str:
+        return file_sha256(self.path)
+
+
+class SafetensorsSource(TensorSource):
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self._f = safe_open(str(path), framework="pt", device="cpu")
+            self._keys = list(self._f.keys())
+            self.metadata = dict(self._f.metadata() or {})
+            self._slices = {k: self._f.get_slice(k) for k in self._keys}
+            self._dtypes = {}
+            for k, s in self._slices.items():
+                st = s.get_dtype()
+                if st not in ST_TO_DTYPE:
+                    raise CheckpointError(f"tensor '{k}' has dtype {st}, which n2n does not support",
+                                          where=str(path))
+                self._dtypes[k] = ST_TO_DTYPE[st]
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own SafetensorError and OSError
+            raise CheckpointError(
+                f"not a readable safetensors file ({e})", where=str(path),
+                hint="The file is truncated or corrupt; re-export it (safetensors.torch.save_file).",
+            ) from None
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def shape(self, key):
+        return tuple(self._slices[key].get_shape())
+
+    def dtype(self, key):
+        return self._dtypes[key]
+
+    def get(self, key):
+        try:
+            return self._f.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e})", where=str(self.path)) from None
+
+
+class StateDictSource(TensorSource):
+    """A pickled state dict, loaded with ``torch.load(weights_only=True)``: never runs code."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = {}
+        try:
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:
+            first = str(e).strip().splitlines()
+            detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")
+            raise CheckpointError(
+                "refusing to load: this pickle needs arbitrary code to unpickle, and unpickling "
+                f"untrusted code can run anything ({detail})", where=str(path),
+                hint="Save a plain state dict instead (torch.save(model.state_dict(), path)) or convert it "
+                     "to .safetensors with code you trust.",
+            ) from None
+        except Exception as e:
+            raise CheckpointError(f"not a readable PyTorch checkpoint ({type(e).__name__}: {e})",
+                                  where=str(path)) from None
+        self._tensors = _unwrap_state_dict(obj, path)
+
+    def keys(self):
+        return list(self._tensors)
+
+    def shape(self, key):
+        return tuple(self._tensors[key].shape)
+
+    def dtype(self, key):
+        return self._tensors[key].dtype
+
+    def get(self, key):
+        return self._tensors[key]
+
+
+def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
+    def is_sd(o):
+        return isinstance(o, dict) and o and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in o.items())
+
+    if is_sd(obj):
+        return dict(obj)
+    if isinstance(obj, dict):
+        for k in ("state_dict", "model", "model_state_dict"):
+            if is_sd(obj.get(k)):
+                return dict(obj[k])
+    raise CheckpointError(
+        f"expected a state dict (a mapping of names to tensors) but found {type(obj).__name__}",
+        where=str(path), hint="Save model.state_dict(), or a dict with a 'state_dict' entry.")
+
+
+def open_checkpoint(path: str | os.PathLike) -> TensorSource:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file", where=str(path))
+    if path.is_dir():
+        raise CheckpointError("is a directory, not a checkpoint file", where=str(path))
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        return SafetensorsSource(path)
+    if suffix in PICKLE_SUFFIXES:
+        return StateDictSource(path)
+    raise CheckpointError(
+        f"unknown checkpoint type '{suffix}'", where=str(path),
+        hint="Use .safetensors, or a PyTorch state dict saved as .pt, .pth, .bin or .ckpt.")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLike], force: bool) -> Path:
+    out = Path(out)
+    if out.suffix.lower() != ".safetensors":
+        raise OutputError("the output must be a .safetensors file", where=str(out),
+                          hint="Name it e.g. student.safetensors.")
+    for src in sources:
+        src = Path(src)
+        if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+            raise OutputError("the output is the input checkpoint; n2n never writes over its input",
+                              where=str(out), hint="Choose another output path.")
+    if out.is_dir():
+        raise OutputError("is a directory", where=str(out))
+    if out.exists() and not force:
+        raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise OutputError(f"directory {parent} does not exist", where=str(out))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"directory {parent} is not writable", where=str(out))
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``out``; rename it into place only if the block succeeds.
+
+    Whatever happens inside (an error, Ctrl-C), no partial file is left behind.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".n2n-tmp", dir=out.parent or ".")
+    except OSError as e:
+        raise OutputError(f"cannot create a file here ({e.strerror})", where=str(out)) from None
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o644 & ~_umask())
+        os.replace(tmp_path, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp_path.unlink()
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      produce: Callable[[str], torch.Tensor], metadata: dict[str, str],
+                      on_tensor: Callable[[str], None] | None = None) -> None:
+    """Write a safetensors file streaming: the header first (all shapes are known from the
+    plan), then each tensor as ``produce(key)`` returns it, so only one tensor is in memory.
+
+    Deterministic: the same entries, tensors and metadata give the same bytes.
+    """
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for key, dtype, shape in entries:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[key] = {"dtype": DTYPE_TO_ST[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
+    try:
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for key, dtype, shape in entries:
+                t = produce(key)
+                if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                    raise AssertionError(f"{key}: planned {dtype} {tuple(shape)}, produced {t.dtype} {tuple(t.shape)}")
+                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                if on_tensor:
+                    on_tensor(key)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"cannot write ({e.strerror})", where=str(path)) from None

@@ -1,0 +1,47 @@
+"""Execute a plan tensor by tensor: each output tensor is computed from its recipe alone."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .checkpoints import TensorSource
+from .plan import Create, Load, Plan, Widen
+from .transforms import generator, init_tensor, widen_axis, widen_mapping
+
+
+class Materializer:
+    """``get(key)`` computes one output tensor of ``plan`` from ``source`` (in float64, cast
+    back to the planned dtype). Nothing else is held in memory but the mappings g."""
+
+    def __init__(self, plan: Plan, source: TensorSource):
+        self.plan = plan
+        self.source = source
+        self._steps = {s.index: s for s in plan.steps}
+        self._mapping = lru_cache(maxsize=None)(self._make_mapping)
+
+    def _make_mapping(self, step: int) -> torch.Tensor:
+        s = self._steps[step]
+        return widen_mapping(self.plan.seed, step, s.old_width, s.new_width)
+
+    def get(self, key: str) -> torch.Tensor:
+        recipe = self.plan.recipes[key]
+        dtype = self.plan.dtypes[key]
+        t: torch.Tensor | None = None
+        for op in recipe:
+            if isinstance(op, Load):
+                t = self.source.get(op.key)
+                if t.is_floating_point():
+                    t = t.to(torch.float64)
+            elif isinstance(op, Create):
+                t = init_tensor(op.init, op.shape, dtype=torch.float64, value=op.value, fan_in=op.fan_in,
+                                rng=generator(self.plan.seed, op.step, "init", key))
+            elif isinstance(op, Widen):
+                step = self._steps[op.step].entry.widen
+                for ax, axis in op.axes:
+                    t = widen_axis(t, ax, axis, self._mapping(op.step), method=step.method, noise=step.noise,
+                                   noise_mode=step.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax))
+        assert t is not None
+        return t.to(dtype)
+

@@ -1,0 +1,299 @@
+"""Plan before data: resolve a model description, a checkpoint header and growth steps into
+plain data that says, for every output tensor, how to compute it. No tensor is touched here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+
+from .errors import StepError
+from .layers import ACTIVATIONS, NORMS, PRODUCERS, Axis, Conv2d, Linear, pair
+from .model import INPUT_SPACE, ModelDescription
+from .spec import DeepenStep, StepEntry, WidenStep
+
+# ----------------------------------------------------------------------------- recipe ops
+
+
+@dataclass(frozen=True)
+class Load:
+    key: str
+
+
+@dataclass(frozen=True)
+class Widen:
+    step: int
+    axes: tuple[tuple[int, Axis], ...]
+
+
+@dataclass(frozen=True)
+class Create:
+    step: int
+    shape: tuple[int, ...]
+    init: str  # identity | const | default
+    value: float = 0.0
+    fan_in: int = 1
+
+
+Op = Union[Load, Widen, Create]
+
+
+@dataclass
+class TensorChange:
+    key: str
+    old_shape: tuple[int, ...] | None  # None: a new tensor
+    new_shape: tuple[int, ...]
+    how: str
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "old_shape": list(self.old_shape) if self.old_shape is not None else None,
+                "new_shape": list(self.new_shape), "how": self.how}
+
+
+@dataclass
+class PlannedStep:
+    index: int
+    entry: StepEntry
+    summary: str
+    function_preserving: bool
+    changes: list[TensorChange]
+    params_before: int
+    params_after: int
+    # widen: the space and its widths (for the mapping g)
+    space: str | None = None
+    old_width: int = 0
+    new_width: int = 0
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, **self.entry.to_dict(), "summary": self.summary,
+                "function_preserving": self.function_preserving,
+                "params_before": self.params_before, "params_after": self.params_after,
+                "tensors": [c.to_dict() for c in self.changes]}
+
+
+@dataclass
+class Plan:
+    seed: int
+    model_before: ModelDescription
+    model_after: ModelDescription
+    steps: list[PlannedStep]
+    recipes: dict[str, list[Op]]  # final key -> how to compute it, in output order
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return self.model_before.layout().num_parameters()
+
+    @property
+    def params_after(self) -> int:
+        return self.model_after.layout().num_parameters()
+
+    @property
+    def function_preserving(self) -> bool:
+        return all(s.function_preserving for s in self.steps)
+
+    def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
+                "function_preserving": self.function_preserving,
+                "steps": [s.to_dict() for s in self.steps]}
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None,
+               steps: list[StepEntry], seed: int, *, collect: bool = False) -> Plan:
+    """Plan ``steps`` on ``desc``. ``header`` maps the checkpoint's keys to (dtype, shape) and
+    must already match the description (see ``check_checkpoint``); None plans in float32.
+
+    With ``collect``, a step that cannot be applied is recorded in ``plan.problems`` and
+    skipped, so that every problem is reported at once; otherwise StepError is raised.
+    """
+    layout = desc.layout()
+    if header is None:
+        header = {k: (torch.float32 if t.floating else torch.int64, t.shape) for k, t in layout.tensors.items()}
+    recipes: dict[str, list[Op]] = {k: [Load(k)] for k in layout.tensors}
+    dtypes = {k: header[k][0] for k in layout.tensors}
+    shapes = {k: tuple(header[k][1]) for k in layout.tensors}
+    plan = Plan(seed, desc, desc, [], recipes, dtypes, shapes)
+    for i, entry in enumerate(steps):
+        try:
+            if entry.widen:
+                _plan_widen(plan, i, entry)
+            else:
+                _plan_deepen(plan, i, entry)
+        except StepError as e:
+            if not collect:
+                raise StepError(f"steps[{i}] ({_label(entry)}): {e.message}", hint=e.hint) from None
+            plan.problems.append(f"steps[{i}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else ""))
+    return plan
+
+
+def _label(entry: StepEntry) -> str:
+    s = entry.step
+    return f"widen {s.layer}" if entry.widen else f"deepen after {s.after}"
+
+
+def _producer_names(desc: ModelDescription) -> list[str]:
+    return [layer.name for layer in desc.layers if layer.type in PRODUCERS]
+
+
+def _find_producer(desc: ModelDescription, name: str, field_name: str):
+    i = desc.index_of(name)
+    if i is None:
+        raise StepError(f"{field_name}: unknown layer '{name}'",
+                        hint=f"Layers here: {', '.join(desc.layer_names())}.")
+    layer = desc.layers[i]
+    if layer.type not in PRODUCERS:
+        raise StepError(f"{field_name}: '{name}' is a {layer.type}; only linear and conv2d layers can be "
+                        f"{'widened' if field_name == 'layer' else 'deepened after'}",
+                        hint=f"Choose one of: {', '.join(_producer_names(desc))}.")
+    return i, layer
+
+
+def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
+    step: WidenStep = entry.widen
+    desc = plan.model_after
+    i, layer = _find_producer(desc, step.layer, "layer")
+    layout = desc.layout()
+    space = layout.spaces[layer.name]
+    if not space.readers:
+        widenable = [s.name for s in layout.spaces.values() if s.readers and s.name != INPUT_SPACE]
+        raise StepError(f"'{layer.name}' is the output layer: widening it would change what the network "
+                        f"outputs ({space.width} values)",
+                        hint=f"Widen a hidden layer instead: {', '.join(widenable) or 'none'}.")
+    old = space.width
+    new = step.new_width(old)
+    if new <= old:
+        what = f"to: {step.to}" if step.to is not None else f"factor {step.factor} gives {new}"
+        raise StepError(f"{what} is not larger than the current width {old} of '{layer.name}'",
+                        hint=f"Use a width above {old}.")
+    field_name = "out_features" if layer.type == "linear" else "out_channels"
+    layers = list(desc.layers)
+    layers[i] = layer.model_copy(update={field_name: new})
+    new_desc = ModelDescription(kind=desc.kind, input_shape=desc.input_shape, layers=layers)
+    changes = []
+    for key, info in layout.tensors.items():
+        axes = tuple((ax, a) for ax, a in enumerate(info.axes) if a is not None and a.space == space.name)
+        if not axes:
+            continue
+        old_shape = plan.shapes[key]
+        new_shape = list(old_shape)
+        for ax, a in axes:
+            new_shape[ax] = new_shape[ax] // old * new
+        how = ", ".join(f"axis {ax}: {a.role}" + (f" (blocks of {a.block})" if a.block > 1 else "") for ax, a in axes)
+        plan.recipes[key].append(Widen(index, axes))
+        plan.shapes[key] = tuple(new_shape)
+        changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
+    exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
+    by = f"to {step.to}" if step.to is not None else f"by factor {step.factor}"
+    noise = f", {step.noise_mode} noise {step.noise}" if step.noise else ""
+    plan.steps.append(PlannedStep(
+        index, entry, f"widen {layer.name} {old} -> {new} ({step.method}{noise}, {by})", exact, changes,
+        desc.layout().num_parameters(), new_desc.layout().num_parameters(), space.name, old, new))
+    plan.model_after = new_desc
+
+
+def _unique_name(desc: ModelDescription, base: str, taken: set[str]) -> str:
+    names = set(desc.layer_names()) | taken
+    name, k = base, 2
+    while name in names or any(n.startswith(name + ".") or name.startswith(n + ".") for n in names):
+        name, k = f"{base}_{k}", k + 1
+    return name
+
+
+def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
+    step: DeepenStep = entry.deepen
+    desc = plan.model_after
+    i, layer = _find_producer(desc, step.after, "after")
+    j = i + 1
+    norm = desc.layers[j] if j < len(desc.layers) and desc.layers[j].type in NORMS else None
+    j += norm is not None
+    act = desc.layers[j] if j < len(desc.layers) and desc.layers[j].type in ACTIVATIONS else None
+    j += act is not None
+    if act is not None and step.method == "net2deeper" and not ACTIVATIONS[act.type].idempotent:
+        raise StepError(
+            f"'{layer.name}' is followed by {act.type}, which is not idempotent "
+            f"({ACTIVATIONS[act.type].why}), so an identity layer after it would change the function",
+            hint="Deepen after a layer followed by relu (or by no activation), or use method: random-init "
+                 "(not function-preserving).")
+    if step.name is not None:
+        clash = [n for n in desc.layer_names() if n == step.name or n.startswith(step.name + ".")
+                 or step.name.startswith(n + ".")]
+        if clash:
+            raise StepError(f"name: '{step.name}' is already used (or clashes with '{clash[0]}')",
+                            hint="Choose a new layer name.")
+        name = step.name
+    else:
+        name = _unique_name(desc, f"{layer.name}_deeper", set())
+    width = desc.shapes()[i + 1][0]
+    dtype = plan.dtypes[f"{layer.name}.weight"]
+    exact = step.method == "net2deeper"
+    new_layers = []
+    if layer.type == "linear":
+        new = Linear(type="linear", name=name, out_features=width, bias=layer.bias)
+        fan_in = width
+    else:
+        k = step.kernel_size or pair(layer.kernel_size)
+        kh, kw = pair(k)
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise StepError(
+                f"the new conv copies kernel_size {kh}x{kw} from '{layer.name}', and an even kernel cannot be "
+                "a same-size identity (its centre is off the grid)",
+                hint="Set kernel_size (odd, e.g. 3) in the deepen step.")
+        d = pair(layer.dilation)
+        new = Conv2d(type="conv2d", name=name, out_channels=width, kernel_size=(kh, kw), stride=1,
+                     padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d, bias=layer.bias)
+        fan_in = width * kh * kw
+    new_layers.append(new)
+    if norm is not None:
+        bn_name = _unique_name(desc, f"{name}_bn", {name})
+        new_layers.append(norm.model_copy(update={"name": bn_name}))
+    if act is not None:
+        new_layers.append(act)
+    layers = list(desc.layers)
+    layers[j:j] = new_layers
+    new_desc = ModelDescription(kind=desc.kind, input_shape=desc.input_shape, layers=layers)
+    new_layout = new_desc.layout()
+    # new tensors, in the new layout's order (the recipes dict is rebuilt to follow it)
+    changes = []
+    created: dict[str, list[Op]] = {}
+    for key, info in new_layout.tensors.items():
+        if key in plan.recipes:
+            continue
+        suffix = key.rsplit(".", 1)[1]
+        if new_layers[0].name == info.layer:  # the inserted linear/conv
+            if exact:
+                op = Create(index, info.shape, "identity" if suffix == "weight" else "const", 0.0)
+            else:
+                op = Create(index, info.shape, "default", fan_in=fan_in)
+        else:  # its batchnorm: an identity in eval mode (running 0/1, gamma sqrt(1+eps)) or defaults
+            eps = new_layers[1].eps
+            value = {"weight": math.sqrt(1 + eps) if exact else 1.0, "bias": 0.0, "running_mean": 0.0,
+                     "running_var": 1.0, "num_batches_tracked": 0.0}[suffix]
+            op = Create(index, info.shape, "const", value)
+        created[key] = [op]
+        plan.dtypes[key] = dtype if info.floating else torch.int64
+        plan.shapes[key] = info.shape
+        how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
+        changes.append(TensorChange(key, None, info.shape, how))
+    plan.recipes = {k: plan.recipes[k] if k in plan.recipes else created[k] for k in new_layout.tensors}
+    inserted = " + ".join(x.describe() for x in new_layers)
+    plan.steps.append(PlannedStep(
+        index, entry, f"deepen after {layer.name}: insert {inserted} ({step.method})", exact, changes,
+        desc.layout().num_parameters(), new_layout.num_parameters()))
+    plan.model_after = new_desc
+
+
+def exact_counterpart(steps: list[StepEntry]) -> list[StepEntry] | None:
+    """The same steps without noise and with the function-preserving methods (same seed, same
+    mapping g), which is what verification checks when noise or a baseline method is used."""
+    return [StepEntry(**{e.kind: e.step.exact_counterpart()}) for e in steps]

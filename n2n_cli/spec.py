@@ -1,0 +1,270 @@
+"""Growth specs and model description files: YAML in, validated pydantic objects out.
+
+Every problem in a file is reported at once, each with its field path and line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+
+from . import layers as L
+from .errors import ModelError, SpecError
+from .model import ModelDescription
+
+WIDEN_METHODS = ("net2wider", "random-pad")
+DEEPEN_METHODS = ("net2deeper", "random-init")
+NOISE_MODES = ("zero-sum", "independent")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WidenStep(_Strict):
+    """Make a linear/conv2d layer wider (more units or channels)."""
+
+    layer: str = Field(min_length=1)
+    to: PositiveInt | None = None
+    factor: float | None = Field(default=None, gt=1)
+    method: Literal["net2wider", "random-pad"] = "net2wider"
+    noise: float = Field(default=0.0, ge=0)
+    noise_mode: Literal["zero-sum", "independent"] = "zero-sum"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.to is None) == (self.factor is None):
+            raise ValueError("give exactly one of 'to' (new width) or 'factor' (> 1)")
+        if self.noise and self.method != "net2wider":
+            raise ValueError("'noise' applies to method net2wider only")
+        return self
+
+    def new_width(self, old: int) -> int:
+        return self.to if self.to is not None else int(round(old * self.factor))
+
+    def exact_counterpart(self) -> "WidenStep":
+        return self.model_copy(update={"method": "net2wider", "noise": 0.0})
+
+
+class DeepenStep(_Strict):
+    """Insert a new layer (identity-initialised by net2deeper) after a linear/conv2d layer."""
+
+    after: str = Field(min_length=1)
+    method: Literal["net2deeper", "random-init"] = "net2deeper"
+    name: str | None = Field(default=None, min_length=1)
+    kernel_size: PositiveInt | None = None
+
+    def exact_counterpart(self) -> "DeepenStep":
+        return self.model_copy(update={"method": "net2deeper"})
+
+
+class StepEntry(_Strict):
+    widen: WidenStep | None = None
+    deepen: DeepenStep | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.widen is None) == (self.deepen is None):
+            raise ValueError("each step is exactly one of 'widen: {...}' or 'deepen: {...}'")
+        return self
+
+    @property
+    def step(self) -> Union[WidenStep, DeepenStep]:
+        return self.widen or self.deepen
+
+    @property
+    def kind(self) -> str:
+        return "widen" if self.widen else "deepen"
+
+    def to_dict(self) -> dict:
+        return {self.kind: self.step.model_dump(mode="json", exclude_none=True)}
+
+
+class VerifySpec(_Strict):
+    enabled: bool = True
+    probes: PositiveInt = 64
+    atol: float | None = Field(default=None, ge=0)
+    rtol: float | None = Field(default=None, ge=0)
+
+
+class GrowthSpec(_Strict):
+    model: Union[str, ModelDescription, None] = None
+    seed: int = 0
+    steps: list[StepEntry] = Field(min_length=1)
+    verify: VerifySpec = VerifySpec()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path, error_cls):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error_cls("no such file", where=str(path)) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error_cls(f"cannot read ({e})", where=str(path)) from None
+    try:
+        data = yaml.safe_load(text)
+        node = yaml.compose(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise error_cls(f"malformed YAML: {problem}", where=where) from None
+    if not isinstance(data, dict):
+        raise error_cls(f"expected a mapping at the top level, found {type(data).__name__}", where=str(path))
+    return data, node
+
+
+def _line_of(node, loc: tuple) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (or of its nearest existing parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            nxt = next((v for k, v in node.value if k.value == part), None)
+            if nxt is None:
+                return line
+            node = nxt
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+        else:
+            continue  # pydantic's own loc parts (a union tag) have no node
+        line = node.start_mark.line + 1
+    return line
+
+
+def _allowed_keys(cls: type[BaseModel] | None) -> str:
+    return ", ".join(cls.model_fields) if cls is not None else ""
+
+
+_LAYER_CLASSES = {cls.model_fields["type"].annotation.__args__[0]: cls
+                  for cls in L.Layer.__origin__.__args__}  # type: ignore[attr-defined]
+
+
+def _context_class(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
+    """The pydantic class that owns the mapping at ``loc`` (for listing allowed keys)."""
+    cls: type[BaseModel] | None = root
+    i = 0
+    while i < len(loc) and cls is not None:
+        part = loc[i]
+        if cls is GrowthSpec and part == "model":
+            cls = ModelDescription
+        elif cls is GrowthSpec and part == "steps":
+            cls, i = StepEntry, i + 1
+        elif cls is GrowthSpec and part == "verify":
+            cls = VerifySpec
+        elif cls is StepEntry and part in ("widen", "deepen"):
+            cls = WidenStep if part == "widen" else DeepenStep
+        elif cls is ModelDescription and part == "layers":
+            i += 1
+            cls = _LAYER_CLASSES.get(loc[i + 1]) if i + 1 < len(loc) else None
+            i += 1
+        else:
+            return None
+        i += 1
+    return cls
+
+
+def _format_loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in L.LAYER_TYPES or part.startswith(("function-", "union[")):
+            continue
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def validation_problems(err: ValidationError, node, root: type[BaseModel]) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("str", "ModelDescription"))))
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(_context_class(loc[:-1], root))
+            msg = f"unknown key '{loc[-1]}'" + (f" (allowed: {allowed})" if allowed else "")
+        elif e["type"] == "union_tag_invalid":
+            msg = f"unknown layer type {e['input'].get('type')!r} (known: {', '.join(L.LAYER_TYPES)})"
+        elif e["type"] == "union_tag_not_found":
+            msg = f"layer has no 'type' (one of: {', '.join(L.LAYER_TYPES)})"
+        elif e["type"] == "missing":
+            msg = "missing required key"
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            if e["type"] not in ("value_error", "assertion_error") and "input" in e and not isinstance(e["input"], (dict, list)):
+                msg += f" (got {e['input']!r})"
+        line = _line_of(node, loc)
+        problems.append(f"line {line}: {_format_loc(loc)}: {msg}" if line else f"{_format_loc(loc)}: {msg}")
+    # a union of str | ModelDescription reports both branches; keep the description's errors
+    return list(dict.fromkeys(problems))
+
+
+def parse_model_description(data, *, where: str, node=None) -> ModelDescription:
+    try:
+        return ModelDescription.model_validate(data)
+    except ValidationError as e:
+        problems = validation_problems(e, node, ModelDescription)
+        raise ModelError(f"invalid model description ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                         where=where, problems=problems) from None
+
+
+def load_model_description(path: str | Path) -> ModelDescription:
+    path = Path(path)
+    data, node = _read_yaml(path, ModelError)
+    return parse_model_description(data, where=str(path), node=node)
+
+
+def load_spec(path: str | Path) -> tuple[GrowthSpec, ModelDescription | None]:
+    """Load a growth spec; resolve its ``model:`` (a path relative to the spec, or inline)."""
+    path = Path(path)
+    data, node = _read_yaml(path, SpecError)
+    model_data = data.get("model")
+    if isinstance(model_data, dict):
+        # validate the inline description on its own, for precise messages
+        try:
+            ModelDescription.model_validate(model_data)
+        except ValidationError as e:
+            mnode = next((v for k, v in node.value if k.value == "model"), None)
+            problems = [f"model: {p}" if not p.startswith("line") else p.replace(": ", ": model.", 1)
+                        for p in validation_problems(e, mnode, ModelDescription)]
+            rest = _spec_problems({**data, "model": None}, node)
+            raise SpecError(f"invalid growth spec ({len(problems) + len(rest)} problems)", where=str(path),
+                            problems=problems + rest) from None
+    problems = _spec_problems(data, node)
+    if problems:
+        raise SpecError(f"invalid growth spec ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                        where=str(path), problems=problems)
+    spec = GrowthSpec.model_validate(data)
+    desc = None
+    if isinstance(spec.model, str):
+        mpath = (path.parent / spec.model)
+        if not mpath.exists():
+            raise SpecError(f"model: file '{spec.model}' not found (looked for {mpath})", where=str(path),
+                            hint="The model path is relative to the spec file.")
+        desc = load_model_description(mpath)
+    elif isinstance(spec.model, ModelDescription):
+        desc = spec.model
+    return spec, desc
+
+
+def _spec_problems(data: dict, node) -> list[str]:
+    try:
+        GrowthSpec.model_validate(data)
+        return []
+    except ValidationError as e:
+        return validation_problems(e, node, GrowthSpec)
+
+
+def spec_from_steps(steps: list[dict], *, seed: int = 0, **verify) -> GrowthSpec:
+    """Build a spec in code (used by ``n2n widen`` / ``n2n deepen``); raises SpecError."""
+    data = {"seed": seed, "steps": steps, "verify": {k: v for k, v in verify.items() if v is not None}}
+    try:
+        return GrowthSpec.model_validate(data)
+    except ValidationError as e:
+        problems = validation_problems(e, None, GrowthSpec)
+        raise SpecError("invalid options", problems=problems) from None

@@ -1,0 +1,105 @@
+"""Tensor transforms: one per kind of axis (out / in / norm), plus new-tensor initialisers.
+
+Pure functions on tensors, computed in float64 by the caller. Randomness always comes
+from an explicit ``torch.Generator`` so the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from .layers import Axis
+
+PAD_STD = 0.1  # random-pad baseline (the seed experiment): N(0, 0.1) rows/columns, bias 0.1
+
+
+def generator(*parts) -> torch.Generator:
+    """A CPU generator seeded from ``parts`` (seed, step index, purpose, tensor key)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def widen_mapping(seed: int, step: int, old: int, new: int) -> torch.Tensor:
+    """Net2WiderNet's g: g(j) = j for j < old, uniform over 0..old-1 for the new units."""
+    extra = torch.randint(0, old, (new - old,), generator=generator(seed, step, "mapping"))
+    return torch.cat([torch.arange(old), extra])
+
+
+def _unflatten(t: torch.Tensor, ax: int, block: int) -> torch.Tensor:
+    return t.unflatten(ax, (t.shape[ax] // block, block)) if block > 1 else t
+
+
+def _flatten(t: torch.Tensor, ax: int, block: int) -> torch.Tensor:
+    return t.flatten(ax, ax + 1) if block > 1 else t
+
+
+def _bshape(t: torch.Tensor, ax: int) -> list[int]:
+    """Shape that broadcasts a vector along axis ``ax`` of ``t``."""
+    shape = [1] * t.dim()
+    shape[ax] = -1
+    return shape
+
+
+def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
+               noise_mode: str, rng: torch.Generator) -> torch.Tensor:
+    """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from len(g[g==arange]) to len(g)."""
+    t = _unflatten(t, ax, axis.block)
+    old, new = t.shape[ax], g.numel()
+    if method == "random-pad":
+        shape = list(t.shape)
+        shape[ax] = new - old
+        fill = {"normal": None, "bias": 0.1, "one": 1.0, "zero": 0.0}[axis.pad if axis.role != "in" else "normal"]
+        extra = (torch.randn(shape, generator=rng, dtype=t.dtype) * PAD_STD if fill is None
+                 else torch.full(shape, fill, dtype=t.dtype))
+        return _flatten(torch.cat([t, extra], dim=ax), ax, axis.block)
+    if method != "net2wider":
+        raise ValueError(f"unknown widen method {method!r}")
+    out = t.index_select(ax, g)
+    if axis.role == "in":
+        counts = torch.bincount(g, minlength=old).to(t.dtype)
+        out = out / counts[g].reshape(_bshape(out, ax))
+        if noise > 0:
+            std = float(t.std()) if t.numel() > 1 else 0.0
+            eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
+            if noise_mode == "zero-sum":
+                # subtract each original unit's mean over its copies: the copies' noise sums to 0,
+                # so the next layer still sees exactly the same sum (and single units get none)
+                sums = torch.zeros_like(t).index_add_(ax, g, eps)
+                eps = eps - (sums / counts.reshape(_bshape(t, ax))).index_select(ax, g)
+            elif noise_mode == "independent":
+                keep = torch.arange(new) < old  # the Keras example: noise on the new copies only
+                eps = eps * (~keep).to(t.dtype).reshape(_bshape(out, ax))
+            else:
+                raise ValueError(f"unknown noise mode {noise_mode!r}")
+            out = out + eps
+    return _flatten(out, ax, axis.block)
+
+
+# --------------------------------------------------------------------------- new tensors
+
+
+def init_tensor(init: str, shape: tuple[int, ...], *, dtype: torch.dtype, value: float = 0.0,
+                fan_in: int = 1, rng: torch.Generator | None = None) -> torch.Tensor:
+    """A new tensor for an inserted layer.
+
+    identity: eye for linear (out, in), centred delta for conv (out, in, kh, kw);
+    const: every entry ``value``; default: PyTorch's default Linear/Conv init, which for
+    kaiming_uniform(a=sqrt(5)) and its bias is U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    if init == "identity":
+        t = torch.zeros(shape, dtype=dtype)
+        idx = torch.arange(shape[0])
+        if len(shape) == 2:
+            t[idx, idx] = 1
+        else:
+            t[idx, idx, (shape[2] - 1) // 2, (shape[3] - 1) // 2] = 1
+        return t
+    if init == "const":
+        return torch.full(shape, value, dtype=dtype)
+    if init == "default":
+        bound = 1.0 / math.sqrt(fan_in)
+        return (torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+    raise ValueError(f"unknown init {init!r}")

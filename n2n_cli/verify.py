@@ -1,0 +1,112 @@
+"""Verification: do teacher and student compute the same function on seeded probe inputs?
+
+Pass iff max|teacher - student| <= atol + rtol * max|teacher| (never a signed sum, which
+cancels). Both run in eval mode (batchnorm uses running statistics, dropout is off).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+from .model import ModelDescription, forward
+from .transforms import generator
+
+#: default (atol, rtol) by the checkpoint's floating dtype: the student's weights are rounded
+#: to that dtype after an exact float64 transform, so half precision needs looser bounds.
+DEFAULT_TOLERANCES = {
+    torch.float64: (1e-5, 1e-4),
+    torch.float32: (1e-5, 1e-4),
+    torch.float16: (1e-3, 1e-2),
+    torch.bfloat16: (1e-2, 5e-2),
+}
+
+
+def default_tolerances(dtypes) -> tuple[float, float]:
+    worst = (1e-5, 1e-4)
+    for d in dtypes:
+        tol = DEFAULT_TOLERANCES.get(d)
+        if tol and tol[1] > worst[1]:
+            worst = tol
+    return worst
+
+
+def compute_dtype(dtypes) -> torch.dtype:
+    return torch.float64 if torch.float64 in set(dtypes) else torch.float32
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: unknown device '{device}'", hint="Use auto, cpu, cuda, cuda:N or mps.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine", hint="Use --device cpu.")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError(f"--device {device}: MPS is not available on this machine", hint="Use --device cpu.")
+    elif dev.type != "cpu":
+        raise UserError(f"--device: unsupported device '{device}'", hint="Use auto, cpu, cuda, cuda:N or mps.")
+    return dev
+
+
+@dataclass
+class Comparison:
+    passed: bool
+    probes: int
+    seed: int
+    atol: float
+    rtol: float
+    max_abs_error: float
+    max_rel_error: float
+    max_abs_teacher: float
+    argmax_agreement: float | None
+    device: str
+    dtype: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe_inputs(desc: ModelDescription, probes: int, seed: int) -> torch.Tensor:
+    return torch.randn((probes, *desc.input_shape), generator=generator(seed, "probes"), dtype=torch.float64)
+
+
+def run(desc: ModelDescription, get: Callable[[str], torch.Tensor], x: torch.Tensor, device: torch.device,
+        dtype: torch.dtype) -> torch.Tensor:
+    def fetch(key: str) -> torch.Tensor:
+        t = get(key)
+        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+    with torch.no_grad():
+        return forward(desc, fetch, x.to(device=device, dtype=dtype)).to("cpu", torch.float64)
+
+
+def compare_outputs(teacher: torch.Tensor, student: torch.Tensor, *, atol: float, rtol: float, probes: int,
+                    seed: int, device: torch.device, dtype: torch.dtype) -> Comparison:
+    if teacher.shape != student.shape:
+        raise UserError(f"teacher and student outputs differ in shape: {list(teacher.shape[1:])} vs "
+                        f"{list(student.shape[1:])}; they are not the same function")
+    diff = (teacher - student).abs()
+    finite = bool(torch.isfinite(teacher).all() and torch.isfinite(student).all())
+    max_abs = float(diff.max()) if finite else float("inf")
+    ref = float(teacher.abs().max()) if finite else float("inf")
+    rel = max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    passed = finite and max_abs <= atol + rtol * ref
+    agree = None
+    if teacher.dim() == 2 and teacher.shape[1] > 1:
+        agree = float((teacher.argmax(1) == student.argmax(1)).to(torch.float64).mean())
+    return Comparison(passed, probes, seed, atol, rtol, max_abs, rel, ref, agree, str(device),
+                      str(dtype).removeprefix("torch."))
