@@ -266,7 +266,7 @@ def growth_options(desc: ModelDescription) -> dict[str, dict[str, str]]:
                 build_plan(desc, None, [StepEntry.model_validate(step)], 0)
                 res[kind] = "yes"
             except StepError as e:
-                res[kind] = "no: " + e.message.split(": ", 1)[1]
+                res[kind] = f"no: {e.short}"
         out[layer.name] = res
     return out
 

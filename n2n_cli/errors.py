@@ -56,6 +56,10 @@ class CheckpointError(UserError):
 class StepError(UserError):
     """A growth step cannot be applied (unknown layer, not exact, unsupported)."""
 
+    def __init__(self, message: str, *, short: str | None = None, **kw):
+        self.short = short or message  # a few words, for tables (``n2n inspect``)
+        super().__init__(message, **kw)
+
 
 class OutputError(UserError):
     """The output path is unusable (exists, equals the input, not writable)."""

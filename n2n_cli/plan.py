@@ -132,7 +132,7 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
                 _plan_deepen(plan, i, entry)
         except StepError as e:
             if not collect:
-                raise StepError(f"steps[{i}] ({_label(entry)}): {e.message}", hint=e.hint) from None
+                raise StepError(f"steps[{i}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short) from None
             plan.problems.append(f"steps[{i}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else ""))
     return plan
 
@@ -169,7 +169,7 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
         widenable = [s.name for s in layout.spaces.values() if s.readers and s.name != INPUT_SPACE]
         raise StepError(f"'{layer.name}' is the output layer: widening it would change what the network "
                         f"outputs ({space.width} values)",
-                        hint=f"Widen a hidden layer instead: {', '.join(widenable) or 'none'}.")
+                        hint=f"Widen a hidden layer instead: {', '.join(widenable) or 'none'}.", short="output layer")
     old = space.width
     new = step.new_width(old)
     if new <= old:
@@ -194,7 +194,7 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
         plan.shapes[key] = tuple(new_shape)
         changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
-    by = f"to {step.to}" if step.to is not None else f"by factor {step.factor}"
+    by = f"to {step.to}" if step.to is not None else f"by factor {step.factor:g}"
     noise = f", {step.noise_mode} noise {step.noise}" if step.noise else ""
     plan.steps.append(PlannedStep(
         index, entry, f"widen {layer.name} {old} -> {new} ({step.method}{noise}, {by})", exact, changes,
@@ -224,7 +224,7 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
             f"'{layer.name}' is followed by {act.type}, which is not idempotent "
             f"({ACTIVATIONS[act.type].why}), so an identity layer after it would change the function",
             hint="Deepen after a layer followed by relu (or by no activation), or use method: random-init "
-                 "(not function-preserving).")
+                 "(not function-preserving).", short=f"{act.type} is not idempotent")
     if step.name is not None:
         clash = [n for n in desc.layer_names() if n == step.name or n.startswith(step.name + ".")
                  or step.name.startswith(n + ".")]
@@ -248,7 +248,7 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
             raise StepError(
                 f"the new conv copies kernel_size {kh}x{kw} from '{layer.name}', and an even kernel cannot be "
                 "a same-size identity (its centre is off the grid)",
-                hint="Set kernel_size (odd, e.g. 3) in the deepen step.")
+                hint="Set kernel_size (odd, e.g. 3) in the deepen step.", short=f"even kernel {kh}x{kw}")
         d = pair(layer.dilation)
         new = Conv2d(type="conv2d", name=name, out_channels=width, kernel_size=(kh, kw), stride=1,
                      padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d, bias=layer.bias)

@@ -1,0 +1,409 @@
+"""The ``n2n`` command line: a thin layer over ``n2n_cli.api``.
+
+Exit codes: 0 ok, 2 bad input, 3 verification failed, 1 anything unexpected. Errors are
+turned into exit codes and messages in exactly one place, ``_Group.invoke``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from typing_extensions import Annotated
+
+from . import __version__, api
+from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
+from .spec import spec_from_steps
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+class _Group(typer.core.TyperGroup):
+    """The one place that turns exceptions into exit codes and messages."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except N2NError as e:
+            _write_failure_report(ctx, e)
+            err.print(f"error: {e.render()}", markup=False)
+            if isinstance(e, VerificationFailed) and e.report and not ctx.obj.get("quiet"):
+                _print_verification(e.report.get("verification") or {"exact": e.report}, err)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: nothing was written", markup=False)
+            raise typer.Exit(130) from None
+        except Exception as e:
+            if type(e).__module__.split(".")[0] in ("typer", "click"):
+                raise  # usage errors and exits: typer/click report them (exit 2 for usage)
+            _write_failure_report(ctx, e)
+            if (ctx.obj or {}).get("debug"):
+                err.print(traceback.format_exc(), markup=False)
+            err.print(f"internal error: {type(e).__name__}: {e}", markup=False)
+            err.print("This is a bug in n2n. Rerun with --debug (or N2N_DEBUG=1) for a traceback and please "
+                      "report it.", markup=False)
+            raise typer.Exit(EXIT_UNEXPECTED) from None
+
+
+def _write_failure_report(ctx, e: Exception) -> None:
+    path = (ctx.obj or {}).get("report")
+    code = getattr(e, "exit_code", EXIT_UNEXPECTED)
+    report = {"ok": False, "exit_code": code, "error": e.render() if isinstance(e, N2NError) else f"{type(e).__name__}: {e}",
+              **(getattr(e, "report", None) or {})}
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+    if (ctx.obj or {}).get("json"):
+        out.print_json(json.dumps(report))
+
+
+app = typer.Typer(
+    cls=_Group,
+    name="n2n",
+    help="Grow trained PyTorch checkpoints wider and deeper with function-preserving Net2Net transforms, "
+         "prove on probe inputs that the grown network computes the same function, and write safetensors.\n\n"
+         "Exit codes: 0 ok, 2 bad input, 3 verification failed (nothing written), 1 unexpected error.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool):
+    if value:
+        out.print(f"n2n {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    ctx: typer.Context,
+    debug: Annotated[bool, typer.Option("--debug", help="Show a traceback for unexpected errors.",
+                                        envvar="N2N_DEBUG")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+):
+    ctx.obj = {"debug": debug}
+
+
+# ----------------------------------------------------------------------------- shared options
+
+
+
+ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model description YAML. Not needed for "
+                                                  "checkpoints written by n2n, which carry their own.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where verification runs: auto, cpu, cuda, cuda:N or mps.")]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for the widening mapping, noise, baselines and "
+                                                "probes (default: the spec's seed, else 0).")]
+ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, help="Number of random probe inputs (default 64).")]
+AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0, help="Absolute tolerance (default by dtype: "
+                                                  "1e-5 for float32).")]
+RtolOpt = Annotated[Optional[float], typer.Option("--rtol", min=0, help="Relative tolerance, times max|teacher| "
+                                                  "(default by dtype: 1e-4 for float32).")]
+ReportOpt = Annotated[Optional[Path], typer.Option("--report", help="Write a JSON report here (also on failure).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the JSON report on stdout instead of text.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (every tensor's old and new shape, "
+                                         "parameters before and after) and write nothing.")]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists (OUT is never SRC).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
+NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is marked unverified).")]
+SrcArg = Annotated[Path, typer.Argument(help="Teacher checkpoint: .safetensors, or a .pt/.pth/.bin state dict "
+                                        "(loaded with weights_only=True).", show_default=False)]
+OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file (written atomically).", show_default=False)]
+
+
+def _setup(ctx, *, report=None, json_=False, quiet=False):
+    ctx.obj.update(report=report, json=json_, quiet=quiet or json_)
+
+
+def _progress(ctx):
+    """A rich progress bar on stderr, only for interactive terminals."""
+    if ctx.obj.get("quiet") or not err.is_terminal:
+        return None, None
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=err, transient=True)
+    tasks: dict[str, int] = {}
+
+    def update(phase: str, done: int, total: int):
+        if phase not in tasks:
+            tasks[phase] = bar.add_task(phase, total=total)
+        bar.update(tasks[phase], completed=done, total=total)
+
+    return bar, update
+
+
+def _finish(ctx, report: dict, human) -> None:
+    report = {"ok": True, "exit_code": 0, **report}
+    if ctx.obj.get("report"):
+        Path(ctx.obj["report"]).write_text(json.dumps(report, indent=2) + "\n")
+    if ctx.obj.get("json"):
+        out.print_json(json.dumps(report))
+    elif not ctx.obj.get("quiet"):
+        human(report)
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape))
+
+
+def _fmt_err(c: dict) -> str:
+    agree = f", argmax agreement {c['argmax_agreement']:.2%}" if c.get("argmax_agreement") is not None else ""
+    return (f"max abs error {c['max_abs_error']:.3g}, max rel error {c['max_rel_error']:.3g}{agree} "
+            f"on {c['probes']} probes ({c['device']}, {c['dtype']}; atol {c['atol']:g}, rtol {c['rtol']:g})")
+
+
+def _print_verification(v: dict, console: Console) -> None:
+    if v.get("skipped"):
+        console.print("verification: skipped (--no-verify): the output is NOT verified", markup=False)
+        return
+    if v.get("exact"):
+        word = "PASS" if v["exact"]["passed"] else "FAIL"
+        what = "exact transform" if v.get("deviation") else "student"
+        console.print(f"verification ({what}): {word}: {_fmt_err(v['exact'])}", markup=False)
+    if v.get("note"):
+        console.print(f"verification: {v['note']}", markup=False)
+    if v.get("deviation"):
+        console.print(f"measured deviation of the written student (noise / baseline method): "
+                      f"{_fmt_err(v['deviation'])}", markup=False)
+
+
+def _print_plan(plan: dict) -> None:
+    for s in plan["steps"]:
+        table = Table(title=f"step {s['index']}: {s['summary']}", title_justify="left", show_edge=False)
+        for col in ("tensor", "old shape", "new shape", "how"):
+            table.add_column(col)
+        for t in s["tensors"]:
+            table.add_row(t["key"], "new" if t["old_shape"] is None else str(t["old_shape"]), str(t["new_shape"]),
+                          t["how"])
+        out.print(table)
+        out.print(f"  parameters {s['params_before']:,} -> {s['params_after']:,}"
+                  f"{'' if s['function_preserving'] else '  (NOT function-preserving: a baseline / inexact noise)'}",
+                  markup=False)
+    ratio = plan["params_after"] / plan["params_before"]
+    out.print(f"parameters: {plan['params_before']:,} -> {plan['params_after']:,} (x{ratio:.2f})", markup=False)
+
+
+def _print_grow(report: dict) -> None:
+    plan = report["plan"]
+    if report["dry_run"]:
+        _print_plan(plan)
+        out.print("dry run: nothing written", markup=False)
+        return
+    for s in plan["steps"]:
+        out.print(f"step {s['index']}: {s['summary']}", markup=False)
+    ratio = plan["params_after"] / plan["params_before"]
+    out.print(f"parameters: {plan['params_before']:,} -> {plan['params_after']:,} (x{ratio:.2f})", markup=False)
+    _print_verification(report["verification"], out)
+    size = Path(report["output"]).stat().st_size
+    out.print(f"wrote {report['output']} ({size / 1e6:.1f} MB)", markup=False)
+
+
+def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify):
+    bar, update = _progress(ctx)
+    if bar is not None:
+        bar.start()
+    try:
+        report = api.grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
+                          rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
+                          progress=update)
+    finally:
+        if bar is not None:
+            bar.stop()
+    _finish(ctx, report, _print_grow)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+@app.command()
+def grow(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="Growth spec YAML (see specs/ and the README).", show_default=False)],
+    src: SrcArg, out_path: OutArg,
+    model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
+    dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+):
+    """Apply every step of a growth SPEC to SRC, verify, and write OUT.
+
+    Steps run in order; a later step may use a layer an earlier one created or resized.
+    Nothing is written if any check or the verification fails.
+    """
+    _setup(ctx, report=report, json_=json_, quiet=quiet)
+    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+              dry_run=dry_run, force=force, no_verify=no_verify)
+
+
+class WidenMethod(str, Enum):
+    net2wider = "net2wider"
+    random_pad = "random-pad"
+
+
+class NoiseMode(str, Enum):
+    zero_sum = "zero-sum"
+    independent = "independent"
+
+
+@app.command()
+def widen(
+    ctx: typer.Context, src: SrcArg, out_path: OutArg,
+    layer: Annotated[str, typer.Option("--layer", "-l", help="The linear/conv2d layer to widen (it must have a "
+                                       "downstream linear/conv2d consumer).", show_default=False)],
+    to: Annotated[Optional[int], typer.Option("--to", min=1, help="New width (units or channels).")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the width (> 1) instead of --to.")] = None,
+    method: Annotated[WidenMethod, typer.Option("--method", help="net2wider (function-preserving) or random-pad "
+                                                "(the seed's baseline).")] = WidenMethod.net2wider,
+    noise: Annotated[float, typer.Option("--noise", min=0, help="Symmetry-breaking noise std, relative to the "
+                                         "consumer weights' std.")] = 0.0,
+    noise_mode: Annotated[NoiseMode, typer.Option("--noise-mode", help="zero-sum keeps the function exact; "
+                                                  "independent is the Keras example's (inexact).")] = NoiseMode.zero_sum,
+    model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
+    dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+):
+    """Widen one layer of SRC (Net2WiderNet) and write OUT.
+
+    Example: n2n widen teacher.safetensors wide.safetensors --model specs/models/mnist-cnn.yaml --layer fc1 --to 128
+    """
+    _setup(ctx, report=report, json_=json_, quiet=quiet)
+    if (to is None) == (factor is None):
+        raise UserError("give exactly one of --to (new width) or --factor (> 1)")
+    step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
+            "noise_mode": noise_mode.value}
+    spec = spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+              dry_run=dry_run, force=force, no_verify=no_verify)
+
+
+class DeepenMethod(str, Enum):
+    net2deeper = "net2deeper"
+    random_init = "random-init"
+
+
+@app.command()
+def deepen(
+    ctx: typer.Context, src: SrcArg, out_path: OutArg,
+    after: Annotated[str, typer.Option("--after", "-a", help="Insert the new layer after this linear/conv2d layer "
+                                       "(and after its batchnorm and activation).", show_default=False)],
+    name: Annotated[Optional[str], typer.Option("--name", help="Name of the new layer (default <after>_deeper).")] = None,
+    method: Annotated[DeepenMethod, typer.Option("--method", help="net2deeper (identity, function-preserving) or "
+                                                 "random-init (baseline).")] = DeepenMethod.net2deeper,
+    kernel_size: Annotated[Optional[int], typer.Option("--kernel-size", min=1, help="Kernel of a new conv (odd; "
+                                                       "default: that of --after).")] = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
+    dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+):
+    """Insert a layer into SRC (Net2DeeperNet) and write OUT.
+
+    Example: n2n deepen wide.safetensors deep.safetensors --after conv2
+    """
+    _setup(ctx, report=report, json_=json_, quiet=quiet)
+    step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
+    spec = spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+              dry_run=dry_run, force=force, no_verify=no_verify)
+
+
+@app.command()
+def verify(
+    ctx: typer.Context,
+    teacher: Annotated[Path, typer.Argument(help="The original checkpoint.", show_default=False)],
+    student: Annotated[Path, typer.Argument(help="The grown checkpoint.", show_default=False)],
+    model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Teacher's model description (default: its "
+                                                  "n2n metadata).")] = None,
+    student_model: Annotated[Optional[Path], typer.Option("--student-model", help="Student's model description "
+                                                          "(default: its n2n metadata).")] = None,
+    device: DeviceOpt = "auto", seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
+    probes: Annotated[int, typer.Option("--probes", min=1, help="Number of random probe inputs.")] = 64,
+    atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
+    _setup(ctx, report=report, json_=json_, quiet=quiet)
+    result = api.verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
+                        probes=probes, atol=atol, rtol=rtol)
+
+    def human(r):
+        out.print(f"PASS: {_fmt_err(r)}", markup=False)
+        out.print(f"parameters: {r['params_teacher']:,} -> {r['params_student']:,}", markup=False)
+
+    _finish(ctx, result, human)
+
+
+@app.command()
+def inspect(
+    ctx: typer.Context, src: SrcArg, model: ModelOpt = None, json_: JsonOpt = False,
+    report: ReportOpt = None,
+):
+    """Show a checkpoint's layers, shapes and parameters, and which layers can be widened or
+    deepened after exactly (and why not)."""
+    _setup(ctx, report=report, json_=json_)
+    result = api.inspect(src, model=model)
+
+    def human(r):
+        if r.get("model") is None:
+            table = Table(title=f"{r['checkpoint']}: {len(r['tensors'])} tensors", title_justify="left")
+            for col in ("tensor", "shape", "dtype"):
+                table.add_column(col)
+            for t in r["tensors"]:
+                table.add_row(t["key"], str(t["shape"]), t["dtype"])
+            out.print(table)
+            out.print("no model description: pass --model FILE.yaml to see layers and what can be grown",
+                      markup=False)
+            return
+        table = Table(title=f"{r['checkpoint']}: {r['params']:,} parameters", title_justify="left")
+        for col in ("#", "layer", "type", "input", "output", "params", "widen", "deepen after"):
+            table.add_column(col, overflow="fold")
+        for layer in r["layers"]:
+            table.add_row(str(layer["index"]), layer["name"] or "", layer["type"], _shape(layer["input_shape"]),
+                          _shape(layer["output_shape"]), f"{layer['params']:,}" if layer["params"] else "",
+                          layer.get("widen", ""), layer.get("deepen", ""))
+        out.print(table)
+        for entry in r.get("lineage") or []:
+            steps = "; ".join(f"{k} {v.get('layer') or 'after ' + v.get('after', '')}" for s in entry["steps"]
+                              for k, v in s.items())
+            out.print(f"grown by n2n {entry['n2n_version']} (seed {entry['seed']}): {steps}", markup=False)
+
+    _finish(ctx, result, human)
+
+
+@app.command()
+def validate(
+    ctx: typer.Context,
+    spec: Annotated[Path, typer.Argument(help="Growth spec YAML.", show_default=False)],
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Also check the steps against "
+                                                       "this checkpoint.")] = None,
+    model: ModelOpt = None, json_: JsonOpt = False, report: ReportOpt = None,
+):
+    """Check a growth spec and report all of its problems at once (exit 2 if any)."""
+    _setup(ctx, report=report, json_=json_)
+    result = api.validate(spec, checkpoint=checkpoint, model=model)
+
+    def human(r):
+        if "plan" in r:
+            p = r["plan"]
+            out.print(f"{r['spec']}: valid, {len(p['steps'])} steps, parameters {p['params_before']:,} -> "
+                      f"{p['params_after']:,}", markup=False)
+        else:
+            out.print(f"{r['spec']}: valid ({r['checked']}); {r['note']}", markup=False)
+
+    _finish(ctx, result, human)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
