@@ -163,7 +163,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         entries = plan.entries()
         with atomic_output(out_path) as tmp:
             done = iter(range(1, len(entries) + 1))
-            write_safetensors(tmp, entries, mat.get, metadata,
+            write_safetensors(tmp, entries, mat.get, metadata, name=str(out_path),
                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
         report["written"] = True
         return report

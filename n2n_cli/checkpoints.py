@@ -234,11 +234,12 @@ def _umask() -> int:
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict[str, str],
-                      on_tensor: Callable[[str], None] | None = None) -> None:
+                      on_tensor: Callable[[str], None] | None = None, name: str | None = None) -> None:
     """Write a safetensors file streaming: the header first (all shapes are known from the
     plan), then each tensor as ``produce(key)`` returns it, so only one tensor is in memory.
 
-    Deterministic: the same entries, tensors and metadata give the same bytes.
+    Deterministic: the same entries, tensors and metadata give the same bytes. ``name`` is
+    the path to name in errors (the final output, when ``path`` is a temporary file).
     """
     header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
@@ -262,4 +263,4 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise OutputError(f"cannot write ({e.strerror})", where=str(path)) from None
+        raise OutputError(f"cannot write ({e.strerror})", where=name or str(path)) from None

@@ -118,8 +118,8 @@ ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is marked unverified).")]
 SrcArg = Annotated[Path, typer.Argument(help="Teacher checkpoint: .safetensors, or a .pt/.pth/.bin state dict "
-                                        "(loaded with weights_only=True).", show_default=False)]
-OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file (written atomically).", show_default=False)]
+                                        "(loaded with weights_only=True).", show_default=False, metavar="SRC")]
+OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file (written atomically).", show_default=False, metavar="OUT")]
 
 
 def _setup(ctx, *, report=None, json_=False, quiet=False):
@@ -228,7 +228,7 @@ def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rt
 @app.command()
 def grow(
     ctx: typer.Context,
-    spec: Annotated[Path, typer.Argument(help="Growth spec YAML (see specs/ and the README).", show_default=False)],
+    spec: Annotated[Path, typer.Argument(help="Growth spec YAML (see specs/ and the README).", show_default=False, metavar="SPEC")],
     src: SrcArg, out_path: OutArg,
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
@@ -318,8 +318,8 @@ def deepen(
 @app.command()
 def verify(
     ctx: typer.Context,
-    teacher: Annotated[Path, typer.Argument(help="The original checkpoint.", show_default=False)],
-    student: Annotated[Path, typer.Argument(help="The grown checkpoint.", show_default=False)],
+    teacher: Annotated[Path, typer.Argument(help="The original checkpoint.", show_default=False, metavar="TEACHER")],
+    student: Annotated[Path, typer.Argument(help="The grown checkpoint.", show_default=False, metavar="STUDENT")],
     model: Annotated[Optional[Path], typer.Option("--model", "-m", help="Teacher's model description (default: its "
                                                   "n2n metadata).")] = None,
     student_model: Annotated[Optional[Path], typer.Option("--student-model", help="Student's model description "
@@ -381,7 +381,7 @@ def inspect(
 @app.command()
 def validate(
     ctx: typer.Context,
-    spec: Annotated[Path, typer.Argument(help="Growth spec YAML.", show_default=False)],
+    spec: Annotated[Path, typer.Argument(help="Growth spec YAML.", show_default=False, metavar="SPEC")],
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", "-c", help="Also check the steps against "
                                                        "this checkpoint.")] = None,
     model: ModelOpt = None, json_: JsonOpt = False, report: ReportOpt = None,

@@ -10,7 +10,7 @@ from n2n_cli.spec import load_model_description
 
 @pytest.fixture
 def runner():
-    return CliRunner()
+    return CliRunner(env={"COLUMNS": "200"})
 
 
 @pytest.fixture
