@@ -257,7 +257,8 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
                 t = produce(key)
                 if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise AssertionError(f"{key}: planned {dtype} {tuple(shape)}, produced {t.dtype} {tuple(t.shape)}")
-                f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                del t
                 if on_tensor:
                     on_tensor(key)
             f.flush()

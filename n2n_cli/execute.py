@@ -12,8 +12,9 @@ from .transforms import generator, init_tensor, widen_axis, widen_mapping
 
 
 class Materializer:
-    """``get(key)`` computes one output tensor of ``plan`` from ``source`` (in float64, cast
-    back to the planned dtype). Nothing else is held in memory but the mappings g."""
+    """``get(key)`` computes one output tensor of ``plan`` from ``source`` (in float32, or
+    float64 for float64 tensors; cast back to the planned dtype). Nothing else is held in
+    memory but the mappings g, so peak memory is a few times the largest tensor."""
 
     def __init__(self, plan: Plan, source: TensorSource):
         self.plan = plan
@@ -28,14 +29,15 @@ class Materializer:
     def get(self, key: str) -> torch.Tensor:
         recipe = self.plan.recipes[key]
         dtype = self.plan.dtypes[key]
+        work = torch.float64 if dtype == torch.float64 else torch.float32
         t: torch.Tensor | None = None
         for op in recipe:
             if isinstance(op, Load):
                 t = self.source.get(op.key)
                 if t.is_floating_point():
-                    t = t.to(torch.float64)
+                    t = t.to(work)
             elif isinstance(op, Create):
-                t = init_tensor(op.init, op.shape, dtype=torch.float64, value=op.value, fan_in=op.fan_in,
+                t = init_tensor(op.init, op.shape, dtype=work if dtype.is_floating_point else dtype, value=op.value, fan_in=op.fan_in,
                                 rng=generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):
                 step = self._steps[op.step].entry.widen

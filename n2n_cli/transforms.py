@@ -1,6 +1,6 @@
 """Tensor transforms: one per kind of axis (out / in / norm), plus new-tensor initialisers.
 
-Pure functions on tensors, computed in float64 by the caller. Randomness always comes
+Pure functions on tensors, computed in float32 or float64 by the caller. Randomness always comes
 from an explicit ``torch.Generator`` so the same seed gives the same bytes.
 """
 
@@ -60,7 +60,7 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     out = t.index_select(ax, g)
     if axis.role == "in":
         counts = torch.bincount(g, minlength=old).to(t.dtype)
-        out = out / counts[g].reshape(_bshape(out, ax))
+        out.div_(counts[g].reshape(_bshape(out, ax)))
         if noise > 0:
             std = float(t.std()) if t.numel() > 1 else 0.0
             eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
