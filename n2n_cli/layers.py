@@ -205,8 +205,9 @@ class Axis:
     """One tensor axis that lives in a widenable space.
 
     role: ``out`` (a producer's rows / out-channels, and its bias), ``in`` (a consumer's
-    columns / in-channels; ``block`` > 1 when a flatten sits between: channel-major blocks
-    of H*W features) or ``norm`` (a per-channel norm parameter or statistic).
+    columns / in-channels) or ``norm`` (a per-channel norm parameter or statistic).
+    block: > 1 when a flatten sits between the producer and this tensor: the axis holds
+    channel-major blocks of H*W features, one block per unit of the space.
     pad: what random-pad puts in new entries: ``normal`` N(0, 0.1), ``bias`` 0.1, ``one``, ``zero``.
     """
 
@@ -242,12 +243,12 @@ def layer_tensors(layer, in_shape: tuple[int, ...], in_space: str, in_block: int
             out.append(TensorInfo(f"{n}.bias", n, (layer.out_channels,), (Axis(n, "out", pad="bias"),)))
         return out
     if t in NORMS:
-        c = in_shape[0]
+        c = in_shape[0]  # a batchnorm1d after a flatten normalises channel-major blocks of H*W features
         return [
-            TensorInfo(f"{n}.weight", n, (c,), (Axis(in_space, "norm", pad="one"),)),
-            TensorInfo(f"{n}.bias", n, (c,), (Axis(in_space, "norm", pad="zero"),)),
-            TensorInfo(f"{n}.running_mean", n, (c,), (Axis(in_space, "norm", pad="zero"),)),
-            TensorInfo(f"{n}.running_var", n, (c,), (Axis(in_space, "norm", pad="one"),)),
+            TensorInfo(f"{n}.weight", n, (c,), (Axis(in_space, "norm", in_block, pad="one"),)),
+            TensorInfo(f"{n}.bias", n, (c,), (Axis(in_space, "norm", in_block, pad="zero"),)),
+            TensorInfo(f"{n}.running_mean", n, (c,), (Axis(in_space, "norm", in_block, pad="zero"),)),
+            TensorInfo(f"{n}.running_var", n, (c,), (Axis(in_space, "norm", in_block, pad="one"),)),
             TensorInfo(f"{n}.num_batches_tracked", n, (), (), floating=False),
         ]
     raise AssertionError(t)

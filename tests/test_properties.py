@@ -48,6 +48,10 @@ def cnn_models(draw):
             layers.append({"type": draw(st.sampled_from(["maxpool2d", "avgpool2d"])), "kernel_size": 2})
             shape = (shape[0], shape[1] // 2, shape[2] // 2)
     layers.append({"type": "flatten"})
+    if draw(st.booleans()):  # per-feature ops on the flattened channel blocks
+        layers.append({"type": "batchnorm1d", "name": "flat_bn"})
+    if draw(st.booleans()):
+        layers.append({"type": draw(st.sampled_from(["relu", "dropout", "tanh"]))})
     return {"input_shape": [c, h, w], "layers": layers + draw(mlp_tail(len(layers)))}
 
 

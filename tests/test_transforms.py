@@ -177,3 +177,12 @@ def test_torch_module_state_dict_keys_match_description_with_dotted_names():
     ref.add_module("features", torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)))
     ref.add_module("classifier", torch.nn.Linear(144, 2))
     assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+
+
+def test_batchnorm1d_after_flatten_remaps_channel_blocks(tmp_path):
+    model = {"input_shape": [2, 4, 3], "layers": [
+        {"type": "conv2d", "name": "c", "out_channels": 3, "kernel_size": 1}, {"type": "flatten"},
+        {"type": "batchnorm1d", "name": "bn"}, {"type": "relu"}, {"type": "linear", "name": "f", "out_features": 2}]}
+    teacher, student, _ = _grow(tmp_path, model, [{"widen": {"layer": "c", "to": 5}}])
+    assert student.bn.running_mean.shape == (5 * 4 * 3,)
+    assert max_rel_error(teacher, student, torch.randn(8, 2, 4, 3)) <= 1e-6
