@@ -281,6 +281,14 @@ def test_unwritable_out_dir(tmp_path, cli, cnn_teacher):
         ro.chmod(0o700)
 
 
+def test_unwritable_out_dir_as_seen_by_access(tmp_path, cli, cnn_teacher, monkeypatch):
+    """The same check when the tests run as root (who may write anywhere)."""
+    import n2n_cli.checkpoints as ck
+    monkeypatch.setattr(ck.os, "access", lambda path, mode: False)
+    _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors"), f"directory {tmp_path} is not writable")
+    assert _files(tmp_path) == ["teacher.safetensors"]
+
+
 def test_unwritable_out(tmp_path, cli, cnn_teacher):
     _bad(cli("grow", GROW, cnn_teacher, tmp_path / "missing" / "o.safetensors"), "does not exist")
     _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.pt"), "the output must be a .safetensors file")
