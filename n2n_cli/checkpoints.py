@@ -199,9 +199,13 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not os.access(parent, os.W_OK | os.X_OK):
+    if not _dir_writable(parent):
         raise OutputError(f"directory {parent} is not writable", where=str(out))
     return out
+
+
+def _dir_writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
 
 
 @contextlib.contextmanager
