@@ -8,7 +8,7 @@ import torch
 
 from .checkpoints import TensorSource
 from .plan import Create, Load, Plan, Widen
-from .transforms import generator, init_tensor, widen_axis, widen_mapping
+from .transforms import generator, init_tensor, make_mapping, widen_axis
 
 
 class Materializer:
@@ -19,12 +19,7 @@ class Materializer:
     def __init__(self, plan: Plan, source: TensorSource):
         self.plan = plan
         self.source = source
-        self._steps = {s.index: s for s in plan.steps}
-        self._mapping = lru_cache(maxsize=None)(self._make_mapping)
-
-    def _make_mapping(self, step: int) -> torch.Tensor:
-        s = self._steps[step]
-        return widen_mapping(self.plan.seed, step, s.old_width, s.new_width)
+        self._mapping = lru_cache(maxsize=None)(make_mapping)
 
     def get(self, key: str) -> torch.Tensor:
         recipe = self.plan.recipes[key]
@@ -40,10 +35,9 @@ class Materializer:
                 t = init_tensor(op.init, op.shape, dtype=work if dtype.is_floating_point else dtype, value=op.value, fan_in=op.fan_in,
                                 rng=generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):
-                step = self._steps[op.step].entry.widen
-                for ax, axis in op.axes:
-                    t = widen_axis(t, ax, axis, self._mapping(op.step), method=step.method, noise=step.noise,
-                                   noise_mode=step.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax))
+                for ax, axis, mapping in op.axes:
+                    t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
+                                   noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax))
         assert t is not None
         return t.to(dtype)
 

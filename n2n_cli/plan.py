@@ -24,9 +24,31 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Mapping:
+    """Net2WiderNet's g for one widened space: which original unit each new unit copies.
+
+    kind: ``random`` (g(j) = j for old units, uniform for new ones; seeded by ``seed``),
+    ``tile`` (g(j) = j mod old: every unit copied the same number of times, which keeps
+    norm statistics), ``spread`` (g(j) = j * old // new: each unit repeated in place, for
+    key/value heads whose query groups shrink) or ``grouped`` (whole groups of ``group``
+    units follow ``base``: query heads follow their key/value head's mapping).
+    """
+
+    kind: str
+    old: int
+    new: int
+    seed: tuple = ()
+    group: int = 1
+    base: "Mapping | None" = None
+
+
+@dataclass(frozen=True)
 class Widen:
     step: int
-    axes: tuple[tuple[int, Axis], ...]
+    axes: tuple[tuple[int, Axis, Mapping], ...]
+    method: str = "net2wider"
+    noise: float = 0.0
+    noise_mode: str = "zero-sum"
 
 
 @dataclass(frozen=True)
@@ -190,7 +212,9 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
         for ax, a in axes:
             new_shape[ax] = new_shape[ax] // old * new
         how = ", ".join(f"axis {ax}: {a.role}" + (f" (blocks of {a.block})" if a.block > 1 else "") for ax, a in axes)
-        plan.recipes[key].append(Widen(index, axes))
+        mapping = Mapping("random", old, new, (plan.seed, index))
+        plan.recipes[key].append(Widen(index, tuple((ax, a, mapping) for ax, a in axes), step.method, step.noise,
+                                       step.noise_mode))
         plan.shapes[key] = tuple(new_shape)
         changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")

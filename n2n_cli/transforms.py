@@ -28,6 +28,20 @@ def widen_mapping(seed: int, step: int, old: int, new: int) -> torch.Tensor:
     return torch.cat([torch.arange(old), extra])
 
 
+def make_mapping(m) -> torch.Tensor:
+    """The index tensor g of a ``plan.Mapping``."""
+    if m.kind == "random":
+        return widen_mapping(*m.seed, m.old, m.new)
+    if m.kind == "tile":
+        return torch.arange(m.new) % m.old
+    if m.kind == "spread":
+        return torch.arange(m.new) * m.old // m.new
+    if m.kind == "grouped":
+        j = torch.arange(m.new)
+        return make_mapping(m.base)[j // m.group] * m.group + j % m.group
+    raise ValueError(f"unknown mapping kind {m.kind!r}")
+
+
 def _unflatten(t: torch.Tensor, ax: int, block: int) -> torch.Tensor:
     return t.unflatten(ax, (t.shape[ax] // block, block)) if block > 1 else t
 

@@ -72,6 +72,10 @@ DEFAULT_EPOCHS = 10
 QUICK_EPOCHS = 3
 MOMENTUM = 0.9
 EVAL_BATCH = 1024
+#: "measurably worse": a baseline's epoch-0 validation loss is this much (relative) above the teacher's final one
+BASELINE_MARGIN = 0.10
+#: "has the teacher's final validation loss": within this relative difference
+PRESERVED_RTOL = 1e-4
 
 
 def growth_steps(arm: str, noise: float) -> list[dict]:
@@ -255,7 +259,7 @@ def train(net: torch.nn.Module, data: Dataset, *, lr: float, epochs: int, batch_
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            running += float(loss) * len(idx)
+            running += float(loss.detach()) * len(idx)
         record(epoch, running / n)
     hist.seconds = time.perf_counter() - start
     return hist
@@ -290,7 +294,7 @@ def rel_diff(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-12)
 
 
-def checks(runs: dict[str, History], *, margin: float = 0.05) -> dict:
+def checks(runs: dict[str, History], *, margin: float = BASELINE_MARGIN) -> dict:
     """What the experiment must show, measured. ``margin``: how much worse (relative) a baseline's
     epoch-0 loss must be than the teacher's final one to count as "measurably worse"."""
     final = runs[TEACHER].val_loss[-1]
@@ -300,10 +304,14 @@ def checks(runs: dict[str, History], *, margin: float = 0.05) -> dict:
         "teacher_final_val_loss": final,
         "epoch0_val_loss": start,
         "epoch0_rel_diff_to_teacher": {arm: rel_diff(start[arm], final) for arm in ARMS},
-        "function_preserving_start_at_teacher": all(rel_diff(start[a], final) <= 1e-4 for a in FUNCTION_PRESERVING),
+        "function_preserving_start_at_teacher": all(rel_diff(start[a], final) <= PRESERVED_RTOL for a in FUNCTION_PRESERVING),
         "baselines_start_worse": all(start[b] > final * (1 + margin) for b in BASELINES),
         "final_val_loss": end,
         "final_val_acc": {arm: runs[arm].val_acc[-1] for arm in ARMS},
+        "best_val_loss": {arm: min(runs[arm].val_loss[1:]) for arm in ARMS},
+        # the area under the curve after growth: how fast each student learns, not only where it ends
+        "mean_val_loss_after_epoch0": {arm: sum(runs[arm].val_loss[1:]) / (len(runs[arm].val_loss) - 1)
+                                       for arm in ARMS},
         "function_preserving_end_at_least_as_good": {
             fp: end[fp] <= end[base] for fp, base in FUNCTION_PRESERVING.items()},
         "final_gap_baseline_minus_function_preserving": {
@@ -456,16 +464,19 @@ def main(argv: Sequence[str] | None = None) -> dict:
     log(f"\nteacher's final validation loss {c['teacher_final_val_loss']:.6f}")
     for arm in ARMS:
         log(f"  {arm:<19} epoch 0: {c['epoch0_val_loss'][arm]:.6f} (relative difference "
-            f"{c['epoch0_rel_diff_to_teacher'][arm]:.2e}), epoch {args.epochs}: {c['final_val_loss'][arm]:.6f}")
-    log(f"function-preserving students start at the teacher's loss (<= 1e-4 relative): "
+            f"{c['epoch0_rel_diff_to_teacher'][arm]:.2e}); epoch {args.epochs}: {c['final_val_loss'][arm]:.4f}, "
+            f"best {c['best_val_loss'][arm]:.4f}, mean over epochs 1-{args.epochs}: "
+            f"{c['mean_val_loss_after_epoch0'][arm]:.4f}")
+    log(f"function-preserving students start at the teacher's loss (<= {PRESERVED_RTOL:g} relative): "
         f"{c['function_preserving_start_at_teacher']}")
-    log(f"random baselines start measurably worse (> 5% above): {c['baselines_start_worse']}")
+    log(f"random baselines start measurably worse (> {BASELINE_MARGIN:.0%} above): {c['baselines_start_worse']}")
     for fp, base in FUNCTION_PRESERVING.items():
         log(f"{fp} ends at least as good as {base}: {c['function_preserving_end_at_least_as_good'][fp]} "
             f"({c['final_val_loss'][fp]:.4f} vs {c['final_val_loss'][base]:.4f})")
     png = out / "val_loss.png"
-    title = (f"Net2Net with n2n on {data.name}: {len(data.y_train)} train samples, teacher {args.teacher_epochs} "
-             f"epochs (lr {args.lr:g}), students {args.epochs} epochs (lr {student_lr:g})")
+    title = (f"Net2Net with n2n on {data.name} ({len(data.y_train)} training samples)\n"
+             f"teacher {args.teacher_epochs} epochs at lr {args.lr:g}, students {args.epochs} epochs at lr "
+             f"{student_lr:g}, seed {args.seed}")
     results["plot"] = png.name if plot(runs, png, title) else None
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -1,0 +1,378 @@
+"""Hugging Face model directories: read one as a TensorSource, write one atomically.
+
+Knows files, not growth. A model directory holds ``config.json`` and its weights as
+``model.safetensors``, as shards listed in ``model.safetensors.index.json``, or (read only)
+as ``pytorch_model.bin`` / shards listed in ``pytorch_model.bin.index.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable
+
+import torch
+from safetensors import safe_open
+
+from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
+from .errors import CheckpointError, OutputError, UserError
+
+CONFIG = "config.json"
+SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+WEIGHT_CANDIDATES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order
+# Files never copied from the source directory: they hold the *old* weights in some format.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack",
+                   ".gguf", ".onnx", ".ot", ".tflite")
+
+Entry = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+class HFDirSource(TensorSource):
+    """A Hugging Face model directory, read tensor by tensor.
+
+    Opening validates everything up front: ``config.json``, the index (if any), that every
+    shard exists inside the directory and holds the keys the index puts there. Tensor data is
+    read only by :meth:`get`; safetensors shards are opened lazily on first use and kept open
+    until :meth:`close`. Pickled shards are loaded with ``torch.load(weights_only=True)``
+    (memory-mapped) through :class:`StateDictSource`. The index is authoritative: tensors in a
+    shard that the index does not list are ignored.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError("not a directory", where=str(self.path),
+                                  hint="Pass a Hugging Face model directory (config.json plus weights).")
+        self.config: dict[str, Any] = _read_config(self.path)
+        self.metadata: dict[str, str] = {}
+        self.index_file: str | None = None
+        self._where: dict[str, str] = {}  # key -> shard file name (relative to path)
+        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+        self._open: dict[str, Any] = {}  # shard name -> safe_open handle or StateDictSource
+        found = next((n for n in WEIGHT_CANDIDATES if (self.path / n).is_file()), None)
+        if found is None:
+            raise CheckpointError("no weights file", where=str(self.path),
+                                  problems=[f"looked for {n}" for n in WEIGHT_CANDIDATES],
+                                  hint="Save the model with save_pretrained(), or copy its weights here.")
+        if found.endswith(".index.json"):
+            self.index_file = found
+            self._where = _read_index(self.path, found)
+            wanted: dict[str, list[str] | None] = {}
+            for key, shard in self._where.items():
+                wanted.setdefault(shard, []).append(key)  # type: ignore[union-attr]
+        else:
+            wanted = {found: None}
+        problems: list[str] = []
+        for i, shard in enumerate(sorted(wanted)):
+            problems += self._scan(shard, wanted[shard], first=i == 0)
+        if problems:
+            raise CheckpointError("the index lists tensors that are not in their shard",
+                                  where=str(self.path / found), problems=problems,
+                                  hint="The index does not match its shards; re-save the model.")
+
+    def _scan(self, shard: str, keys: list[str] | None, first: bool) -> list[str]:
+        """Record shape and dtype of ``keys`` (None: all) in ``shard``; return the missing keys."""
+        file = self.path / shard
+        if shard.endswith(".bin"):
+            sd = StateDictSource(file)
+            self._open[shard] = sd
+            present, read = set(sd.keys()), lambda k: (sd.shape(k), sd.dtype(k))
+            if keys is None:
+                keys = sd.keys()
+        else:
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as f:
+                    present = set(f.keys())
+                    keys = list(f.keys()) if keys is None else keys
+                    if first:
+                        self.metadata = dict(f.metadata() or {})
+                    slices = {k: f.get_slice(k) for k in keys if k in present}
+                    infos = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+            except Exception as e:  # safetensors raises SafetensorError and OSError
+                raise CheckpointError(f"not a readable safetensors file ({e})", where=str(file),
+                                      hint="The file is truncated or corrupt; re-download or re-save it.") from None
+            for k, (_, st) in infos.items():
+                if st not in ST_TO_DTYPE:
+                    raise CheckpointError(f"tensor '{k}' has dtype {st}, which n2n does not support",
+                                          where=str(file))
+            read = lambda k: (infos[k][0], ST_TO_DTYPE[infos[k][1]])  # noqa: E731
+        for k in keys:
+            if k in present:
+                self._where[k] = shard
+                self._info[k] = read(k)
+        return [f"'{k}' is not in {shard}" for k in keys if k not in present]
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._info[key][0]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._info[key][1]
+
+    def get(self, key: str) -> torch.Tensor:
+        shard = self._where[key]
+        handle = self._open.get(shard)
+        if isinstance(handle, StateDictSource):
+            return handle.get(key)
+        try:
+            if handle is None:
+                handle = self._open[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
+            return handle.get_tensor(key)
+        except Exception as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e})", where=str(self.path / shard)) from None
+
+    def close(self) -> None:
+        self._open = {k: v for k, v in self._open.items() if isinstance(v, StateDictSource)}
+
+    def weight_files(self) -> list[str]:
+        """The files holding tensor data (not the index), sorted, relative to :attr:`path`."""
+        return sorted(set(self._where.values()))
+
+    def sha256(self) -> str:
+        """A stable digest of the model: the SHA-256 of a ``sha256sum``-style manifest, one line
+        ``"<sha256 of file>  <name>\\n"`` per file, over ``config.json``, the index (if any) and
+        every weight file, sorted by name. Equals ``sha256sum $(ls config.json <weights>) | sha256sum``
+        in the C locale. Other files (tokenizer, README) do not count.
+        """
+        names = sorted([CONFIG, *([self.index_file] if self.index_file else []), *self.weight_files()])
+        manifest = "".join(f"{file_sha256(self.path / n)}  {n}\n" for n in names)
+        return hashlib.sha256(manifest.encode("utf-8")).hexdigest()
+
+
+def open_hf_dir(path: str | os.PathLike) -> HFDirSource:
+    """Open a Hugging Face model directory (see :class:`HFDirSource`)."""
+    return HFDirSource(path)
+
+
+def _read_json(file: Path, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{what} is not valid JSON ({e})", where=str(file),
+                              hint="The file is truncated or corrupt; re-download or re-save it.") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {what} ({e.strerror})", where=str(file)) from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{what} must be a JSON object, found {type(obj).__name__}", where=str(file),
+                              hint="The file is truncated or corrupt; re-download or re-save it.")
+    return obj
+
+
+def _read_config(root: Path) -> dict[str, Any]:
+    if not (root / CONFIG).is_file():
+        raise CheckpointError("no config.json: not a Hugging Face model directory", where=str(root),
+                              hint="Save the model with save_pretrained(), which writes config.json.")
+    return _read_json(root / CONFIG, "config.json")
+
+
+def _read_index(root: Path, name: str) -> dict[str, str]:
+    """The index's ``weight_map``, after checking every shard name stays inside ``root`` and exists."""
+    file = root / name
+    wm = _read_json(file, "the index").get("weight_map")
+    if not isinstance(wm, dict) or not wm or not all(isinstance(k, str) and isinstance(v, str) and v
+                                                     for k, v in wm.items()):
+        raise CheckpointError("the index has no 'weight_map' (a non-empty mapping of tensor names to shard files)",
+                              where=str(file), hint="Re-save the model with save_pretrained().")
+    top = root.resolve()
+    shards = sorted(set(wm.values()))
+    escaping = [s for s in shards if PurePosixPath(s).is_absolute() or ".." in PurePosixPath(s).parts
+                or top not in (root / s).resolve().parents]
+    if escaping:
+        raise CheckpointError("the index names shard files outside the model directory; refusing to read them",
+                              where=str(file), problems=[f"'{s}' -> {(root / s).resolve()}" for s in escaping],
+                              hint="Shard names must be plain file names inside the directory.")
+    missing = [s for s in shards if not (root / s).is_file()]
+    if missing:
+        raise CheckpointError(f"{len(missing)} shard file(s) listed in the index are missing", where=str(file),
+                              problems=[f"missing {s}" for s in missing],
+                              hint="Download or copy every shard into the directory.")
+    return dict(wm)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def parse_size(text: str | int) -> int:
+    """A size in bytes, as transformers' ``convert_file_size_to_int`` reads it: a plain integer,
+    or an integer with a unit: KiB/MiB/GiB/TiB (powers of 2) or KB/MB/GB/TB (powers of 10). As in
+    transformers, a decimal unit ending in a lower-case ``b`` counts bits ("8Mb" = 10**6 bytes).
+    """
+    if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+        return text
+    m = re.fullmatch(r"\s*(\d+)\s*(?:([KMGT])(i?)(B))?\s*", str(text), re.IGNORECASE)
+    if not m or int(m.group(1)) <= 0:
+        raise UserError(f"--max-shard-size: '{text}' is not a size",
+                        hint="Use a positive integer of bytes or one with a unit, e.g. 5GB, 500MB, 2GiB.")
+    n, unit, binary, b = int(m.group(1)), m.group(2), m.group(3), m.group(4)
+    if not unit:
+        return n
+    power = "KMGT".index(unit.upper()) + 1
+    if binary:
+        return n * 2 ** (10 * power)
+    return n * 10 ** (3 * power) // (8 if b == "b" else 1)
+
+
+def nbytes(entry: Entry) -> int:
+    """Bytes that one ``(key, dtype, shape)`` entry takes in a safetensors file."""
+    return math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
+
+
+def plan_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
+    """Split ``entries`` in order: a new shard starts when the next tensor would exceed the
+    limit; a tensor bigger than the limit ends up alone in its shard. Always at least one shard."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        n = nbytes(e)
+        if shards[-1] and size + n > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += n
+    return shards
+
+
+def copied_files(src_dir: Path) -> list[str]:
+    """The files :func:`write_hf_dir` copies from ``src_dir``, sorted: every regular file (or
+    symlink to one, as in the HF cache) directly in ``src_dir``, except ``config.json`` (rewritten),
+    hidden files, and weights (names ending in one of ``WEIGHT_SUFFIXES``). Subdirectories are
+    never copied (they may hold old weights in other formats, e.g. ``original/``, ``onnx/``)."""
+    return sorted(p.name for p in src_dir.iterdir()
+                  if p.is_file() and p.name != CONFIG and not p.name.startswith(".")
+                  and not p.name.lower().endswith(WEIGHT_SUFFIXES))
+
+
+def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Callable[[str], torch.Tensor], *,
+                 config: dict[str, Any], metadata: dict[str, str], src_dir: Path | None, max_shard_size: int,
+                 extra_files: dict[str, str] | None = None,
+                 on_tensor: Callable[[str], None] | None = None) -> list[str]:
+    """Write a Hugging Face model directory atomically and return its weight file names.
+
+    Everything is written into a temporary directory beside ``out_dir`` and renamed into place
+    only on success; on any exception (Ctrl-C included) it is removed. An existing ``out_dir`` is
+    replaced at that final rename (call :func:`check_output_dir` first). Contents: ``config.json``
+    (sorted keys, as transformers writes it), the :func:`copied_files` of ``src_dir``,
+    ``extra_files`` (name -> text; they win over copied files), and the tensors, streamed with
+    ``produce(key)``: one ``model.safetensors`` if they fit in ``max_shard_size`` bytes, else
+    :func:`plan_shards` shards ``model-0000i-of-0000n.safetensors`` plus
+    ``model.safetensors.index.json``. Every shard carries ``metadata`` (``"format": "pt"`` is
+    added if absent). Deterministic: the same inputs give byte-identical files.
+    """
+    out = Path(out_dir)
+    if max_shard_size <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
+    keys = [k for k, _, _ in entries]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate tensor names in entries")
+    meta = {**metadata, "format": metadata.get("format", "pt")}
+    if meta["format"] != "pt":
+        raise ValueError(f"shard metadata must have format 'pt', got {meta['format']!r}")
+    extra = dict(sorted((extra_files or {}).items()))
+    for name in extra:
+        if name in ("", CONFIG) or "/" in name or name.startswith(".") or name.lower().endswith(WEIGHT_SUFFIXES):
+            raise ValueError(f"extra file name {name!r} is not a plain non-weight file name")
+    copies = copied_files(Path(src_dir)) if src_dir is not None else []
+    shards = plan_shards(entries, max_shard_size)
+    n = len(shards)
+    names = [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-tmp", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create a directory beside it ({e.strerror})", where=str(out)) from None
+    try:
+        _write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n", out)
+        for name in copies:
+            try:
+                shutil.copyfile(Path(src_dir) / name, tmp / name)  # type: ignore[arg-type]
+            except OSError as e:
+                raise OutputError(f"cannot copy {name} from {src_dir} ({e.strerror})", where=str(out)) from None
+        for name, text in extra.items():
+            _write_text(tmp / name, text, out)
+        for name, shard in zip(names, shards):
+            write_safetensors(tmp / name, shard, produce, meta, on_tensor=on_tensor, name=str(out / name))
+        if n > 1:
+            index = {"metadata": {"total_size": sum(map(nbytes, entries))},
+                     "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+            _write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n", out)
+        os.chmod(tmp, 0o777 & ~_umask())
+        _move_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
+
+
+def _write_text(path: Path, text: str, out: Path) -> None:
+    try:
+        with open(path, "wb") as f:
+            f.write(text.encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise OutputError(f"cannot write {path.name} ({e.strerror})", where=str(out)) from None
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, deleted after."""
+    try:
+        if not os.path.lexists(out):
+            os.rename(tmp, out)
+            return
+        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-old", dir=out.parent))
+        os.rename(out, holder / "old")
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(holder / "old", out)
+            os.rmdir(holder)
+            raise
+        shutil.rmtree(holder, ignore_errors=True)
+    except OSError as e:
+        raise OutputError(f"cannot move the new directory into place ({e.strerror})", where=str(out)) from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _dir_writable(path: Path) -> bool:
+    return os.access(path, os.W_OK | os.X_OK)
+
+
+def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | None, force: bool) -> Path:
+    """Check that ``out_dir`` may be written by :func:`write_hf_dir`; return it as a Path.
+
+    Refuses an ``out_dir`` that is, is inside, or contains ``src_dir``; that exists without
+    ``force`` (or is not a directory); whose parent is missing or not writable.
+    """
+    out = Path(out_dir)
+    real = out.resolve()
+    if src_dir is not None:
+        src = Path(src_dir).resolve()
+        for bad, what in ((real == src, "is the input directory"), (src in real.parents, "is inside the input directory"),
+                          (real in src.parents, "contains the input directory")):
+            if bad:
+                raise OutputError(f"the output {what} ({src_dir}); n2n never writes over its input",
+                                  where=str(out), hint="Choose an output directory outside the input.")
+    if os.path.lexists(out):
+        if not out.is_dir():
+            raise OutputError("exists and is not a directory", where=str(out), hint="Choose another output path.")
+        if not force:
+            raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
+    parent = Path(os.path.abspath(out)).parent
+    if not parent.is_dir():
+        raise OutputError(f"directory {parent} does not exist", where=str(out))
+    if not _dir_writable(parent):
+        raise OutputError(f"directory {parent} is not writable", where=str(out))
+    return out
