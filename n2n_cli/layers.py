@@ -206,8 +206,8 @@ class Axis:
 
     role: ``out`` (a producer's rows / out-channels, and its bias), ``in`` (a consumer's
     columns / in-channels) or ``norm`` (a per-channel norm parameter or statistic).
-    block: > 1 when a flatten sits between the producer and this tensor: the axis holds
-    channel-major blocks of H*W features, one block per unit of the space.
+    block: > 1 when the axis holds a block of features per unit: channel-major blocks of H*W
+    features after a flatten, or the head_dim features of an attention head.
     pad: what random-pad puts in new entries: ``normal`` N(0, 0.1), ``bias`` 0.1, ``one``, ``zero``.
     """
 
@@ -215,6 +215,7 @@ class Axis:
     role: str
     block: int = 1
     pad: str = "normal"
+    segments: int = 1  # > 1 for fused tensors: GPT-2's c_attn holds q|k|v, each a copy of the space
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,6 @@ def make_mapping(m) -> torch.Tensor:
     raise ValueError(f"unknown mapping kind {m.kind!r}")
 
 
-def _unflatten(t: torch.Tensor, ax: int, block: int) -> torch.Tensor:
-    return t.unflatten(ax, (t.shape[ax] // block, block)) if block > 1 else t
-
-
-def _flatten(t: torch.Tensor, ax: int, block: int) -> torch.Tensor:
-    return t.flatten(ax, ax + 1) if block > 1 else t
-
-
 def _bshape(t: torch.Tensor, ax: int) -> list[int]:
     """Shape that broadcasts a vector along axis ``ax`` of ``t``."""
     shape = [1] * t.dim()
@@ -59,37 +51,41 @@ def _bshape(t: torch.Tensor, ax: int) -> list[int]:
 
 def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
                noise_mode: str, rng: torch.Generator) -> torch.Tensor:
-    """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from len(g[g==arange]) to len(g)."""
-    t = _unflatten(t, ax, axis.block)
-    old, new = t.shape[ax], g.numel()
+    """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g).
+
+    The axis is viewed as (segments, units, block); units are what the space counts.
+    """
+    t = t.unflatten(ax, (axis.segments, t.shape[ax] // (axis.segments * axis.block), axis.block))
+    u = ax + 1  # the units axis
+    old, new = t.shape[u], g.numel()
     if method == "random-pad":
         shape = list(t.shape)
-        shape[ax] = new - old
-        fill = {"normal": None, "bias": 0.1, "one": 1.0, "zero": 0.0}[axis.pad if axis.role != "in" else "normal"]
+        shape[u] = new - old
+        fill = {"normal": None, "bias": 0.1, "one": 1.0, "zero": 0.0}[axis.pad]
         extra = (torch.randn(shape, generator=rng, dtype=t.dtype) * PAD_STD if fill is None
                  else torch.full(shape, fill, dtype=t.dtype))
-        return _flatten(torch.cat([t, extra], dim=ax), ax, axis.block)
+        return torch.cat([t, extra], dim=u).flatten(ax, ax + 2)
     if method != "net2wider":
         raise ValueError(f"unknown widen method {method!r}")
-    out = t.index_select(ax, g)
+    out = t.index_select(u, g)
     if axis.role == "in":
         counts = torch.bincount(g, minlength=old).to(t.dtype)
-        out.div_(counts[g].reshape(_bshape(out, ax)))
+        out.div_(counts[g].reshape(_bshape(out, u)))
         if noise > 0:
             std = float(t.std()) if t.numel() > 1 else 0.0
             eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
             if noise_mode == "zero-sum":
                 # subtract each original unit's mean over its copies: the copies' noise sums to 0,
                 # so the next layer still sees exactly the same sum (and single units get none)
-                sums = torch.zeros_like(t).index_add_(ax, g, eps)
-                eps = eps - (sums / counts.reshape(_bshape(t, ax))).index_select(ax, g)
+                sums = torch.zeros_like(t).index_add_(u, g, eps)
+                eps = eps - (sums / counts.reshape(_bshape(t, u))).index_select(u, g)
             elif noise_mode == "independent":
                 keep = torch.arange(new) < old  # the Keras example: noise on the new copies only
-                eps = eps * (~keep).to(t.dtype).reshape(_bshape(out, ax))
+                eps = eps * (~keep).to(t.dtype).reshape(_bshape(out, u))
             else:
                 raise ValueError(f"unknown noise mode {noise_mode!r}")
             out = out + eps
-    return _flatten(out, ax, axis.block)
+    return out.flatten(ax, ax + 2)
 
 
 # --------------------------------------------------------------------------- new tensors

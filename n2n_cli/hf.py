@@ -1,0 +1,549 @@
+"""Hugging Face transformer checkpoints: families as data, and growth planning.
+
+A family (``n2n_cli/families/*.yaml``) names every tensor by template and says which space
+each axis lives in (hidden = the residual stream, mlp, heads, kv_heads; per layer for all
+but hidden). A growth step picks a mapping g for each affected space, and every axis
+labelled with that space is transformed by the same generic code as for MLP/CNNs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from .errors import CheckpointError, ModelError, StepError
+from .layers import Axis
+from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+
+FAMILY_DIR = Path(__file__).parent / "families"
+HF_DIMS = ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
+
+
+# ----------------------------------------------------------------------------- steps (spec schema)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HFWidenStep(_Strict):
+    """Widen one dimension of every layer of a transformer."""
+
+    dim: Literal["intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
+    to: PositiveInt | None = None
+    factor: float | None = Field(default=None, gt=1)
+    noise: float = Field(default=0.0, ge=0)
+    noise_mode: Literal["zero-sum", "independent"] = "zero-sum"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.to is None) == (self.factor is None):
+            raise ValueError("give exactly one of 'to' (new size) or 'factor' (> 1)")
+        return self
+
+    def new_size(self, old: int) -> int:
+        return self.to if self.to is not None else int(round(old * self.factor))
+
+    def exact_counterpart(self) -> "HFWidenStep":
+        return self.model_copy(update={"noise": 0.0})
+
+
+class HFDeepenStep(_Strict):
+    """Insert transformer blocks, each a copy of the block before it with zeroed output projections."""
+
+    layers: PositiveInt | None = None
+    placement: Literal["interleave", "end"] = "interleave"
+    after: list[int] | None = None
+    allow_approximate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.layers is None) == (self.after is None):
+            raise ValueError("give exactly one of 'layers' (the new total number of layers) or 'after' "
+                             "(a list of layer indices)")
+        return self
+
+    def exact_counterpart(self) -> "HFDeepenStep":
+        return self
+
+
+class HFStepEntry(_Strict):
+    widen: HFWidenStep | None = None
+    deepen: HFDeepenStep | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.widen is None) == (self.deepen is None):
+            raise ValueError("each step is exactly one of 'widen: {...}' or 'deepen: {...}'")
+        return self
+
+    @property
+    def step(self):
+        return self.widen or self.deepen
+
+    @property
+    def kind(self) -> str:
+        return "widen" if self.widen else "deepen"
+
+    def to_dict(self) -> dict:
+        return {self.kind: self.step.model_dump(mode="json", exclude_none=True)}
+
+
+# ----------------------------------------------------------------------------- families
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    config: dict[str, object]
+    defaults: dict[str, object]
+    head_dim_from_hidden: bool
+    norm: str
+    prefixes: tuple[str, ...]
+    anchor: str
+    layer: str
+    globals: dict[str, list[str]]
+    block: dict[str, list[str]]
+    head: dict[str, list[str]]
+    block_outputs: tuple[str, ...]
+
+
+@lru_cache(maxsize=None)
+def families() -> dict[str, Family]:
+    """Every supported family, by config.json ``model_type``."""
+    out = {}
+    for path in sorted(FAMILY_DIR.glob("*.yaml")):
+        d = yaml.safe_load(path.read_text())
+        fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
+                     bool(d["head_dim_from_hidden"]), d["norm"], tuple(d["prefixes"]), d["anchor"], d["layer"],
+                     d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d["block_outputs"]))
+        for mt in fam.model_types:
+            out[mt] = fam
+    return out
+
+
+def supported_model_types() -> list[str]:
+    return sorted(families())
+
+
+# ----------------------------------------------------------------------------- one concrete model
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    key: str
+    shape: tuple[int, ...] | None  # None: passed through as it is (a buffer)
+    axes: tuple[Axis | None, ...]
+    optional: bool
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A family plus the sizes read from config.json."""
+
+    family: Family
+    prefix: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied: bool
+    vocab: int
+    positions: int = 0
+    types: int = 0
+    per_layer: dict[str, list] = field(default_factory=dict)
+
+    # -- tensors
+
+    def size(self, space: str) -> int:
+        return {"hidden": self.hidden, "mlp": self.intermediate, "heads": self.heads * self.head_dim,
+                "kv_heads": self.kv_heads * self.head_dim, "vocab": self.vocab, "positions": self.positions,
+                "types": self.types}[space]
+
+    def _axis(self, token: str, layer: int | None) -> tuple[int | None, Axis | None]:
+        if ":" not in token:
+            return (None if token == "passthrough" else self.size(token)), None
+        space, role = token.split(":")
+        segments = 1
+        if "*" in role:
+            role, n = role.split("*")
+            segments = int(n)
+        if role == "final_norm":
+            role = "in" if self.tied else "norm"  # tied head: scale the final norm by 1/r instead
+        elif role == "head":
+            role = "out" if self.tied else "in"
+        block = self.head_dim if space in ("heads", "kv_heads") else 1
+        sid = space if space == "hidden" or layer is None else f"{space}@{layer}"
+        return self.size(space) * segments, Axis(sid, role, block, segments=segments)
+
+    def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool) -> TensorSpec:
+        dims = [self._axis(t, layer) for t in tokens]
+        shape = None if any(d is None for d, _ in dims) else tuple(d for d, _ in dims)
+        return TensorSpec(key, shape, tuple(a for _, a in dims), optional)
+
+    def tensors(self) -> dict[str, TensorSpec]:
+        fam, out = self.family, {}
+
+        def add(name: str, tokens: list[str], layer: int | None, prefix: str):
+            optional = name.endswith("?")
+            name = name.rstrip("?")
+            key = prefix + (fam.layer.format(i=layer) if layer is not None else "") + name
+            out[key] = self._spec(key, tokens, layer, optional)
+
+        for name, tokens in fam.globals.items():
+            if not name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
+                add(name, tokens, None, self.prefix)
+        for i in range(self.layers):
+            for name, tokens in fam.block.items():
+                add(name, tokens, i, self.prefix)
+        for name, tokens in fam.globals.items():
+            if name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
+                add(name, tokens, None, self.prefix)
+        for name, tokens in fam.head.items():
+            add(name + ("?" if self.tied else ""), tokens, None, "")
+        return out
+
+    def num_parameters(self, present: set[str] | None = None) -> int:
+        return sum(math.prod(t.shape) for k, t in self.tensors().items() if t.shape is not None
+                   and (present is None or k in present or not t.optional))
+
+    # -- config
+
+    def to_config(self, original: dict) -> dict:
+        fam, cfg = self.family, dict(original)
+        c = fam.config
+        cfg[c["hidden"]] = self.hidden
+        cfg[c["layers"]] = self.layers
+        cfg[c["heads"]] = self.heads
+        if original.get(c["intermediate"]) is not None or self.intermediate != _default_intermediate(fam, self.hidden):
+            cfg[c["intermediate"]] = self.intermediate
+        if "kv_heads" in c and (c["kv_heads"] in original or self.kv_heads != self.heads):
+            cfg[c["kv_heads"]] = self.kv_heads
+        if "head_dim" in c and (c["head_dim"] in original or self.head_dim * self.heads != self.hidden):
+            cfg[c["head_dim"]] = self.head_dim
+        for name, values in self.per_layer.items():
+            cfg[name] = values
+        return cfg
+
+
+def _default_intermediate(fam: Family, hidden: int) -> int | None:
+    f = fam.defaults.get("intermediate_factor")
+    return f * hidden if f else None
+
+
+def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
+    """Resolve a config.json (and the checkpoint's keys, for the prefix) into an ``Arch``."""
+    mt = config.get("model_type")
+    fams = families()
+    if mt not in fams:
+        raise ModelError(f"config.json: model_type {mt!r} is not supported", where=where,
+                         hint=f"Supported model types: {', '.join(supported_model_types())}.")
+    fam = fams[mt]
+    c = fam.config
+    problems = []
+
+    def get(q: str, default=None):
+        name = c.get(q)
+        v = config.get(name, default) if name else default
+        if v is None and default is None and q not in ("intermediate", "kv_heads", "head_dim", "tie"):
+            problems.append(f"config.json has no '{name}'")
+        return v
+
+    hidden, layers, heads = get("hidden"), get("layers"), get("heads")
+    vocab = get("vocab")
+    if problems:
+        raise ModelError("inconsistent config", where=where, problems=problems)
+    intermediate = get("intermediate") or _default_intermediate(fam, hidden)
+    kv_heads = get("kv_heads") or heads
+    tied = bool(get("tie", fam.defaults.get("tie", False)))
+    for name, v in ((c["hidden"], hidden), (c["layers"], layers), (c["heads"], heads), (c["vocab"], vocab),
+                    (c["intermediate"], intermediate), (c.get("kv_heads", "kv heads"), kv_heads)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            problems.append(f"'{name}' must be a positive integer, got {v!r}")
+    if problems:
+        raise ModelError("inconsistent config", where=where, problems=problems)
+    head_dim = get("head_dim")
+    if fam.head_dim_from_hidden or head_dim is None:
+        if hidden % heads:
+            problems.append(f"'{c['hidden']}' ({hidden}) is not divisible by '{c['heads']}' ({heads})")
+        head_dim = hidden // heads
+    if heads % kv_heads:
+        problems.append(f"'{c['heads']}' ({heads}) is not divisible by '{c['kv_heads']}' ({kv_heads})")
+    per_layer = {}
+    for name in c.get("per_layer") or []:
+        v = config.get(name)
+        if v is not None:
+            if not isinstance(v, list) or len(v) != layers:
+                problems.append(f"'{name}' must be a list of {layers} entries (one per layer)")
+            per_layer[name] = list(v)
+    if problems:
+        raise ModelError("inconsistent config", where=where, problems=problems)
+    prefix = next((p for p in fam.prefixes if p + fam.anchor in keys), None)
+    if prefix is None:
+        raise CheckpointError(f"no '{fam.anchor}' tensor (with any of the prefixes "
+                              f"{', '.join(repr(p) for p in fam.prefixes)}): not a {fam.name} checkpoint", where=where)
+    return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
+                int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer)
+
+
+def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every missing, unexpected or mis-shaped tensor at once; returns the header."""
+    expected, keys, problems = arch.tensors(), set(source.keys()), []
+    for key, spec in expected.items():
+        if key not in keys:
+            if not spec.optional:
+                problems.append(f"missing tensor '{key}'" + (f" (expected shape {list(spec.shape)})" if spec.shape else ""))
+        elif spec.shape is not None and source.shape(key) != spec.shape:
+            problems.append(f"tensor '{key}' has shape {list(source.shape(key))}, config.json implies {list(spec.shape)}")
+    for key in sorted(keys - set(expected)):
+        problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}), not part of the "
+                        f"{arch.family.name} layout")
+    if problems:
+        raise CheckpointError(f"the checkpoint does not match its config.json ({len(problems)} problem"
+                              f"{'s' * (len(problems) > 1)})", where=str(source.path), problems=problems[:50])
+    return {k: (source.dtype(k), source.shape(k)) for k in expected if k in keys}
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+@dataclass
+class HFPlan:
+    seed: int
+    config: dict
+    arch_before: Arch
+    arch_after: Arch
+    steps: list[PlannedStep]
+    recipes: dict[str, list[Op]]
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    present_before: set[str]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def params_before(self) -> int:
+        return self.arch_before.num_parameters(self.present_before)
+
+    @property
+    def params_after(self) -> int:
+        return self.arch_after.num_parameters(set(self.recipes))
+
+    @property
+    def function_preserving(self) -> bool:
+        return all(s.function_preserving for s in self.steps)
+
+    def entries(self):
+        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
+
+    def new_config(self) -> dict:
+        return self.arch_after.to_config(self.config)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "family": self.arch_before.family.name, "params_before": self.params_before,
+                "params_after": self.params_after, "function_preserving": self.function_preserving,
+                "config_changes": {k: v for k, v in self.new_config().items() if self.config.get(k) != v},
+                "steps": [s.to_dict() for s in self.steps]}
+
+
+def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntry], seed: int, *,
+                  collect: bool = False) -> HFPlan:
+    specs = arch.tensors()
+    recipes = {k: [Load(k)] for k in specs if k in header}
+    plan = HFPlan(seed, config, arch, arch, [], recipes, {k: header[k][0] for k in recipes},
+                  {k: tuple(header[k][1]) for k in recipes}, set(recipes))
+    for i, entry in enumerate(steps):
+        try:
+            (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
+        except StepError as e:
+            msg = f"steps[{i}] ({entry.kind} {_label(entry)}): {e.message}"
+            if not collect:
+                raise StepError(msg, hint=e.hint, short=e.short) from None
+            plan.problems.append(msg + (f" {e.hint}" if e.hint else ""))
+    return plan
+
+
+def _label(entry: HFStepEntry) -> str:
+    s = entry.step
+    if entry.widen:
+        return s.dim
+    return f"to {s.layers} layers" if s.layers else f"after {s.after}"
+
+
+def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
+    step: HFWidenStep = entry.widen
+    a = plan.arch_after
+    fam, cname = a.family, a.family.config
+    mappings: dict[str, Mapping] = {}
+    if step.dim == "intermediate_size":
+        new = step.new_size(a.intermediate)
+        _check_larger(new, a.intermediate, cname["intermediate"])
+        for i in range(a.layers):
+            mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
+        after = replace(a, intermediate=new)
+        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP)"
+    elif step.dim == "hidden_size":
+        new = step.new_size(a.hidden)
+        _check_larger(new, a.hidden, cname["hidden"])
+        if new % a.hidden:
+            raise StepError(
+                f"to: {new} is not an integer multiple of hidden_size {a.hidden}; n2n widens the residual "
+                "stream exactly by tiling it, which needs an integer factor (arbitrary widths need LEMON-style "
+                "eps rescaling, not supported yet)", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.")
+        r = new // a.hidden
+        mappings["hidden"] = Mapping("tile", a.hidden, new)
+        after = replace(a, hidden=new)
+        summary = f"hidden_size {a.hidden} -> {new} (residual stream tiled x{r}"
+        if fam.head_dim_from_hidden:  # head_dim = hidden / heads: keep head_dim by tiling the heads too
+            for i in range(a.layers):
+                mappings[f"heads@{i}"] = Mapping("tile", a.heads, a.heads * r)
+            after = replace(after, heads=a.heads * r, kv_heads=a.kv_heads * r)
+            summary += f"; {cname['heads']} {a.heads} -> {a.heads * r} to keep head_dim {a.head_dim}"
+        summary += ")"
+        if a.tied:
+            summary += f"; tied embeddings: final norm scaled by 1/{r}"
+    elif step.dim == "num_attention_heads":
+        if fam.head_dim_from_hidden:
+            raise StepError(
+                f"{fam.name}'s config ties the head count to the hidden size (head_dim = {cname['hidden']} / "
+                f"{cname['heads']}), so heads cannot be added alone without changing head_dim",
+                hint="Widen hidden_size by an integer factor instead: it adds heads by the same factor and keeps "
+                     "head_dim.")
+        new = step.new_size(a.heads)
+        _check_larger(new, a.heads, cname["heads"])
+        g = a.heads // a.kv_heads
+        if new % g:
+            raise StepError(f"to: {new} is not a multiple of the query group size {g} ({cname['heads']} "
+                            f"{a.heads} / {cname['kv_heads']} {a.kv_heads}); heads are added in whole groups so "
+                            "that every query head keeps reading the same key/value head",
+                            hint=f"Use a multiple of {g}.")
+        kv = Mapping("tile", a.kv_heads, new // g)
+        for i in range(a.layers):
+            mappings[f"kv_heads@{i}"] = kv
+            mappings[f"heads@{i}"] = Mapping("grouped", a.heads, new, group=g, base=kv)
+        after = replace(a, heads=new, kv_heads=new // g)
+        summary = f"num_attention_heads {a.heads} -> {new}, num_key_value_heads {a.kv_heads} -> {new // g} " \
+                  f"(whole heads copied, head_dim {a.head_dim} kept)"
+    else:  # num_key_value_heads
+        if "kv_heads" not in cname:
+            raise StepError(f"{fam.name} has no separate key/value heads", hint="Use num_attention_heads.")
+        new = step.new_size(a.kv_heads)
+        _check_larger(new, a.kv_heads, cname["kv_heads"])
+        if new % a.kv_heads or a.heads % new:
+            raise StepError(f"to: {new} must be a multiple of the current {a.kv_heads} key/value heads and divide "
+                            f"{cname['heads']} {a.heads}, so that every query head keeps reading a copy of its "
+                            "key/value head", hint="Choose a divisor of the query head count.")
+        for i in range(a.layers):
+            mappings[f"kv_heads@{i}"] = Mapping("spread", a.kv_heads, new)
+        after = replace(a, kv_heads=new)
+        summary = f"num_key_value_heads {a.kv_heads} -> {new} (each key/value head repeated)"
+    new_specs = after.tensors()
+    changes = []
+    for key, spec in a.tensors().items():
+        if key not in plan.recipes:
+            continue
+        axes = tuple((ax, axis, mappings[axis.space]) for ax, axis in enumerate(spec.axes)
+                     if axis is not None and axis.space in mappings)
+        if not axes:
+            continue
+        old_shape = plan.shapes[key]
+        plan.recipes[key].append(Widen(index, axes, "net2wider", step.noise, step.noise_mode))
+        plan.shapes[key] = new_specs[key].shape
+        changes.append(TensorChange(key, old_shape, plan.shapes[key], ", ".join(
+            f"axis {ax}: {axis.space.split('@')[0]} {axis.role}" for ax, axis, _ in axes)))
+    exact = step.noise == 0 or step.noise_mode == "zero-sum"
+    plan.steps.append(PlannedStep(index, entry, summary, exact, changes, plan.arch_after.num_parameters(set(plan.recipes)),
+                                  after.num_parameters(set(plan.recipes))))
+    plan.arch_after = after
+
+
+def _check_larger(new: int, old: int, name: str) -> None:
+    if new <= old:
+        raise StepError(f"to: {new} is not larger than the current {name} {old}", hint=f"Use a value above {old}.")
+
+
+def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
+    step: HFDeepenStep = entry.deepen
+    a = plan.arch_after
+    fam, L = a.family, a.layers
+    exact = fam.norm == "pre"
+    if not exact and not step.allow_approximate:
+        raise StepError(
+            f"{fam.name} is post-LN (LayerNorm after each residual add), so a block with zeroed output "
+            "projections computes LayerNorm(h + 0), not h: deepening cannot be exact",
+            hint="Add allow_approximate: true to the step to grow anyway; the deviation is measured and reported.")
+    if plan.config.get("scale_attn_by_inverse_layer_idx"):
+        raise StepError("scale_attn_by_inverse_layer_idx is set: attention scales depend on the layer index, so "
+                        "inserting blocks would change the layers after them")
+    if step.after is not None:
+        bad = [i for i in step.after if not 0 <= i < L]
+        if bad:
+            raise StepError(f"after: layer indices {bad} are out of range 0..{L - 1}")
+        after = sorted(step.after)
+    else:
+        if step.layers <= L:
+            raise StepError(f"layers: {step.layers} is not larger than the current {L} layers",
+                            hint=f"Use a value above {L}.")
+        m = step.layers - L
+        after = ([(k + 1) * L // m - 1 for k in range(m)] if step.placement == "interleave"
+                 else [L - 1] * m)
+    order: list[tuple[int, bool]] = []
+    for i in range(L):
+        order.append((i, False))
+        order += [(i, True)] * after.count(i)
+    new_arch = replace(a, layers=len(order),
+                       per_layer={k: [v[i] for i, _ in order] for k, v in a.per_layer.items()})
+    layer_key = a.prefix + fam.layer
+
+    def block_key(i: int, name: str) -> str:
+        return layer_key.format(i=i) + name
+
+    block_names = [n.rstrip("?") for n in fam.block]
+    zeroed = set(fam.block_outputs)
+    new_specs = new_arch.tensors()
+    recipes, changes = {}, []
+    for key in new_specs:
+        if key in plan.recipes and not key.startswith(layer_key.split("{")[0]):
+            recipes[key] = plan.recipes[key]
+    for n, (i, is_new) in enumerate(order):
+        for name in block_names:
+            src = block_key(i, name)
+            if src not in plan.recipes:
+                continue
+            dst = block_key(n, name)
+            if is_new and name in zeroed:
+                recipes[dst] = [Create(index, plan.shapes[src], "const", 0.0)]
+                how = f"zero (output projection of a copy of layer {i})"
+            else:
+                recipes[dst] = list(plan.recipes[src])
+                how = f"copy of layer {i}"
+            if is_new:
+                changes.append(TensorChange(dst, None, plan.shapes[src], how))
+    ordered = {k: recipes[k] for k in new_specs if k in recipes}
+    shapes, dtypes = {}, {}
+    for n, (i, _) in enumerate(order):
+        for name in block_names:
+            src, dst = block_key(i, name), block_key(n, name)
+            if src in plan.shapes:
+                shapes[dst], dtypes[dst] = plan.shapes[src], plan.dtypes[src]
+    for k in ordered:
+        if k not in shapes:
+            shapes[k], dtypes[k] = plan.shapes[k], plan.dtypes[k]
+    before = plan.arch_after.num_parameters(set(plan.recipes))
+    plan.recipes, plan.shapes, plan.dtypes = ordered, shapes, dtypes
+    where = "interleaved" if step.layers and step.placement == "interleave" else "inserted"
+    summary = (f"num_hidden_layers {L} -> {len(order)}: {len(order) - L} blocks {where} after layers {after}, "
+               f"each a copy of the block before it with zeroed output projections"
+               + ("" if exact else " (APPROXIMATE: post-LN)"))
+    plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before,
+                                  new_arch.num_parameters(set(ordered))))
+    plan.arch_after = new_arch
