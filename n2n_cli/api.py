@@ -20,6 +20,7 @@ from .execute import Materializer
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
+from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
 from .spec import GrowthSpec, StepEntry, load_model_description, load_spec, parse_model_description
 from .verify import compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run
 
@@ -113,19 +114,30 @@ def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol):
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
-         progress: Progress | None = None) -> dict:
-    """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file). Returns the report (a dict).
+         max_shard_size: int | str = "5GB", progress: Progress | None = None) -> dict:
+    """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
+    Hugging Face model directory). Returns the report (a dict).
 
     Raises a ``UserError`` for bad input and ``VerificationFailed`` when the grown network
     does not compute the teacher's function; in both cases nothing is written.
     """
     spec_model = None
-    if not isinstance(spec, GrowthSpec):
+    if not isinstance(spec, (GrowthSpec, HFGrowthSpec)):
         spec, spec_model = load_spec(spec)
-    if isinstance(model, (str, Path)):
-        model = load_model_description(model)
     src = Path(src)
     out_path = Path(out)
+    if src.is_dir() or isinstance(spec, HFGrowthSpec):
+        if not src.is_dir():
+            raise SpecError("this spec grows Hugging Face model directories (its steps name dimensions), but SRC "
+                            "is not a directory", where=str(src))
+        if isinstance(spec, GrowthSpec):
+            raise SpecError("SRC is a Hugging Face model directory, but the steps name layers of a sequential "
+                            "model", where=str(src), hint="Use widen: {dim: intermediate_size, to: N} or "
+                            "deepen: {layers: N} (see the README).")
+        return _grow_hf(spec, src, out_path, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+                        dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size, progress=progress)
+    if isinstance(model, (str, Path)):
+        model = load_model_description(model)
     if not dry_run:
         check_output_path(out_path, [src], force)
     with open_checkpoint(src) as source:
@@ -165,6 +177,75 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
             done = iter(range(1, len(entries) + 1))
             write_safetensors(tmp, entries, mat.get, metadata, name=str(out_path),
                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
+        report["written"] = True
+        return report
+
+
+def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
+             max_shard_size, progress) -> dict:
+    import shutil
+    import tempfile
+
+    import yaml
+
+    from . import hf_io, hf_verify
+
+    if not dry_run:
+        hf_io.check_output_dir(out, src, force)
+    shard_bytes = hf_io.parse_size(max_shard_size)
+    with hf_io.open_hf_dir(src) as source:
+        arch = arch_from_config(source.config, set(source.keys()), where=str(src / "config.json"))
+        header = check_hf_checkpoint(source, arch)
+        check_finite(source, header, progress)
+        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
+        plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
+        hf_verify.check_config(plan.new_config())
+        report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
+                  "plan": plan.to_dict(), "written": False}
+        if dry_run:
+            return report
+        do_verify = spec.verify.enabled if verify is None else verify
+        if do_verify:
+            hf_verify.require_transformers()
+        spec_used = spec.model_copy(update={"seed": seed})
+        metadata = {"format": "pt", META_VERSION: __version__,
+                    META_LINEAGE: json.dumps(_lineage(source, spec_used, plan), sort_keys=True, separators=(",", ":"))}
+        entries = plan.entries()
+        done = iter(range(1, len(entries) + 1))
+        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-stage", dir=out.parent))
+        try:
+            staged = holder / out.name
+            hf_io.write_hf_dir(staged, entries, Materializer(plan, source).get, config=plan.new_config(),
+                               metadata=metadata, src_dir=src, max_shard_size=shard_bytes,
+                               extra_files={"n2n_spec.yaml": yaml.safe_dump(spec_used.model_dump(mode="json",
+                                                                                                exclude_none=True),
+                                                                            sort_keys=False)},
+                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
+            if do_verify:
+                if progress:
+                    progress("verifying", 0, 1)
+                dtype = compute_dtype(d for d, _ in header.values())
+                c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
+                                           hidden_ratio=plan.arch_after.hidden // arch.hidden, probes=probes,
+                                           seed=seed, atol=atol, rtol=rtol, device=resolve_device(device), dtype=dtype)
+                if plan.function_preserving:
+                    v = {"passed": c.passed, "checked": "student", "exact": c.to_dict(), "deviation": None}
+                else:
+                    v = {"passed": None, "checked": "nothing exact", "exact": None, "deviation": c.to_dict(),
+                         "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
+                report["verification"] = v
+                if v["passed"] is False:
+                    raise VerificationFailed(
+                        f"the grown model does not compute the teacher's function: max abs error "
+                        f"{c.max_abs_error:.3g} > atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}; "
+                        "nothing was written", where=str(src), report=report,
+                        hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report.")
+            else:
+                report["verification"] = {"passed": None, "skipped": True}
+            (staged / "n2n_verification.json").write_text(json.dumps(report["verification"], indent=2, sort_keys=True) + "\n")
+            hf_io._move_into_place(staged, out)
+        finally:
+            shutil.rmtree(holder, ignore_errors=True)
         report["written"] = True
         return report
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from .errors import CheckpointError, ModelError, StepError
 from .layers import Axis
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .spec import VerifySpec
 
 FAMILY_DIR = Path(__file__).parent / "families"
 HF_DIMS = ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
@@ -39,8 +40,7 @@ class HFWidenStep(_Strict):
     dim: Literal["intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
     to: PositiveInt | None = None
     factor: float | None = Field(default=None, gt=1)
-    noise: float = Field(default=0.0, ge=0)
-    noise_mode: Literal["zero-sum", "independent"] = "zero-sum"
+    noise: float = Field(default=0.0, ge=0)  # zero-sum symmetry-breaking noise: still exact
 
     @model_validator(mode="after")
     def _check(self):
@@ -50,9 +50,6 @@ class HFWidenStep(_Strict):
 
     def new_size(self, old: int) -> int:
         return self.to if self.to is not None else int(round(old * self.factor))
-
-    def exact_counterpart(self) -> "HFWidenStep":
-        return self.model_copy(update={"noise": 0.0})
 
 
 class HFDeepenStep(_Strict):
@@ -68,9 +65,6 @@ class HFDeepenStep(_Strict):
         if (self.layers is None) == (self.after is None):
             raise ValueError("give exactly one of 'layers' (the new total number of layers) or 'after' "
                              "(a list of layer indices)")
-        return self
-
-    def exact_counterpart(self) -> "HFDeepenStep":
         return self
 
 
@@ -94,6 +88,14 @@ class HFStepEntry(_Strict):
 
     def to_dict(self) -> dict:
         return {self.kind: self.step.model_dump(mode="json", exclude_none=True)}
+
+
+class HFGrowthSpec(_Strict):
+    """A growth spec for a Hugging Face directory (steps name dimensions, not layers)."""
+
+    seed: int = 0
+    steps: list[HFStepEntry] = Field(min_length=1)
+    verify: VerifySpec = VerifySpec()
 
 
 # ----------------------------------------------------------------------------- families
@@ -456,12 +458,11 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         if not axes:
             continue
         old_shape = plan.shapes[key]
-        plan.recipes[key].append(Widen(index, axes, "net2wider", step.noise, step.noise_mode))
+        plan.recipes[key].append(Widen(index, axes, "net2wider", step.noise, "zero-sum"))
         plan.shapes[key] = new_specs[key].shape
         changes.append(TensorChange(key, old_shape, plan.shapes[key], ", ".join(
             f"axis {ax}: {axis.space.split('@')[0]} {axis.role}" for ax, axis, _ in axes)))
-    exact = step.noise == 0 or step.noise_mode == "zero-sum"
-    plan.steps.append(PlannedStep(index, entry, summary, exact, changes, plan.arch_after.num_parameters(set(plan.recipes)),
+    plan.steps.append(PlannedStep(index, entry, summary, True, changes, plan.arch_after.num_parameters(set(plan.recipes)),
                                   after.num_parameters(set(plan.recipes))))
     plan.arch_after = after
 

@@ -61,53 +61,44 @@ class HFDirSource(TensorSource):
             raise CheckpointError("no weights file", where=str(self.path),
                                   problems=[f"looked for {n}" for n in WEIGHT_CANDIDATES],
                                   hint="Save the model with save_pretrained(), or copy its weights here.")
+        pickled = found.startswith("pytorch_model")
+        wanted: dict[str, list[str] | None] = {found: None}
         if found.endswith(".index.json"):
-            self.index_file = found
-            self._where = _read_index(self.path, found)
-            wanted: dict[str, list[str] | None] = {}
+            self.index_file, self._where, wanted = found, _read_index(self.path, found), {}
             for key, shard in self._where.items():
                 wanted.setdefault(shard, []).append(key)  # type: ignore[union-attr]
-        else:
-            wanted = {found: None}
-        problems: list[str] = []
-        for i, shard in enumerate(sorted(wanted)):
-            problems += self._scan(shard, wanted[shard], first=i == 0)
+        problems = [p for i, shard in enumerate(sorted(wanted))
+                    for p in self._scan(shard, wanted[shard], pickled, first=i == 0)]
         if problems:
             raise CheckpointError("the index lists tensors that are not in their shard",
                                   where=str(self.path / found), problems=problems,
                                   hint="The index does not match its shards; re-save the model.")
 
-    def _scan(self, shard: str, keys: list[str] | None, first: bool) -> list[str]:
-        """Record shape and dtype of ``keys`` (None: all) in ``shard``; return the missing keys."""
+    def _scan(self, shard: str, keys: list[str] | None, pickled: bool, first: bool) -> list[str]:
+        """Record shape and dtype of ``keys`` (None: all) in ``shard``; return the missing ones."""
         file = self.path / shard
-        if shard.endswith(".bin"):
-            sd = StateDictSource(file)
-            self._open[shard] = sd
-            present, read = set(sd.keys()), lambda k: (sd.shape(k), sd.dtype(k))
-            if keys is None:
-                keys = sd.keys()
+        if pickled:
+            sd = self._open[shard] = StateDictSource(file)
+            info = {k: (sd.shape(k), sd.dtype(k)) for k in sd.keys()}
         else:
             try:
                 with safe_open(str(file), framework="pt", device="cpu") as f:
-                    present = set(f.keys())
-                    keys = list(f.keys()) if keys is None else keys
                     if first:
                         self.metadata = dict(f.metadata() or {})
-                    slices = {k: f.get_slice(k) for k in keys if k in present}
-                    infos = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
+                    slices = {k: f.get_slice(k) for k in f.keys()}
+                    raw = {k: (tuple(sl.get_shape()), sl.get_dtype()) for k, sl in slices.items()}
             except Exception as e:  # safetensors raises SafetensorError and OSError
                 raise CheckpointError(f"not a readable safetensors file ({e})", where=str(file),
                                       hint="The file is truncated or corrupt; re-download or re-save it.") from None
-            for k, (_, st) in infos.items():
-                if st not in ST_TO_DTYPE:
-                    raise CheckpointError(f"tensor '{k}' has dtype {st}, which n2n does not support",
-                                          where=str(file))
-            read = lambda k: (infos[k][0], ST_TO_DTYPE[infos[k][1]])  # noqa: E731
-        for k in keys:
-            if k in present:
-                self._where[k] = shard
-                self._info[k] = read(k)
-        return [f"'{k}' is not in {shard}" for k in keys if k not in present]
+            bad = [f"'{k}' has dtype {st}" for k, (_, st) in raw.items()
+                   if st not in ST_TO_DTYPE and (keys is None or k in keys)]
+            if bad:
+                raise CheckpointError("tensors of a dtype n2n does not support", where=str(file), problems=bad)
+            info = {k: (shape, ST_TO_DTYPE.get(st)) for k, (shape, st) in raw.items()}
+        for k in info if keys is None else keys:
+            if k in info:
+                self._where[k], self._info[k] = shard, info[k]  # type: ignore[assignment]
+        return [f"'{k}' is not in {shard}" for k in keys or [] if k not in info]
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -182,13 +173,13 @@ def _read_index(root: Path, name: str) -> dict[str, str]:
                                                      for k, v in wm.items()):
         raise CheckpointError("the index has no 'weight_map' (a non-empty mapping of tensor names to shard files)",
                               where=str(file), hint="Re-save the model with save_pretrained().")
-    top = root.resolve()
     shards = sorted(set(wm.values()))
-    escaping = [s for s in shards if PurePosixPath(s).is_absolute() or ".." in PurePosixPath(s).parts
-                or top not in (root / s).resolve().parents]
+    # the *name* must stay inside the directory; a shard that is itself a symlink is fine (the
+    # Hugging Face cache links every snapshot file to ../../blobs/)
+    escaping = [s for s in shards if PurePosixPath(s).is_absolute() or ".." in PurePosixPath(s).parts]
     if escaping:
         raise CheckpointError("the index names shard files outside the model directory; refusing to read them",
-                              where=str(file), problems=[f"'{s}' -> {(root / s).resolve()}" for s in escaping],
+                              where=str(file), problems=[f"'{s}' -> {os.path.normpath(root / s)}" for s in escaping],
                               hint="Shard names must be plain file names inside the directory.")
     missing = [s for s in shards if not (root / s).is_file()]
     if missing:
@@ -360,7 +351,8 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
     real = out.resolve()
     if src_dir is not None:
         src = Path(src_dir).resolve()
-        for bad, what in ((real == src, "is the input directory"), (src in real.parents, "is inside the input directory"),
+        for bad, what in ((real == src, "is the input directory"),
+                          (src in real.parents, "is inside the input directory"),
                           (real in src.parents, "contains the input directory")):
             if bad:
                 raise OutputError(f"the output {what} ({src_dir}); n2n never writes over its input",

@@ -159,6 +159,12 @@ def _context_class(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
             cls = VerifySpec
         elif cls is StepEntry and part in ("widen", "deepen"):
             cls = WidenStep if part == "widen" else DeepenStep
+        elif cls.__name__ == "HFGrowthSpec" and part in ("steps", "verify"):
+            from .hf import HFStepEntry
+            cls, i = (HFStepEntry, i + 1) if part == "steps" else (VerifySpec, i)
+        elif cls.__name__ == "HFStepEntry" and part in ("widen", "deepen"):
+            from .hf import HFDeepenStep, HFWidenStep
+            cls = HFWidenStep if part == "widen" else HFDeepenStep
         elif cls is ModelDescription and part == "layers":
             i += 1
             cls = _LAYER_CLASSES.get(loc[i + 1]) if i + 1 < len(loc) else None
@@ -219,10 +225,33 @@ def load_model_description(path: str | Path) -> ModelDescription:
     return parse_model_description(data, where=str(path), node=node)
 
 
+def is_hf_spec(data: dict) -> bool:
+    """A spec for Hugging Face directories: its steps name dimensions and layer counts."""
+    for s in data.get("steps") or []:
+        if isinstance(s, dict):
+            w, d = s.get("widen"), s.get("deepen")
+            if isinstance(w, dict) and "dim" in w:
+                return True
+            if isinstance(d, dict) and ("layers" in d or isinstance(d.get("after"), list) or "allow_approximate" in d):
+                return True
+    return False
+
+
 def load_spec(path: str | Path) -> tuple[GrowthSpec, ModelDescription | None]:
-    """Load a growth spec; resolve its ``model:`` (a path relative to the spec, or inline)."""
+    """Load a growth spec; resolve its ``model:`` (a path relative to the spec, or inline).
+
+    A spec whose steps name dimensions (``widen: {dim: ...}``) is a Hugging Face spec and
+    comes back as ``n2n_cli.hf.HFGrowthSpec`` (with no model description)."""
     path = Path(path)
     data, node = _read_yaml(path, SpecError)
+    if is_hf_spec(data):
+        from .hf import HFGrowthSpec
+        try:
+            return HFGrowthSpec.model_validate(data), None
+        except ValidationError as e:
+            problems = validation_problems(e, node, HFGrowthSpec)
+            raise SpecError(f"invalid growth spec ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                            where=str(path), problems=problems) from None
     model_data = data.get("model")
     if isinstance(model_data, dict):
         # validate the inline description on its own, for precise messages
@@ -261,10 +290,14 @@ def _spec_problems(data: dict, node) -> list[str]:
 
 
 def spec_from_steps(steps: list[dict], *, seed: int = 0, **verify) -> GrowthSpec:
-    """Build a spec in code (used by ``n2n widen`` / ``n2n deepen``); raises SpecError."""
+    """Build a spec in code (used by ``n2n widen`` / ``n2n deepen``); raises SpecError.
+    Steps that name dimensions make a Hugging Face spec (``n2n_cli.hf.HFGrowthSpec``)."""
     data = {"seed": seed, "steps": steps, "verify": {k: v for k, v in verify.items() if v is not None}}
+    cls = GrowthSpec
+    if is_hf_spec(data):
+        from .hf import HFGrowthSpec as cls
     try:
-        return GrowthSpec.model_validate(data)
+        return cls.model_validate(data)
     except ValidationError as e:
-        problems = validation_problems(e, None, GrowthSpec)
+        problems = validation_problems(e, None, cls)
         raise SpecError("invalid options", problems=problems) from None

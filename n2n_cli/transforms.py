@@ -22,16 +22,11 @@ def generator(*parts) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
 
 
-def widen_mapping(seed: int, step: int, old: int, new: int) -> torch.Tensor:
-    """Net2WiderNet's g: g(j) = j for j < old, uniform over 0..old-1 for the new units."""
-    extra = torch.randint(0, old, (new - old,), generator=generator(seed, step, "mapping"))
-    return torch.cat([torch.arange(old), extra])
-
-
 def make_mapping(m) -> torch.Tensor:
     """The index tensor g of a ``plan.Mapping``."""
     if m.kind == "random":
-        return widen_mapping(*m.seed, m.old, m.new)
+        extra = torch.randint(0, m.old, (m.new - m.old,), generator=generator(*m.seed, "mapping"))
+        return torch.cat([torch.arange(m.old), extra])
     if m.kind == "tile":
         return torch.arange(m.new) % m.old
     if m.kind == "spread":

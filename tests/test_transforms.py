@@ -12,7 +12,8 @@ from n2n_cli import api
 from n2n_cli.layers import Axis
 from n2n_cli.model import ModelDescription, to_torch_module
 from n2n_cli.spec import spec_from_steps
-from n2n_cli.transforms import generator, init_tensor, widen_axis, widen_mapping
+from n2n_cli.plan import Mapping
+from n2n_cli.transforms import generator, init_tensor, make_mapping, widen_axis
 
 
 def _grow(tmp_path, model: dict, steps: list[dict], seed: int = 0, dtype=torch.float32):
@@ -24,11 +25,22 @@ def _grow(tmp_path, model: dict, steps: list[dict], seed: int = 0, dtype=torch.f
 
 
 def test_mapping_keeps_originals_and_is_seeded():
-    g = widen_mapping(0, 0, 5, 12)
+    g = make_mapping(Mapping("random", 5, 12, (0, 0)))
     assert g[:5].tolist() == [0, 1, 2, 3, 4]
     assert int(g.max()) < 5 and g.numel() == 12
-    assert torch.equal(g, widen_mapping(0, 0, 5, 12))
-    assert not torch.equal(g, widen_mapping(1, 0, 5, 12))
+    assert torch.equal(g, make_mapping(Mapping("random", 5, 12, (0, 0))))
+    assert not torch.equal(g, make_mapping(Mapping("random", 5, 12, (1, 0))))
+
+
+def test_tile_spread_and_grouped_mappings():
+    assert make_mapping(Mapping("tile", 3, 7)).tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert make_mapping(Mapping("spread", 2, 6)).tolist() == [0, 0, 0, 1, 1, 1]
+    # GQA: 4 query heads in groups of 2 over 2 kv heads -> 8 query heads over 4 kv heads (kv tiled)
+    kv = Mapping("tile", 2, 4)
+    q = make_mapping(Mapping("grouped", 4, 8, group=2, base=kv))
+    assert q.tolist() == [0, 1, 2, 3, 0, 1, 2, 3]
+    kvg = make_mapping(kv)
+    assert all(int(q[j]) // 2 == int(kvg[j // 2]) for j in range(8))  # each query head keeps its kv head
 
 
 def test_consumer_columns_divided_by_copy_count():

@@ -1,0 +1,101 @@
+"""Verify grown Hugging Face checkpoints by loading both with ``transformers``.
+
+Seeded random token ids at several lengths, half of the sequences right-padded with an
+attention mask; compare logits (causal LMs) or hidden states (encoders; when the hidden
+size grew r-fold the student's states must be the teacher's tiled r times) at the
+positions the mask keeps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import StepError, UserError
+from .transforms import generator
+from .verify import Comparison, compare_outputs
+
+INSTALL_HINT = "Install it with: pip install 'n2n-cli[hf]' (or pip install transformers)."
+LENGTHS = (5, 16, 33)
+
+
+def require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise UserError("verifying a Hugging Face checkpoint needs the 'transformers' package, which is not "
+                        "installed; n2n will not write unverified output",
+                        hint=f"{INSTALL_HINT} Or pass --no-verify to write it unverified.") from None
+    return transformers
+
+
+def check_config(config: dict) -> None:
+    """When transformers is installed, make sure it accepts the grown config.json (its config
+    classes validate e.g. that LLaMA's hidden_size is a multiple of num_attention_heads)."""
+    try:
+        import transformers
+    except ImportError:
+        return
+    cfg = {k: v for k, v in config.items() if k != "model_type"}
+    try:
+        transformers.AutoConfig.for_model(config["model_type"], **cfg)
+    except Exception as e:  # transformers raises ValueError or its own validation errors
+        cause = str(e).strip().splitlines()[-1].strip()
+        raise StepError(f"transformers {transformers.__version__} rejects the grown config.json: {cause}",
+                        hint="Choose sizes that the model family's config accepts (e.g. heads dividing "
+                             "hidden_size for LLaMA).") from None
+
+
+def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+    transformers = require_transformers()
+    config = transformers.AutoConfig.from_pretrained(str(path))
+    archs = config.architectures or []
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    major = int(transformers.__version__.split(".")[0])
+    kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+    model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
+    return model.to(device).eval(), causal
+
+
+def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
+    """(input_ids, attention_mask) batches: ``probes`` sequences over a few lengths."""
+    lengths = [n for n in LENGTHS if n <= max_len] or [max_len]
+    per = max(1, probes // len(lengths))
+    batches = []
+    for n in lengths:
+        gen = generator(seed, "hf-probes", n)
+        ids = torch.randint(0, vocab, (per, n), generator=gen)
+        mask = torch.ones(per, n, dtype=torch.long)
+        mask[::2, n - max(1, n // 4):] = 0  # right-pad every other sequence
+        batches.append((ids, mask))
+    return batches
+
+
+def outputs(model, causal: bool, batches, device) -> torch.Tensor:
+    """Outputs at the kept positions of every batch, concatenated: [positions, features]."""
+    out = []
+    with torch.no_grad():
+        for ids, mask in batches:
+            res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
+            y = res.logits if causal else res.last_hidden_state
+            out.append(y[mask.to(device).bool()].to("cpu", torch.float64))
+    return torch.cat(out)
+
+
+def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, hidden_ratio: int, probes: int,
+                 seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype) -> Comparison:
+    batches = probe_batches(vocab, max_len, probes, seed)
+    t_model, causal = load_model(teacher, dtype, device)
+    t_out = outputs(t_model, causal, batches, device)
+    del t_model
+    s_model, _ = load_model(student, dtype, device)
+    s_out = outputs(s_model, causal, batches, device)
+    if not causal and hidden_ratio > 1:
+        t_out = t_out.repeat(1, hidden_ratio)  # the stream is tiled: every copy must match
+    c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches), seed=seed,
+                        device=device, dtype=dtype)
+    if not causal:
+        c.argmax_agreement = None  # an argmax over hidden features means nothing
+    return c
