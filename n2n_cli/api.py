@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 
 from . import __version__
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
-from .errors import CheckpointError, ModelError, SpecError, StepError, VerificationFailed
+from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
 from .layers import PRODUCERS
 from .model import ModelDescription
@@ -193,9 +194,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
     if not dry_run:
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
-    with hf_io.open_hf_dir(src) as source:
-        arch = arch_from_config(source.config, set(source.keys()), where=str(src / "config.json"))
-        header = check_hf_checkpoint(source, arch)
+    with _open_hf(src) as (source, arch, header):
         check_finite(source, header, progress)
         seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
@@ -300,6 +299,8 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
            probes: int = 64, atol: float | None = None, rtol: float | None = None) -> dict:
     """Compare two checkpoints' functions on seeded probes. Raises VerificationFailed on mismatch."""
+    if Path(teacher).is_dir() or Path(student).is_dir():
+        return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -330,6 +331,31 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
         return report
 
 
+def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol) -> dict:
+    from . import hf_verify
+
+    if not (teacher.is_dir() and student.is_dir()):
+        raise UserError("compare a Hugging Face directory with another directory", where=str(student))
+    with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
+        pass
+    if s_arch.hidden % t_arch.hidden or t_arch.vocab != s_arch.vocab:
+        raise ModelError(f"the student's hidden_size {s_arch.hidden} is not a multiple of the teacher's "
+                         f"{t_arch.hidden} (or the vocabularies differ): not a grown copy", where=str(student))
+    dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
+    d_atol, d_rtol = default_tolerances(dtypes)
+    atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+    c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
+                               hidden_ratio=s_arch.hidden // t_arch.hidden, probes=probes, seed=seed, atol=atol,
+                               rtol=rtol, device=resolve_device(device), dtype=compute_dtype(dtypes))
+    report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
+              "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
+    if not c.passed:
+        raise VerificationFailed(
+            f"the student does not compute the teacher's function: max abs error {c.max_abs_error:.3g} > "
+            f"atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}", where=str(student), report=report)
+    return report
+
+
 # ----------------------------------------------------------------------------- inspect / validate
 
 
@@ -352,7 +378,53 @@ def growth_options(desc: ModelDescription) -> dict[str, dict[str, str]]:
     return out
 
 
+@contextlib.contextmanager
+def _open_hf(src: str | Path):
+    from . import hf_io
+
+    src = Path(src)
+    with hf_io.open_hf_dir(src) as source:
+        arch = arch_from_config(source.config, set(source.keys()), where=str(src / "config.json"))
+        yield source, arch, check_hf_checkpoint(source, arch)
+
+
+def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
+    """Can each dimension grow exactly (and if not, why)? Answered by planning the step."""
+    from .hf import HFStepEntry
+
+    trials = {"intermediate_size": {"widen": {"dim": "intermediate_size", "factor": 2}},
+              "hidden_size": {"widen": {"dim": "hidden_size", "factor": 2}},
+              "num_attention_heads": {"widen": {"dim": "num_attention_heads", "factor": 2}},
+              "num_key_value_heads": {"widen": {"dim": "num_key_value_heads", "factor": 2}},
+              "num_hidden_layers": {"deepen": {"layers": arch.layers + 1}}}
+    out = {}
+    for name, step in trials.items():
+        try:
+            build_hf_plan(config, arch, header, [HFStepEntry.model_validate(step)], 0)
+            out[name] = "yes"
+        except StepError as e:
+            out[name] = "no: " + e.message.split(": ", 1)[-1]
+    return out
+
+
+def _inspect_hf(src: Path) -> dict:
+    with _open_hf(src) as (source, arch, header):
+        lineage = source.metadata.get(META_LINEAGE)
+        return {"checkpoint": str(src), "family": arch.family.name, "model_type": source.config.get("model_type"),
+                "sizes": {"hidden_size": arch.hidden, "intermediate_size": arch.intermediate,
+                          "num_hidden_layers": arch.layers, "num_attention_heads": arch.heads,
+                          "num_key_value_heads": arch.kv_heads, "head_dim": arch.head_dim, "vocab_size": arch.vocab,
+                          "tie_word_embeddings": arch.tied},
+                "params": arch.num_parameters(set(header)), "tensors": len(header),
+                "dtypes": sorted({str(d).removeprefix("torch.") for d, _ in header.values()}),
+                "weight_files": source.weight_files(),
+                "growth": hf_growth_options(source.config, arch, header),
+                "lineage": json.loads(lineage) if lineage else None}
+
+
 def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None) -> dict:
+    if Path(src).is_dir():
+        return _inspect_hf(Path(src))
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     with open_checkpoint(src) as source:
@@ -388,6 +460,16 @@ def validate(spec_path: str | Path, *, checkpoint: str | Path | None = None,
              model: ModelDescription | str | Path | None = None) -> dict:
     """Check a spec: every schema problem, then every step problem, reported at once."""
     spec, spec_model = load_spec(spec_path)
+    if isinstance(spec, HFGrowthSpec):
+        if checkpoint is None:
+            return {"spec": str(spec_path), "valid": True, "checked": "schema only",
+                    "note": "pass --checkpoint MODEL_DIR to check its steps against a model too"}
+        with _open_hf(checkpoint) as (source, arch, header):
+            plan = build_hf_plan(source.config, arch, header, spec.steps, spec.seed, collect=True)
+        if plan.problems:
+            raise SpecError(f"{len(plan.problems)} step{'s' * (len(plan.problems) > 1)} cannot be applied",
+                            where=str(spec_path), problems=plan.problems)
+        return {"spec": str(spec_path), "valid": True, "checked": "schema and steps", "plan": plan.to_dict()}
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     desc, header = model or spec_model, None

@@ -117,9 +117,13 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (ever
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists (OUT is never SRC).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is marked unverified).")]
-SrcArg = Annotated[Path, typer.Argument(help="Teacher checkpoint: .safetensors, or a .pt/.pth/.bin state dict "
-                                        "(loaded with weights_only=True).", show_default=False, metavar="SRC")]
-OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file (written atomically).", show_default=False, metavar="OUT")]
+ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Hugging Face output: largest shard, in HF units "
+                                       "(5GB = 5*10^9 bytes, 5GiB = 5*2^30).")]
+SrcArg = Annotated[Path, typer.Argument(help="Teacher: a .safetensors file, a .pt/.pth/.bin state dict (loaded with "
+                                        "weights_only=True), or a Hugging Face model directory.", show_default=False,
+                                        metavar="SRC")]
+OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file, or directory for a Hugging Face SRC "
+                                        "(written atomically).", show_default=False, metavar="OUT")]
 
 
 def _setup(ctx, *, report=None, json_=False, quiet=False):
@@ -204,18 +208,20 @@ def _print_grow(report: dict) -> None:
     ratio = plan["params_after"] / plan["params_before"]
     out.print(f"parameters: {plan['params_before']:,} -> {plan['params_after']:,} (x{ratio:.2f})", markup=False)
     _print_verification(report["verification"], out)
-    size = Path(report["output"]).stat().st_size
+    path = Path(report["output"])
+    size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
     out.print(f"wrote {report['output']} ({size / 1e6:.1f} MB)", markup=False)
 
 
-def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify):
+def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
+              max_shard_size="5GB"):
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
     try:
         report = api.grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
-                          progress=update)
+                          max_shard_size=max_shard_size, progress=update)
     finally:
         if bar is not None:
             bar.stop()
@@ -233,6 +239,7 @@ def grow(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+    max_shard_size: ShardOpt = "5GB",
 ):
     """Apply every step of a growth SPEC to SRC, verify, and write OUT.
 
@@ -241,7 +248,7 @@ def grow(
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
 
 
 class WidenMethod(str, Enum):
@@ -254,12 +261,21 @@ class NoiseMode(str, Enum):
     independent = "independent"
 
 
+class HFDim(str, Enum):
+    intermediate_size = "intermediate_size"
+    hidden_size = "hidden_size"
+    num_attention_heads = "num_attention_heads"
+    num_key_value_heads = "num_key_value_heads"
+
+
 @app.command()
 def widen(
     ctx: typer.Context, src: SrcArg, out_path: OutArg,
-    layer: Annotated[str, typer.Option("--layer", "-l", help="The linear/conv2d layer to widen (it must have a "
-                                       "downstream linear/conv2d consumer).", show_default=False)],
-    to: Annotated[Optional[int], typer.Option("--to", min=1, help="New width (units or channels).")] = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", "-l", help="MLP/CNN: the linear/conv2d layer to widen "
+                                                 "(it must have a downstream linear/conv2d consumer).")] = None,
+    dim: Annotated[Optional[HFDim], typer.Option("--dim", help="Hugging Face: the dimension to widen in every "
+                                                 "layer.")] = None,
+    to: Annotated[Optional[int], typer.Option("--to", min=1, help="New width (units, channels or size).")] = None,
     factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the width (> 1) instead of --to.")] = None,
     method: Annotated[WidenMethod, typer.Option("--method", help="net2wider (function-preserving) or random-pad "
                                                 "(the seed's baseline).")] = WidenMethod.net2wider,
@@ -270,19 +286,31 @@ def widen(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+    max_shard_size: ShardOpt = "5GB",
 ):
-    """Widen one layer of SRC (Net2WiderNet) and write OUT.
+    """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
-    Example: n2n widen teacher.safetensors wide.safetensors --model specs/models/mnist-cnn.yaml --layer fc1 --to 128
+    Examples: n2n widen teacher.safetensors wide.safetensors --model specs/models/mnist-cnn.yaml --layer fc1 --to 128;
+    n2n widen model-dir out-dir --dim intermediate_size --to 2048
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     if (to is None) == (factor is None):
         raise UserError("give exactly one of --to (new width) or --factor (> 1)")
-    step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
-            "noise_mode": noise_mode.value}
+    if src.is_dir():
+        if dim is None or layer is not None:
+            raise UserError("SRC is a Hugging Face model directory: choose what to widen with --dim (not --layer)",
+                            hint="--dim intermediate_size | hidden_size | num_attention_heads | num_key_value_heads")
+        if method != WidenMethod.net2wider or noise_mode != NoiseMode.zero_sum:
+            raise UserError("Hugging Face models are widened by net2wider with zero-sum noise only")
+        step = {"dim": dim.value, "to": to, "factor": factor, "noise": noise or None}
+    else:
+        if layer is None or dim is not None:
+            raise UserError("choose the layer to widen with --layer (--dim is for Hugging Face model directories)")
+        step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
+                "noise_mode": noise_mode.value}
     spec = spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
 
 
 class DeepenMethod(str, Enum):
@@ -290,11 +318,23 @@ class DeepenMethod(str, Enum):
     random_init = "random-init"
 
 
+class Placement(str, Enum):
+    interleave = "interleave"
+    end = "end"
+
+
 @app.command()
 def deepen(
     ctx: typer.Context, src: SrcArg, out_path: OutArg,
-    after: Annotated[str, typer.Option("--after", "-a", help="Insert the new layer after this linear/conv2d layer "
-                                       "(and after its batchnorm and activation).", show_default=False)],
+    after: Annotated[Optional[str], typer.Option("--after", "-a", help="MLP/CNN: insert the new layer after this "
+                                                 "linear/conv2d layer (and its batchnorm and activation). Hugging Face: "
+                                                 "comma-separated layer indices, a new block after each.")] = None,
+    layers: Annotated[Optional[int], typer.Option("--layers", min=1, help="Hugging Face: the new total number of "
+                                                  "layers (blocks added by --placement).")] = None,
+    placement: Annotated[Placement, typer.Option("--placement", help="Hugging Face, with --layers: interleave new "
+                                                 "blocks evenly (LLaMA Pro) or add them at the end.")] = Placement.interleave,
+    allow_approximate: Annotated[bool, typer.Option("--allow-approximate", help="Hugging Face post-LN models (BERT): "
+                                                    "deepen although it cannot be exact; the deviation is reported.")] = False,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new layer (default <after>_deeper).")] = None,
     method: Annotated[DeepenMethod, typer.Option("--method", help="net2deeper (identity, function-preserving) or "
                                                  "random-init (baseline).")] = DeepenMethod.net2deeper,
@@ -303,16 +343,31 @@ def deepen(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+    max_shard_size: ShardOpt = "5GB",
 ):
-    """Insert a layer into SRC (Net2DeeperNet) and write OUT.
+    """Insert a layer into SRC (Net2DeeperNet), or blocks into a Hugging Face model, and write OUT.
 
-    Example: n2n deepen wide.safetensors deep.safetensors --after conv2
+    Examples: n2n deepen wide.safetensors deep.safetensors --after conv2;
+    n2n deepen model-dir out-dir --layers 12
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
-    step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
+    if src.is_dir():
+        if (layers is None) == (after is None):
+            raise UserError("SRC is a Hugging Face model directory: give exactly one of --layers N (the new total) "
+                            "or --after I,J (layer indices)")
+        try:
+            indices = [int(x) for x in after.split(",")] if after is not None else None
+        except ValueError:
+            raise UserError(f"--after: '{after}' is not a comma-separated list of layer indices") from None
+        step = {"layers": layers, "after": indices, "placement": placement.value,
+                "allow_approximate": allow_approximate or None}
+    else:
+        if after is None or layers is not None:
+            raise UserError("choose where to deepen with --after LAYER (--layers is for Hugging Face model directories)")
+        step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
     spec = spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
 
 
 @app.command()
@@ -352,6 +407,18 @@ def inspect(
     result = api.inspect(src, model=model)
 
     def human(r):
+        if "family" in r:
+            out.print(f"{r['checkpoint']}: {r['model_type']} ({r['family']} family), {r['params']:,} parameters, "
+                      f"{r['tensors']} tensors ({', '.join(r['dtypes'])}) in {len(r['weight_files'])} file(s)",
+                      markup=False)
+            table = Table(show_edge=False)
+            for col in ("dimension", "size", "can grow exactly"):
+                table.add_column(col, overflow="fold")
+            names = {"num_hidden_layers": "num_hidden_layers"}
+            for k, v in r["sizes"].items():
+                table.add_row(k, str(v), r["growth"].get(names.get(k, k), ""))
+            out.print(table)
+            return
         if r.get("model") is None:
             table = Table(title=f"{r['checkpoint']}: {len(r['tensors'])} tensors", title_justify="left")
             for col in ("tensor", "shape", "dtype"):

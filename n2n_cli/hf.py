@@ -495,8 +495,10 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
             raise StepError(f"layers: {step.layers} is not larger than the current {L} layers",
                             hint=f"Use a value above {L}.")
         m = step.layers - L
-        after = ([(k + 1) * L // m - 1 for k in range(m)] if step.placement == "interleave"
-                 else [L - 1] * m)
+        # interleave: layer i gets floor((i+1)m/L) - floor(im/L) new blocks after it, i.e. one after
+        # every L/m layers (LLaMA Pro); several after each layer when m > L
+        after = ([i for i in range(L) for _ in range((i + 1) * m // L - i * m // L)]
+                 if step.placement == "interleave" else [L - 1] * m)
     order: list[tuple[int, bool]] = []
     for i in range(L):
         order.append((i, False))

@@ -49,6 +49,8 @@ def check_config(config: dict) -> None:
 
 def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     transformers = require_transformers()
+    transformers.logging.set_verbosity_error()  # n2n reports its own progress; no loading bars or warnings
+    transformers.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = config.architectures or []
     causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
