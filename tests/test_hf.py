@@ -11,6 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from helpers import VOCAB, make_hf_model as make_model  # noqa: E402
 from n2n_cli import api  # noqa: E402
 from n2n_cli.errors import CheckpointError, ModelError, SpecError, StepError, UserError  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
@@ -18,42 +19,6 @@ from n2n_cli.spec import spec_from_steps  # noqa: E402
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-VOCAB = 97
-
-
-def _config(family: str, **kw):
-    base = dict(vocab_size=VOCAB, max_position_embeddings=64)
-    if family in ("llama", "mistral", "qwen2"):
-        cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-               "qwen2": transformers.Qwen2Config}[family]
-        return cls(**{**base, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
-                      "num_attention_heads": 4, "num_key_value_heads": 2, **kw})
-    if family == "gpt2":
-        return transformers.GPT2Config(**{"vocab_size": VOCAB, "n_embd": 32, "n_layer": 2, "n_head": 4,
-                                          "n_positions": 64, **kw})
-    if family == "bert":
-        return transformers.BertConfig(**{**base, "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
-                                          "num_attention_heads": 4, **kw})
-    raise AssertionError(family)
-
-
-def make_model(tmp_path: Path, family: str, name: str = "teacher", dtype=torch.float32, seed: int = 0, **kw) -> Path:
-    torch.manual_seed(seed)
-    cfg = _config(family, **kw)
-    cls = transformers.BertModel if family == "bert" else transformers.AutoModelForCausalLM
-    model = cls.from_config(cfg) if cls is not transformers.BertModel else cls(cfg)
-    with torch.no_grad():  # non-trivial norms, so a wrong norm remap or scale shows up
-        for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.dim() == 1:
-                w.uniform_(0.5, 1.5)
-            b = getattr(mod, "bias", None)
-            if isinstance(b, torch.nn.Parameter) and b.dim() == 1:
-                b.normal_(0, 0.1)
-    path = tmp_path / name
-    model.to(dtype).save_pretrained(path)
-    (path / "tokenizer_config.json").write_text('{"note": "copied as is"}\n')
-    return path
 
 
 def load(path: Path):
