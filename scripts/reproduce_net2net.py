@@ -21,40 +21,47 @@ final validation loss and whether they end at least as well as their random base
 Data: scikit-learn's bundled handwritten digits by default (1797 real 8x8 scans, split
 75/25 stratified with the seed); ``--mnist DIR`` reads the standard MNIST IDX files
 (``train-images-idx3-ubyte`` etc., gzipped or not; t10k is the validation set) and adapts
-the model's ``input_shape`` to 28x28. Nothing is downloaded.
+the model's ``input_shape`` to 28x28. Nothing is downloaded. The full digits are easy: after
+10 student epochs every arm is within seed noise of the others, and the function-preserving
+students' advantage shows during training (epochs 1-3). ``--train-fraction`` trains teacher
+and students on a stratified fraction of the training split, where the arms stay apart.
 
     pip install -e '.[repro]'                                   # scikit-learn, matplotlib
     python scripts/reproduce_net2net.py                          # default run (digits)
     python scripts/reproduce_net2net.py --quick                  # the CI smoke run
-    python scripts/reproduce_net2net.py --train-fraction 0.1 --teacher-epochs 3   # a harder setting
+    python scripts/reproduce_net2net.py --train-fraction 0.1     # harder: 136 training images
     python scripts/reproduce_net2net.py --mnist ~/data/mnist --epochs 3
 
 Everything is seeded (``--seed``): the split, the teacher's initialisation, the batch order and
 dropout masks (one torch.Generator per run, the same for every student), and n2n's growth.
+Torch runs on one thread by default (``--threads``), so the figures are the same on any machine
+with the same torch build; ``results.json`` records the git revision of the n2n that made them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import math
 import os
 import struct
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from n2n_cli import __version__ as n2n_version
 from n2n_cli import api
-from n2n_cli.checkpoints import open_checkpoint
+from n2n_cli.checkpoints import open_checkpoint, write_safetensors
 from n2n_cli.model import ModelDescription, to_torch_module
 from n2n_cli.spec import load_model_description, spec_from_steps
 
@@ -203,7 +210,7 @@ def subsample_train(data: Dataset, fraction: float, seed: int) -> Dataset:
         return data
     keep, _ = stratified_indices(data.y_train.numpy(), fraction, seed + 1)
     idx = torch.from_numpy(keep)
-    return Dataset(f"{data.name} (train fraction {fraction:g})", data.x_train[idx], data.y_train[idx],
+    return Dataset(f"{data.name}, train fraction {fraction:g}", data.x_train[idx], data.y_train[idx],
                    data.x_val, data.y_val)
 
 
@@ -266,9 +273,12 @@ def train(net: torch.nn.Module, data: Dataset, *, lr: float, epochs: int, batch_
 
 
 def save_checkpoint(net: torch.nn.Module, desc: ModelDescription, path: Path) -> None:
-    """safetensors with the model description in the metadata, so n2n needs no --model."""
+    """safetensors with the model description in the metadata, so n2n needs no --model. Written
+    with n2n's deterministic writer (safetensors' save_file orders metadata keys at random, which
+    would change the teacher's sha256 in the students' lineage from run to run)."""
     state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", api.META_MODEL: desc.to_json()})
+    write_safetensors(path, [(k, v.dtype, tuple(v.shape)) for k, v in state.items()], state.__getitem__,
+                      {"format": "pt", api.META_MODEL: desc.to_json()})
 
 
 def grow_student(arm: str, teacher_path: Path, out: Path, *, seed: int, noise: float) -> tuple[torch.nn.Module, dict]:
@@ -281,6 +291,29 @@ def grow_student(arm: str, teacher_path: Path, out: Path, *, seed: int, noise: f
     net = to_torch_module(desc)
     net.load_state_dict(load_file(str(out)))
     return net, report
+
+
+def growth_summary(arm: str, noise: float, report: dict) -> dict:
+    """What n2n did and verified: exactness of the function-preserving counterpart on random probes,
+    and (for noise or a baseline method) how far the written student moved from the teacher."""
+    v = report["verification"]
+    deviation = v.get("deviation") or {}
+    return {"steps": growth_steps(arm, noise), "summary": [s["summary"] for s in report["plan"]["steps"]],
+            "function_preserving": report["plan"]["function_preserving"], "verification_passed": v["passed"],
+            "checked": v.get("checked"), "student_max_abs_deviation": deviation.get("max_abs_error")}
+
+
+def git_revision() -> str | None:
+    """The repository's commit (``+dirty`` with local changes), to tie figures to the n2n that made them."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def num_parameters(net: torch.nn.Module) -> int:
@@ -336,6 +369,7 @@ def plot(runs: dict[str, History], path: Path, title: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     t_epochs = len(runs[TEACHER].val_loss) - 1
@@ -352,6 +386,7 @@ def plot(runs: dict[str, History], path: Path, title: str) -> bool:
     ax.set_xlabel("epoch (teacher, then students grown from its last epoch)")
     ax.set_ylabel("validation loss (cross-entropy)")
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title, fontsize=10)
     ax.legend()
     ax.grid(True, which="both", alpha=0.3)
@@ -381,7 +416,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--noise", type=float, default=0.05,
                    help="net2wider symmetry-breaking noise (zero-sum: still exact); 0 for none")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default 1: this network is too small to gain from more, the "
+                        "figures do not depend on the machine's core count, and a busy 2-core CI machine does "
+                        "not stall on spinning threads)")
     p.add_argument("--model", metavar="YAML", default=str(MODEL_YAML),
                    help="teacher model description (its input_shape is replaced by the data's)")
     args = p.parse_args(argv)
@@ -396,11 +434,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    args = parse_args(argv)
-    started = time.perf_counter()
-    torch.set_num_threads(max(1, args.threads))
+@contextlib.contextmanager
+def torch_settings(threads: int) -> Iterator[None]:
+    """Thread count and deterministic algorithms for the run, restored afterwards (for callers
+    that import ``main``, such as the tests)."""
+    old_threads, old_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(max(1, threads))
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old_threads)
+        torch.use_deterministic_algorithms(old_det)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run the experiment; returns what it writes to ``results.json``."""
+    args = parse_args(argv)
+    with torch_settings(args.threads):
+        return run_experiment(args)
+
+
+def run_experiment(args: argparse.Namespace) -> dict:
+    started = time.perf_counter()
     out = Path(args.out)
     (out / "students").mkdir(parents=True, exist_ok=True)
 
@@ -432,11 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         student, report = grow_student(arm, teacher_path, out / "students" / f"{arm}.safetensors",
                                        seed=args.seed, noise=args.noise)
         params[arm] = num_parameters(student)
-        v = report["verification"]
-        growth[arm] = {"steps": growth_steps(arm, args.noise), "function_preserving": report["plan"]["function_preserving"],
-                       "summary": [s["summary"] for s in report["plan"]["steps"]],
-                       "verification_passed": v["passed"], "checked": v.get("checked"),
-                       "deviation_max_abs": (v["deviation"] or {}).get("max_abs_error") if v.get("deviation") else None}
+        growth[arm] = growth_summary(arm, args.noise, report)
         runs[arm] = train(student, data, lr=student_lr, epochs=args.epochs, batch_size=args.batch_size,
                           seed=args.seed + 1, log=log, label=arm)
 
@@ -444,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     result_checks = checks(runs)
     results = {
         "experiment": "net2net reproduction (scripts/reproduce_net2net.py)",
-        "n2n_version": n2n_version, "torch_version": torch.__version__,
+        "n2n_version": n2n_version, "git_revision": git_revision(), "torch_version": torch.__version__,
         "config": {"epochs": args.epochs, "teacher_epochs": args.teacher_epochs, "quick": args.quick,
                    "lr_teacher": args.lr, "lr_student": student_lr, "momentum": MOMENTUM,
                    "batch_size": args.batch_size, "seed": args.seed, "train_fraction": args.train_fraction,

@@ -79,13 +79,13 @@ def test_quick_run_students_are_grown_models(quick):
 
     with open_checkpoint(quick / "students" / "wider_net2wider.safetensors") as src:
         desc = model_from_metadata(src)
-    assert [(l.name, l.out_channels if l.type == "conv2d" else l.out_features)
-            for l in desc.layers if l.type in ("conv2d", "linear")] == \
-        [("conv1", 128), ("conv2", 64), ("fc1", 128), ("fc2", 10)]
+    widths = [(layer.name, layer.out_channels if layer.type == "conv2d" else layer.out_features)
+              for layer in desc.layers if layer.type in ("conv2d", "linear")]
+    assert widths == [("conv1", 128), ("conv2", 64), ("fc1", 128), ("fc2", 10)]
     with open_checkpoint(quick / "students" / "deeper_net2deeper.safetensors") as src:
         desc = model_from_metadata(src)
-    assert [l.name for l in desc.layers if l.type in ("conv2d", "linear")] == \
-        ["conv1", "conv2", "conv2_deeper", "fc1", "fc1_deeper", "fc2"]
+    names = [layer.name for layer in desc.layers if layer.type in ("conv2d", "linear")]
+    assert names == ["conv1", "conv2", "conv2_deeper", "fc1", "fc1_deeper", "fc2"]
     assert desc.input_shape == [1, 8, 8]
 
 
