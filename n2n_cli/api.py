@@ -9,12 +9,15 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+import yaml
 
-from . import __version__
+from . import __version__, hf_io, hf_verify
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
@@ -158,12 +161,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                                                   seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
                                                   progress=progress)
             if report["verification"]["passed"] is False:
-                c = report["verification"]["exact"]
-                raise VerificationFailed(
-                    f"the grown network does not compute the teacher's function: max abs error "
-                    f"{c['max_abs_error']:.3g} > atol {atol:g} + rtol {rtol:g} * max|teacher| {c['max_abs_teacher']:.3g}; "
-                    "nothing was written", where=str(src), report=report,
-                    hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report.")
+                raise _verification_failed(report["verification"]["exact"], src, report, grown=True)
         else:
             report["verification"] = {"passed": None, "skipped": True}
         metadata = {
@@ -184,13 +182,6 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
              max_shard_size, progress) -> dict:
-    import shutil
-    import tempfile
-
-    import yaml
-
-    from . import hf_io, hf_verify
-
     if not dry_run:
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
@@ -234,19 +225,26 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
                 report["verification"] = v
                 if v["passed"] is False:
-                    raise VerificationFailed(
-                        f"the grown model does not compute the teacher's function: max abs error "
-                        f"{c.max_abs_error:.3g} > atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}; "
-                        "nothing was written", where=str(src), report=report,
-                        hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report.")
+                    raise _verification_failed(v["exact"], src, report, grown=True)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
             (staged / "n2n_verification.json").write_text(json.dumps(report["verification"], indent=2, sort_keys=True) + "\n")
-            hf_io._move_into_place(staged, out)
+            hf_io.move_into_place(staged, out)
         finally:
             shutil.rmtree(holder, ignore_errors=True)
         report["written"] = True
         return report
+
+
+def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool) -> VerificationFailed:
+    """The one message for a failed comparison (``c`` is a ``Comparison.to_dict()``)."""
+    what = "the grown network" if grown else "the student"
+    return VerificationFailed(
+        f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
+        f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
+        + ("; nothing was written" if grown else ""), where=str(where), report=report,
+        hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown
+        else None)
 
 
 def _lineage(source: TensorSource, spec: GrowthSpec, plan: Plan) -> list[dict]:
@@ -324,16 +322,11 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
                   "params_teacher": t_desc.layout().num_parameters(),
                   "params_student": s_desc.layout().num_parameters()}
         if not c.passed:
-            raise VerificationFailed(
-                f"the student does not compute the teacher's function: max abs error {c.max_abs_error:.3g} > "
-                f"atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}",
-                where=str(student), report=report)
+            raise _verification_failed(c.to_dict(), student, report, grown=False)
         return report
 
 
 def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol) -> dict:
-    from . import hf_verify
-
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
@@ -350,9 +343,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
               "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
     if not c.passed:
-        raise VerificationFailed(
-            f"the student does not compute the teacher's function: max abs error {c.max_abs_error:.3g} > "
-            f"atol {atol:g} + rtol {rtol:g} * max|teacher| {c.max_abs_teacher:.3g}", where=str(student), report=report)
+        raise _verification_failed(c.to_dict(), student, report, grown=False)
     return report
 
 
@@ -380,8 +371,6 @@ def growth_options(desc: ModelDescription) -> dict[str, dict[str, str]]:
 
 @contextlib.contextmanager
 def _open_hf(src: str | Path):
-    from . import hf_io
-
     src = Path(src)
     with hf_io.open_hf_dir(src) as source:
         arch = arch_from_config(source.config, set(source.keys()), where=str(src / "config.json"))

@@ -199,12 +199,12 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not _dir_writable(parent):
+    if not dir_writable(parent):
         raise OutputError(f"directory {parent} is not writable", where=str(out))
     return out
 
 
-def _dir_writable(path: Path) -> bool:
+def dir_writable(path: Path) -> bool:
     return os.access(path, os.W_OK | os.X_OK)
 
 
@@ -222,7 +222,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
-        os.chmod(tmp_path, 0o644 & ~_umask())
+        os.chmod(tmp_path, 0o644 & ~current_umask())
         os.replace(tmp_path, out)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -230,7 +230,7 @@ def atomic_output(out: Path) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from .errors import CheckpointError, ModelError, StepError
 from .layers import Axis
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
-from .spec import VerifySpec
+from .spec import OneStep, VerifySpec
 
 FAMILY_DIR = Path(__file__).parent / "families"
 HF_DIMS = ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
@@ -68,26 +68,9 @@ class HFDeepenStep(_Strict):
         return self
 
 
-class HFStepEntry(_Strict):
+class HFStepEntry(OneStep):
     widen: HFWidenStep | None = None
     deepen: HFDeepenStep | None = None
-
-    @model_validator(mode="after")
-    def _one(self):
-        if (self.widen is None) == (self.deepen is None):
-            raise ValueError("each step is exactly one of 'widen: {...}' or 'deepen: {...}'")
-        return self
-
-    @property
-    def step(self):
-        return self.widen or self.deepen
-
-    @property
-    def kind(self) -> str:
-        return "widen" if self.widen else "deepen"
-
-    def to_dict(self) -> dict:
-        return {self.kind: self.step.model_dump(mode="json", exclude_none=True)}
 
 
 class HFGrowthSpec(_Strict):

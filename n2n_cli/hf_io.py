@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
+from . import checkpoints
+from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, current_umask, file_sha256, write_safetensors
 from .errors import CheckpointError, OutputError, UserError
 
 CONFIG = "config.json"
@@ -294,8 +295,8 @@ def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Call
             index = {"metadata": {"total_size": sum(map(nbytes, entries))},
                      "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
             _write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n", out)
-        os.chmod(tmp, 0o777 & ~_umask())
-        _move_into_place(tmp, out)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -312,7 +313,7 @@ def _write_text(path: Path, text: str, out: Path) -> None:
         raise OutputError(f"cannot write {path.name} ({e.strerror})", where=str(out)) from None
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
+def move_into_place(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, deleted after."""
     try:
         if not os.path.lexists(out):
@@ -329,16 +330,6 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(holder, ignore_errors=True)
     except OSError as e:
         raise OutputError(f"cannot move the new directory into place ({e.strerror})", where=str(out)) from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _dir_writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
 
 
 def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | None, force: bool) -> Path:
@@ -365,6 +356,6 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
     parent = Path(os.path.abspath(out)).parent
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not _dir_writable(parent):
+    if not checkpoints.dir_writable(parent):
         raise OutputError(f"directory {parent} is not writable", where=str(out))
     return out

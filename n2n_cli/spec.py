@@ -61,9 +61,9 @@ class DeepenStep(_Strict):
         return self.model_copy(update={"method": "net2deeper"})
 
 
-class StepEntry(_Strict):
-    widen: WidenStep | None = None
-    deepen: DeepenStep | None = None
+class OneStep(_Strict):
+    """A list item of ``steps:``: exactly one of ``widen: {...}`` or ``deepen: {...}``.
+    Subclasses type the two fields (MLP/CNN steps here, Hugging Face steps in ``hf``)."""
 
     @model_validator(mode="after")
     def _one(self):
@@ -72,7 +72,7 @@ class StepEntry(_Strict):
         return self
 
     @property
-    def step(self) -> Union[WidenStep, DeepenStep]:
+    def step(self):
         return self.widen or self.deepen
 
     @property
@@ -81,6 +81,11 @@ class StepEntry(_Strict):
 
     def to_dict(self) -> dict:
         return {self.kind: self.step.model_dump(mode="json", exclude_none=True)}
+
+
+class StepEntry(OneStep):
+    widen: WidenStep | None = None
+    deepen: DeepenStep | None = None
 
 
 class VerifySpec(_Strict):

@@ -284,7 +284,7 @@ def test_unwritable_out_dir(tmp_path, cli, cnn_teacher):
 def test_unwritable_out_dir_as_seen_by_access(tmp_path, cli, cnn_teacher, monkeypatch):
     """The same check when the tests run as root (who may write anywhere)."""
     import n2n_cli.checkpoints as ck
-    monkeypatch.setattr(ck, "_dir_writable", lambda path: False)
+    monkeypatch.setattr(ck, "dir_writable", lambda path: False)
     _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors"), f"directory {tmp_path} is not writable")
     assert _files(tmp_path) == ["teacher.safetensors"]
 

@@ -361,7 +361,7 @@ def test_round_trip_sharded(tmp_path):
         assert back.config == {"a": [1, 2], "b": 1}
         assert back.keys() == sorted(sd)  # the index's (sorted) order
         assert_same(back, sd)
-    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~hf_io._umask())
+    assert oct(out.stat().st_mode & 0o777) == oct(0o777 & ~hf_io.current_umask())
 
 
 def test_single_file_when_it_fits(tmp_path):
@@ -482,7 +482,7 @@ def test_check_output_dir(tmp_path):
 
 
 def test_check_output_dir_unwritable(tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_io, "_dir_writable", lambda path: False)
+    monkeypatch.setattr(hf_io.checkpoints, "dir_writable", lambda path: False)
     with pytest.raises(OutputError) as e:
         check_output_dir(tmp_path / "o", None, force=False)
     assert f"directory {tmp_path} is not writable" in message(e)
