@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
@@ -92,10 +93,9 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
     keys = list(keys)
     for n, key in enumerate(keys):
         t = source.get(key)
-        if t.is_floating_point():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # one pass; count only when bad
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            if nan or inf:
-                bad.append(f"'{key}': {nan} NaN, {inf} Inf")
+            bad.append(f"'{key}': {nan} NaN, {inf} Inf")
         if progress:
             progress("checking weights", n + 1, len(keys))
     if bad:
@@ -144,7 +144,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         model = load_model_description(model)
     if not dry_run:
         check_output_path(out_path, [src], force)
-    with open_checkpoint(src) as source:
+    with open_checkpoint(src) as source, _hashing(source, not dry_run) as teacher_sha256:
         desc = resolve_model(source, model, spec_model)
         header = check_checkpoint(source, desc)
         check_finite(source, header, progress)
@@ -168,7 +168,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
             "format": "pt",
             META_VERSION: __version__,
             META_MODEL: plan.model_after.to_json(),
-            META_LINEAGE: json.dumps(_lineage(source, spec, plan), sort_keys=True, separators=(",", ":")),
+            META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec, plan), sort_keys=True,
+                                      separators=(",", ":")),
             META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":")),
         }
         entries = plan.entries()
@@ -185,7 +186,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
     if not dry_run:
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
-    with _open_hf(src) as (source, arch, header):
+    with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
         check_finite(source, header, progress)
         seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
@@ -199,7 +200,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             hf_verify.require_transformers()
         spec_used = spec.model_copy(update={"seed": seed})
         metadata = {"format": "pt", META_VERSION: __version__,
-                    META_LINEAGE: json.dumps(_lineage(source, spec_used, plan), sort_keys=True, separators=(",", ":"))}
+                    META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec_used, plan), sort_keys=True,
+                                             separators=(",", ":"))}
         entries = plan.entries()
         done = iter(range(1, len(entries) + 1))
         holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-stage", dir=out.parent))
@@ -247,12 +249,25 @@ def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool) -> 
         else None)
 
 
-def _lineage(source: TensorSource, spec: GrowthSpec, plan: Plan) -> list[dict]:
+@contextlib.contextmanager
+def _hashing(source: TensorSource, enabled: bool = True):
+    """Hash the teacher's file(s) in a background thread (hashlib releases the GIL) while the
+    weights are checked and transformed; yields a future of the hex digest (None if disabled)."""
+    if not enabled:
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        done.set_result(None)
+        yield done
+        return
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        yield pool.submit(source.sha256)
+
+
+def _lineage(source: TensorSource, teacher_sha256: str, spec: GrowthSpec, plan: Plan) -> list[dict]:
     try:
         previous = json.loads(source.metadata.get(META_LINEAGE, "[]"))
     except json.JSONDecodeError:
         previous = []
-    return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": source.sha256(),
+    return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": teacher_sha256,
                         "steps": [e.to_dict() for e in spec.steps],
                         "params_before": plan.params_before, "params_after": plan.params_after}]
 

@@ -318,3 +318,46 @@ def test_cli_validate_hf_spec(tmp_path, cli):
     r = cli("validate", spec, "--checkpoint", src)
     assert r.exit_code == 2 and "2 steps cannot be applied" in r.stderr
     assert "not an integer multiple of hidden_size 32" in r.stderr and "ties the head count" in r.stderr
+
+
+def test_verification_failure_exit_3_leaves_nothing(tmp_path, cli):
+    src = make_model(tmp_path, "llama")
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    r = cli("widen", src, out, "--dim", "intermediate_size", "--to", "77", "--atol", "0", "--rtol", "0",
+            "--report", rep)
+    assert r.exit_code == 3, r.output
+    assert "does not compute the teacher's function" in r.stderr and "nothing was written" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "teacher"]  # no OUT, no staging dir
+    assert json.loads(rep.read_text())["verification"]["exact"]["max_abs_error"] > 0
+
+
+def test_pytorch_model_bin_directory(tmp_path):
+    src = make_model(tmp_path, "gpt2")
+    from safetensors.torch import load_file
+    sd = load_file(str(src / "model.safetensors"))
+    (src / "model.safetensors").unlink()
+    torch.save(sd, src / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert grow(src, out, [{"widen": {"dim": "hidden_size", "to": 64}}])["verification"]["passed"] is True
+    assert (out / "model.safetensors").exists() and not (out / "pytorch_model.bin").exists()
+
+
+def test_missing_shard_and_escaping_shard_cli(tmp_path, cli):
+    src = make_model(tmp_path, "llama")
+    index = {"metadata": {}, "weight_map": {}}
+    from safetensors import safe_open
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        index["weight_map"] = {k: "model-00001-of-00002.safetensors" for k in f.keys()}
+    index["weight_map"]["model.norm.weight"] = "model-00002-of-00002.safetensors"
+    (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = cli("inspect", src)
+    assert r.exit_code == 2 and "missing model-00002-of-00002.safetensors" in r.stderr
+    index["weight_map"]["model.norm.weight"] = "../../etc/passwd"
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    r = cli("grow", tmp_path / "x.yaml", src, tmp_path / "out")
+    assert r.exit_code == 2
+    spec = tmp_path / "s.yaml"
+    spec.write_text("steps:\n  - widen: {dim: intermediate_size, to: 64}\n")
+    r = cli("grow", spec, src, tmp_path / "out")
+    assert r.exit_code == 2 and "names shard files outside the model directory" in r.stderr
