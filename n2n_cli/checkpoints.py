@@ -10,6 +10,7 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -106,12 +107,14 @@ class StateDictSource(TensorSource):
         self.path = path
         self.metadata = {}
         try:
-            try:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on pickle protocols says nothing to a user
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                try:
+                    obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    obj = torch.load(str(path), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             first = str(e).strip().splitlines()
             detail = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), first[0] if first else "")

@@ -62,6 +62,9 @@ CASES = [
     ("llama", {}, [{"widen": {"dim": "intermediate_size", "to": 64, "noise": 0.1}},
                    {"widen": {"dim": "hidden_size", "to": 64}}, {"widen": {"dim": "num_attention_heads", "to": 8}},
                    {"deepen": {"after": [0, 0, 1]}}], {"num_hidden_layers": 5, "num_attention_heads": 8}),
+    ("llama", {"attention_bias": True, "mlp_bias": True},
+     [{"widen": {"dim": "intermediate_size", "to": 50}}, {"widen": {"dim": "hidden_size", "to": 64}},
+      {"widen": {"dim": "num_attention_heads", "to": 8}}, {"deepen": {"layers": 3}}], {"hidden_size": 64}),
     ("mistral", {}, [{"widen": {"dim": "hidden_size", "to": 64}}, {"deepen": {"layers": 3, "placement": "end"}}],
      {"hidden_size": 64, "num_hidden_layers": 3}),
     ("qwen2", {"tie_word_embeddings": True}, [{"widen": {"dim": "hidden_size", "to": 64}},
@@ -361,3 +364,29 @@ def test_missing_shard_and_escaping_shard_cli(tmp_path, cli):
     spec.write_text("steps:\n  - widen: {dim: intermediate_size, to: 64}\n")
     r = cli("grow", spec, src, tmp_path / "out")
     assert r.exit_code == 2 and "names shard files outside the model directory" in r.stderr
+
+
+def test_cli_usage_errors_between_the_two_kinds_of_source(tmp_path, cli, cnn_teacher):
+    src = make_model(tmp_path, "llama")
+    other = make_model(tmp_path, "llama", name="other", hidden_size=48, num_attention_heads=4, num_key_value_heads=2)
+    spec = tmp_path / "hf.yaml"
+    spec.write_text("steps:\n  - widen: {dim: intermediate_size, to: 64}\n")
+    cases = [
+        (["deepen", src, tmp_path / "o"], "give exactly one of --layers N (the new total) or --after I,J"),
+        (["deepen", src, tmp_path / "o", "--layers", "3", "--after", "0"], "give exactly one of --layers N"),
+        (["widen", src, tmp_path / "o", "--dim", "hidden_size", "--to", "64", "--method", "random-pad"],
+         "Hugging Face models are widened by net2wider with zero-sum noise only"),
+        (["widen", cnn_teacher, tmp_path / "o.safetensors", "--dim", "hidden_size", "--to", "64"],
+         "choose the layer to widen with --layer (--dim is for Hugging Face model directories)"),
+        (["deepen", cnn_teacher, tmp_path / "o.safetensors", "--layers", "3"],
+         "choose where to deepen with --after LAYER (--layers is for Hugging Face model directories)"),
+        (["grow", spec, cnn_teacher, tmp_path / "o.safetensors"],
+         "this spec grows Hugging Face model directories (its steps name dimensions), but SRC is not a directory"),
+        (["verify", src, cnn_teacher], "compare a Hugging Face directory with another directory"),
+        (["verify", src, other], "the student's hidden_size 48 is not a multiple of the teacher's 32"),
+    ]
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr, (message, r.stderr)
+        assert "Traceback" not in r.output
