@@ -37,7 +37,8 @@ class Materializer:
             elif isinstance(op, Widen):
                 for ax, axis, mapping in op.axes:
                     t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
-                                   noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax))
+                                   noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
+                                   pad=mapping.pad, norm_scale=mapping.norm_scale)
         assert t is not None
         return t.to(dtype)
 

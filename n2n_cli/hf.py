@@ -91,7 +91,8 @@ class Family:
     config: dict[str, object]
     defaults: dict[str, object]
     head_dim_from_hidden: bool
-    norm: str
+    norm: str  # pre | post: where the norm sits relative to the residual add
+    norm_kind: str  # rms | layer
     prefixes: tuple[str, ...]
     anchor: str
     layer: str
@@ -108,7 +109,7 @@ def families() -> dict[str, Family]:
     for path in sorted(FAMILY_DIR.glob("*.yaml")):
         d = yaml.safe_load(path.read_text())
         fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
-                     bool(d["head_dim_from_hidden"]), d["norm"], tuple(d["prefixes"]), d["anchor"], d["layer"],
+                     bool(d["head_dim_from_hidden"]), d["norm"], d["norm_kind"], tuple(d["prefixes"]), d["anchor"], d["layer"],
                      d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d["block_outputs"]))
         for mt in fam.model_types:
             out[mt] = fam
@@ -147,6 +148,7 @@ class Arch:
     positions: int = 0
     types: int = 0
     per_layer: dict[str, list] = field(default_factory=dict)
+    eps: float | None = None
 
     # -- tensors
 
@@ -164,7 +166,7 @@ class Arch:
             role, n = role.split("*")
             segments = int(n)
         if role == "final_norm":
-            role = "in" if self.tied else "norm"  # tied head: scale the final norm by 1/r instead
+            role = "norm_in" if self.tied else "norm"  # tied head: scale the final norm by 1/r instead
         elif role == "head":
             role = "out" if self.tied else "in"
         block = self.head_dim if space in ("heads", "kv_heads") else 1
@@ -218,6 +220,8 @@ class Arch:
             cfg[c["head_dim"]] = self.head_dim
         for name, values in self.per_layer.items():
             cfg[name] = values
+        if self.eps is not None:
+            cfg[c["eps"]] = self.eps
         return cfg
 
 
@@ -277,8 +281,10 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     if prefix is None:
         raise CheckpointError(f"no '{fam.anchor}' tensor (with any of the prefixes "
                               f"{', '.join(repr(p) for p in fam.prefixes)}): not a {fam.name} checkpoint", where=where)
+    eps = config.get(c["eps"]) if "eps" in c else None
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
-                int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer)
+                int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer,
+                float(eps) if isinstance(eps, (int, float)) else None)
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -379,15 +385,24 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"])
-        if new % a.hidden:
+        r, pad = divmod(new, a.hidden)
+        if pad and (fam.norm_kind != "rms" or fam.head_dim_from_hidden or a.eps is None):
             raise StepError(
-                f"to: {new} is not an integer multiple of hidden_size {a.hidden}; n2n widens the residual "
-                "stream exactly by tiling it, which needs an integer factor (arbitrary widths need LEMON-style "
-                "eps rescaling, not supported yet)", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.")
-        r = new // a.hidden
-        mappings["hidden"] = Mapping("tile", a.hidden, new)
-        after = replace(a, hidden=new)
-        summary = f"hidden_size {a.hidden} -> {new} (residual stream tiled x{r}"
+                f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
+                "mean over a zero-padded stream would change, so n2n widens its residual stream exactly only by "
+                "tiling it an integer number of times", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.")
+        if pad:
+            # LEMON: stream [x, .., x, 0]; mean square shrinks by s = r*D/D', so RMSNorm's gamma
+            # gets sqrt(s) and its eps gets s: exact
+            s = r * a.hidden / new
+            mappings["hidden"] = Mapping("tile", a.hidden, new, pad=pad, norm_scale=math.sqrt(s))
+            after = replace(a, hidden=new, eps=a.eps * s)
+            summary = (f"hidden_size {a.hidden} -> {new} (residual stream tiled x{r} plus {pad} zero units; "
+                       f"RMSNorm gamma x sqrt({s:.4g}), {cname['eps']} {a.eps:g} -> {a.eps * s:.4g}")
+        else:
+            mappings["hidden"] = Mapping("tile", a.hidden, new)
+            after = replace(a, hidden=new)
+            summary = f"hidden_size {a.hidden} -> {new} (residual stream tiled x{r}"
         if fam.head_dim_from_hidden:  # head_dim = hidden / heads: keep head_dim by tiling the heads too
             for i in range(a.layers):
                 mappings[f"heads@{i}"] = Mapping("tile", a.heads, a.heads * r)

@@ -32,6 +32,10 @@ class Mapping:
     norm statistics), ``spread`` (g(j) = j * old // new: each unit repeated in place, for
     key/value heads whose query groups shrink) or ``grouped`` (whole groups of ``group``
     units follow ``base``: query heads follow their key/value head's mapping).
+
+    ``pad`` trailing new units are zeros instead of copies (LEMON-style widths that are not a
+    multiple: only ``new - pad`` units come from g), and norm parameters of the space are
+    multiplied by ``norm_scale`` (sqrt(k*old/new) keeps RMSNorm exact over a padded stream).
     """
 
     kind: str
@@ -40,6 +44,8 @@ class Mapping:
     seed: tuple = ()
     group: int = 1
     base: "Mapping | None" = None
+    pad: int = 0
+    norm_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ def make_mapping(m) -> torch.Tensor:
         extra = torch.randint(0, m.old, (m.new - m.old,), generator=generator(*m.seed, "mapping"))
         return torch.cat([torch.arange(m.old), extra])
     if m.kind == "tile":
-        return torch.arange(m.new) % m.old
+        return torch.arange(m.new - m.pad) % m.old
     if m.kind == "spread":
         return torch.arange(m.new) * m.old // m.new
     if m.kind == "grouped":
@@ -45,10 +45,12 @@ def _bshape(t: torch.Tensor, ax: int) -> list[int]:
 
 
 def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
-               noise_mode: str, rng: torch.Generator) -> torch.Tensor:
-    """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g).
+               noise_mode: str, rng: torch.Generator, pad: int = 0, norm_scale: float = 1.0) -> torch.Tensor:
+    """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g) + pad.
 
-    The axis is viewed as (segments, units, block); units are what the space counts.
+    The axis is viewed as (segments, units, block); units are what the space counts. Roles:
+    ``out`` copies, ``in`` copies and divides by the copy count, ``norm`` copies and scales by
+    ``norm_scale``, ``norm_in`` (a norm feeding a tied head) does both. ``pad`` zero units follow.
     """
     t = t.unflatten(ax, (axis.segments, t.shape[ax] // (axis.segments * axis.block), axis.block))
     u = ax + 1  # the units axis
@@ -63,10 +65,12 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if method != "net2wider":
         raise ValueError(f"unknown widen method {method!r}")
     out = t.index_select(u, g)
-    if axis.role == "in":
+    if axis.role in ("norm", "norm_in") and norm_scale != 1.0:
+        out.mul_(norm_scale)
+    if axis.role in ("in", "norm_in"):
         counts = torch.bincount(g, minlength=old).to(t.dtype)
         out.div_(counts[g].reshape(_bshape(out, u)))
-        if noise > 0:
+        if noise > 0 and axis.role == "in":
             std = float(t.std()) if t.numel() > 1 else 0.0
             eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
             if noise_mode == "zero-sum":
@@ -80,6 +84,10 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
             else:
                 raise ValueError(f"unknown noise mode {noise_mode!r}")
             out = out + eps
+    if pad:
+        shape = list(out.shape)
+        shape[u] = pad
+        out = torch.cat([out, out.new_zeros(shape)], dim=u)
     return out.flatten(ax, ax + 2)
 
 

@@ -229,7 +229,6 @@ def test_inconsistent_config(tmp_path):
 @pytest.mark.parametrize("steps,message", [
     ([{"widen": {"dim": "num_attention_heads", "to": 5}}], "not a multiple of the query group size 2"),
     ([{"widen": {"dim": "num_key_value_heads", "to": 3}}], "must be a multiple of the current 2 key/value heads"),
-    ([{"widen": {"dim": "hidden_size", "to": 48}}], "not an integer multiple of hidden_size 32"),
     ([{"widen": {"dim": "intermediate_size", "to": 20}}], "to: 20 is not larger than the current intermediate_size 40"),
     ([{"deepen": {"layers": 2}}], "layers: 2 is not larger than the current 2 layers"),
     ([{"deepen": {"after": [5]}}], "after: layer indices [5] are out of range 0..1"),
@@ -390,3 +389,27 @@ def test_cli_usage_errors_between_the_two_kinds_of_source(tmp_path, cli, cnn_tea
         assert r.exit_code == 2, (args, r.output)
         assert message in r.stderr, (message, r.stderr)
         assert "Traceback" not in r.output
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("qwen2", True)])
+@pytest.mark.parametrize("to", [40, 48, 72])
+def test_rmsnorm_families_grow_hidden_to_any_width_lemon_style(tmp_path, family, tied, to):
+    """Stream [x, .., x, 0]: RMSNorm gamma * sqrt(s), eps * s (s = r*D/D'). A large eps makes a
+    missing eps rescale visible (DESIGN.md: ~1.6e-5 error at eps 1e-6)."""
+    src = make_model(tmp_path, family, rms_norm_eps=1e-2, tie_word_embeddings=tied)
+    out = tmp_path / "out"
+    report = grow(src, out, [{"widen": {"dim": "hidden_size", "to": to}}, {"deepen": {"layers": 3}}])
+    assert report["verification"]["passed"] is True
+    cfg = json.loads((out / "config.json").read_text())
+    r = to // 32
+    assert cfg["hidden_size"] == to and cfg["head_dim"] == 8
+    assert cfg["rms_norm_eps"] == pytest.approx(1e-2 * r * 32 / to)
+    assert max_rel_error(src, out) <= 1e-5
+
+
+def test_layernorm_families_refuse_non_multiple_hidden_widths(tmp_path):
+    src = make_model(tmp_path, "gpt2")
+    with pytest.raises(StepError) as e:
+        grow(src, tmp_path / "out", [{"widen": {"dim": "hidden_size", "to": 48}}])
+    assert "to: 48 is not an integer multiple of hidden_size 32; gpt2 uses LayerNorm" in e.value.render()
+    assert "Use a multiple of 32, e.g. 64." in e.value.render()
