@@ -43,6 +43,9 @@ class _Group(typer.core.TyperGroup):
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written", markup=False)
             raise typer.Exit(130) from None
+        except BrokenPipeError:  # `n2n inspect ... | head`: the reader left; stop quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         except Exception as e:
             if type(e).__module__.split(".")[0] in ("typer", "click"):
                 raise  # usage errors and exits: typer/click report them (exit 2 for usage)

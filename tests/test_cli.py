@@ -389,3 +389,11 @@ def test_grown_checkpoint_loads_in_plain_pytorch(tmp_path, cli, cnn_teacher, cnn
     from helpers import make_teacher
     teacher = make_teacher(cnn_desc, tmp_path / "again.safetensors")
     assert max_rel_error(teacher, student, torch.randn(8, 1, 28, 28)) <= 1e-5
+
+
+def test_output_piped_into_head_stops_quietly():
+    import subprocess
+    import sys
+    res = subprocess.run(f"'{sys.executable}' -m n2n_cli deepen --help | head -1", shell=True, capture_output=True,
+                         text=True, env={**os.environ, "COLUMNS": "100"})
+    assert "internal error" not in res.stderr and "Traceback" not in res.stderr
