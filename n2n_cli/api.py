@@ -26,7 +26,8 @@ from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
 from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
-from .spec import GrowthSpec, StepEntry, load_model_description, load_spec, parse_model_description
+from .spec import (GrowthSpec, StepEntry, lenient_steps, load_model_description, load_spec, parse_model_description,
+                   step_line)
 from .verify import compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
@@ -134,6 +135,9 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         if not src.is_dir():
             raise SpecError("this spec grows Hugging Face model directories (its steps name dimensions), but SRC "
                             "is not a directory", where=str(src))
+        if model is not None:
+            raise UserError("--model describes MLP/CNN checkpoints; a Hugging Face directory is described by its "
+                            "config.json", where=str(src), hint="Drop --model.")
         if isinstance(spec, GrowthSpec):
             raise SpecError("SRC is a Hugging Face model directory, but the steps name layers of a sequential "
                             "model", where=str(src), hint="Use widen: {dim: intermediate_size, to: N} or "
@@ -218,8 +222,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                     progress("verifying", 0, 1)
                 dtype = compute_dtype(d for d, _ in header.values())
                 c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
-                                           hidden_ratio=plan.arch_after.hidden // arch.hidden, probes=probes,
-                                           seed=seed, atol=atol, rtol=rtol, device=resolve_device(device), dtype=dtype)
+                                           probes=probes, seed=seed, atol=atol, rtol=rtol,
+                                           device=resolve_device(device), dtype=dtype)
                 if plan.function_preserving:
                     v = {"passed": c.passed, "checked": "student", "exact": c.to_dict(), "deviation": None}
                 else:
@@ -274,7 +278,8 @@ def _lineage(source: TensorSource, teacher_sha256: str, spec: GrowthSpec, plan: 
 
 def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc: ModelDescription, header,
                  mat: Materializer, *, probes, seed, atol, rtol, device, progress) -> dict:
-    """Verify the exact transform; measure (not judge) noise and random baselines on top."""
+    """Verify the exact transform; measure (not judge) inexact noise and random baselines on top.
+    A student that claims to be exact (zero-sum noise) is judged too."""
     dtype = compute_dtype(d for d, _ in header.values())
     x = probe_inputs(desc, probes, seed)
     kw = dict(atol=atol, rtol=rtol, probes=probes, seed=seed, device=device, dtype=dtype)
@@ -298,8 +303,15 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
         else:
             exact = compare_outputs(teacher, run(exact_plan.model_after, Materializer(exact_plan, source).get, x,
                                                  device, dtype), **kw)
-            result = {"passed": exact.passed, "checked": "exact counterpart (no noise, function-preserving methods)",
-                      "exact": exact.to_dict(), "deviation": actual.to_dict()}
+            if plan.function_preserving:  # zero-sum noise: the written student must be exact as well
+                result = {"passed": exact.passed and actual.passed,
+                          "checked": "exact counterpart (no noise) and the student (zero-sum noise is exact)",
+                          "exact": exact.to_dict() if not exact.passed or actual.passed else actual.to_dict(),
+                          "deviation": actual.to_dict()}
+            else:
+                result = {"passed": exact.passed,
+                          "checked": "exact counterpart (no noise, function-preserving methods)",
+                          "exact": exact.to_dict(), "deviation": actual.to_dict()}
     if progress:
         progress("verifying", 2, 2)
     return result
@@ -346,15 +358,15 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
         pass
-    if s_arch.hidden % t_arch.hidden or t_arch.vocab != s_arch.vocab:
-        raise ModelError(f"the student's hidden_size {s_arch.hidden} is not a multiple of the teacher's "
-                         f"{t_arch.hidden} (or the vocabularies differ): not a grown copy", where=str(student))
+    if s_arch.hidden < t_arch.hidden or t_arch.vocab != s_arch.vocab:
+        raise ModelError(f"the student (hidden_size {s_arch.hidden}, vocab {s_arch.vocab}) cannot be a grown copy of "
+                         f"the teacher (hidden_size {t_arch.hidden}, vocab {t_arch.vocab})", where=str(student))
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
     d_atol, d_rtol = default_tolerances(dtypes)
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
-                               hidden_ratio=s_arch.hidden // t_arch.hidden, probes=probes, seed=seed, atol=atol,
-                               rtol=rtol, device=resolve_device(device), dtype=compute_dtype(dtypes))
+                               probes=probes, seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
+                               dtype=compute_dtype(dtypes))
     report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
               "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
     if not c.passed:
@@ -428,6 +440,9 @@ def _inspect_hf(src: Path) -> dict:
 
 def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None) -> dict:
     if Path(src).is_dir():
+        if model is not None:
+            raise UserError("--model describes MLP/CNN checkpoints; a Hugging Face directory is described by its "
+                            "config.json", where=str(src), hint="Drop --model.")
         return _inspect_hf(Path(src))
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
@@ -462,30 +477,58 @@ def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = No
 
 def validate(spec_path: str | Path, *, checkpoint: str | Path | None = None,
              model: ModelDescription | str | Path | None = None) -> dict:
-    """Check a spec: every schema problem, then every step problem, reported at once."""
-    spec, spec_model = load_spec(spec_path)
-    if isinstance(spec, HFGrowthSpec):
-        if checkpoint is None:
-            return {"spec": str(spec_path), "valid": True, "checked": "schema only",
-                    "note": "pass --checkpoint MODEL_DIR to check its steps against a model too"}
-        with _open_hf(checkpoint) as (source, arch, header):
-            plan = build_hf_plan(source.config, arch, header, spec.steps, spec.seed, collect=True)
-        if plan.problems:
-            raise SpecError(f"{len(plan.problems)} step{'s' * (len(plan.problems) > 1)} cannot be applied",
-                            where=str(spec_path), problems=plan.problems)
-        return {"spec": str(spec_path), "valid": True, "checked": "schema and steps", "plan": plan.to_dict()}
+    """Check a spec: every schema problem and every step problem, reported at once, by line."""
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
-    desc, header = model or spec_model, None
-    if checkpoint is not None:
-        with open_checkpoint(checkpoint) as source:
-            desc = resolve_model(source, desc)
-            header = check_checkpoint(source, desc)
-    if desc is None:
+    try:
+        spec, spec_model = load_spec(spec_path)
+    except SpecError as e:
+        if not e.problems:
+            raise
+        # the schema has problems: plan the steps that are valid on their own, to report theirs too
+        numbers, entries, desc, node = lenient_steps(spec_path)
+        extra = _step_problems(spec_path, entries, numbers, model or desc, checkpoint, node, 0) if entries else []
+        problems = _by_line(e.problems + extra)
+        raise SpecError(f"invalid growth spec ({len(problems)} problem{'s' * (len(problems) > 1)})",
+                        where=str(spec_path), problems=problems) from None
+    numbers = list(range(len(spec.steps)))
+    node = lenient_steps(spec_path)[3]
+    if checkpoint is None and (isinstance(spec, HFGrowthSpec) or (model or spec_model) is None):
         return {"spec": str(spec_path), "valid": True, "checked": "schema only",
-                "note": "the spec has no model: pass --checkpoint (or --model) to check its steps too"}
-    plan = build_plan(desc, header, spec.steps, spec.seed, collect=True)
-    if plan.problems:
-        raise SpecError(f"{len(plan.problems)} step{'s' * (len(plan.problems) > 1)} cannot be applied",
-                        where=str(spec_path), problems=plan.problems)
+                "note": "pass --checkpoint (or, for MLP/CNN specs, --model) to check the steps too"}
+    problems, plan = _step_problems(spec_path, spec.steps, numbers, model or spec_model, checkpoint, node, spec.seed,
+                                    return_plan=True)
+    if problems:
+        raise SpecError(f"{len(problems)} step{'s' * (len(problems) > 1)} cannot be applied", where=str(spec_path),
+                        problems=_by_line(problems))
     return {"spec": str(spec_path), "valid": True, "checked": "schema and steps", "plan": plan.to_dict()}
+
+
+def _step_problems(spec_path, entries, numbers, desc, checkpoint, node, seed, return_plan=False):
+    """Plan ``entries`` (collecting problems) against the checkpoint or the description."""
+    from .hf import HFStepEntry
+
+    if entries and isinstance(entries[0], HFStepEntry):
+        if checkpoint is None:
+            return ([], None) if return_plan else []
+        with _open_hf(checkpoint) as (source, arch, header):
+            plan = build_hf_plan(source.config, arch, header, entries, seed, collect=True, numbers=numbers)
+    else:
+        header = None
+        if checkpoint is not None:
+            with open_checkpoint(checkpoint) as source:
+                desc = resolve_model(source, desc)
+                header = check_checkpoint(source, desc)
+        if desc is None:
+            return ([], None) if return_plan else []
+        plan = build_plan(desc, header, entries, seed, collect=True, numbers=numbers)
+    problems = [f"line {step_line(node, n)}: {msg}" if step_line(node, n) else msg for n, msg in plan.problems]
+    return (problems, plan) if return_plan else problems
+
+
+def _by_line(problems: list[str]) -> list[str]:
+    """Problems in file order (those without a line keep their place at the end)."""
+    def key(p: str):
+        head = p.split(":", 1)[0]
+        return (0, int(head[5:])) if head.startswith("line ") and head[5:].isdigit() else (1, 0)
+    return sorted(problems, key=key)

@@ -21,6 +21,7 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from . import __version__, api
+from .checkpoints import dir_writable
 from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
 from .spec import spec_from_steps
 
@@ -64,7 +65,10 @@ def _write_failure_report(ctx, e: Exception) -> None:
     report = {"ok": False, "exit_code": code, "error": e.render() if isinstance(e, N2NError) else f"{type(e).__name__}: {e}",
               **(getattr(e, "report", None) or {})}
     if path:
-        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:  # never let the report hide the error being reported
+            err.print(f"warning: could not write the report {path} ({e.strerror})", markup=False)
     if (ctx.obj or {}).get("json"):
         out.print_json(json.dumps(report))
 
@@ -130,7 +134,13 @@ OutArg = Annotated[Path, typer.Argument(help="Output .safetensors file, or direc
 
 
 def _setup(ctx, *, report=None, json_=False, quiet=False):
-    ctx.obj.update(report=report, json=json_, quiet=quiet or json_)
+    ctx.obj.update(json=json_, quiet=quiet or json_)
+    if report is not None:  # checked before any work, so a typo cannot cost a finished run its report
+        parent = report.parent if str(report.parent) else Path(".")
+        if report.is_dir() or not parent.is_dir() or not dir_writable(parent):
+            raise UserError("cannot write the report here (a directory, or its directory is missing or not "
+                            "writable)", where=f"--report {report}")
+    ctx.obj["report"] = report
 
 
 def _progress(ctx):

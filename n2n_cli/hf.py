@@ -149,6 +149,7 @@ class Arch:
     types: int = 0
     per_layer: dict[str, list] = field(default_factory=dict)
     eps: float | None = None
+    has_head: bool = True  # False for base models (LlamaModel, GPT2Model): no lm_head, tied or not
 
     # -- tensors
 
@@ -165,8 +166,8 @@ class Arch:
         if "*" in role:
             role, n = role.split("*")
             segments = int(n)
-        if role == "final_norm":
-            role = "norm_in" if self.tied else "norm"  # tied head: scale the final norm by 1/r instead
+        if role == "final_norm":  # a tied head reads the final norm: scale it by 1/r there instead
+            role = "norm_in" if self.tied and self.has_head else "norm"
         elif role == "head":
             role = "out" if self.tied else "in"
         block = self.head_dim if space in ("heads", "kv_heads") else 1
@@ -196,8 +197,9 @@ class Arch:
         for name, tokens in fam.globals.items():
             if name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
                 add(name, tokens, None, self.prefix)
-        for name, tokens in fam.head.items():
-            add(name + ("?" if self.tied else ""), tokens, None, "")
+        if self.has_head:
+            for name, tokens in fam.head.items():
+                add(name + ("?" if self.tied else ""), tokens, None, "")
         return out
 
     def num_parameters(self, present: set[str] | None = None) -> int:
@@ -282,9 +284,15 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         raise CheckpointError(f"no '{fam.anchor}' tensor (with any of the prefixes "
                               f"{', '.join(repr(p) for p in fam.prefixes)}): not a {fam.name} checkpoint", where=where)
     eps = config.get(c["eps"]) if "eps" in c else None
+    archs = config.get("architectures") or []
+    head_keys = set(fam.head)
+    if archs:  # what transformers will build decides whether a (possibly tied) head reads the stream
+        has_head = bool(head_keys) and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    else:
+        has_head = bool(head_keys) and (prefix != "" or bool(head_keys & keys))
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
                 int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer,
-                float(eps) if isinstance(eps, (int, float)) else None)
+                float(eps) if isinstance(eps, (int, float)) else None, has_head)
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -319,7 +327,7 @@ class HFPlan:
     dtypes: dict[str, torch.dtype]
     shapes: dict[str, tuple[int, ...]]
     present_before: set[str]
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def params_before(self) -> int:
@@ -347,7 +355,7 @@ class HFPlan:
 
 
 def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntry], seed: int, *,
-                  collect: bool = False) -> HFPlan:
+                  collect: bool = False, numbers: list[int] | None = None) -> HFPlan:
     specs = arch.tensors()
     recipes = {k: [Load(k)] for k in specs if k in header}
     plan = HFPlan(seed, config, arch, arch, [], recipes, {k: header[k][0] for k in recipes},
@@ -356,10 +364,11 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
         try:
             (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
         except StepError as e:
-            msg = f"steps[{i}] ({entry.kind} {_label(entry)}): {e.message}"
+            n = numbers[i] if numbers else i
+            msg = f"steps[{n}] ({entry.kind} {_label(entry)}): {e.message}"
             if not collect:
                 raise StepError(msg, hint=e.hint, short=e.short) from None
-            plan.problems.append(msg + (f" {e.hint}" if e.hint else ""))
+            plan.problems.append((n, msg + (f" {e.hint}" if e.hint else "")))
     return plan
 
 

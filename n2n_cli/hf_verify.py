@@ -37,6 +37,7 @@ def check_config(config: dict) -> None:
         import transformers
     except ImportError:
         return
+    transformers.logging.set_verbosity_error()
     cfg = {k: v for k, v in config.items() if k != "model_type"}
     try:
         transformers.AutoConfig.for_model(config["model_type"], **cfg)
@@ -86,16 +87,19 @@ def outputs(model, causal: bool, batches, device) -> torch.Tensor:
     return torch.cat(out)
 
 
-def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, hidden_ratio: int, probes: int,
+def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int,
                  seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype) -> Comparison:
+    """Logits of causal LMs must match; hidden states of other models must be the teacher's
+    tiled r times, followed by zeros where the stream was padded (LEMON)."""
     batches = probe_batches(vocab, max_len, probes, seed)
     t_model, causal = load_model(teacher, dtype, device)
     t_out = outputs(t_model, causal, batches, device)
     del t_model
     s_model, _ = load_model(student, dtype, device)
     s_out = outputs(s_model, causal, batches, device)
-    if not causal and hidden_ratio > 1:
-        t_out = t_out.repeat(1, hidden_ratio)  # the stream is tiled: every copy must match
+    if not causal and s_out.shape[-1] != t_out.shape[-1]:
+        r, pad = divmod(s_out.shape[-1], t_out.shape[-1])
+        t_out = torch.cat([t_out.repeat(1, r), t_out.new_zeros(t_out.shape[0], pad)], dim=1)
     c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches), seed=seed,
                         device=device, dtype=dtype)
     if not causal:

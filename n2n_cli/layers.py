@@ -19,6 +19,12 @@ Pair = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
 NonNegPair = Union[Annotated[int, Field(ge=0)], tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]]
 
 
+def check_layer_name(v: str) -> str:
+    if any(not part for part in v.split(".")) or any(c.isspace() for c in v):
+        raise ValueError("a layer name is dot-separated non-empty parts without spaces, e.g. 'fc1' or 'features.0'")
+    return v
+
+
 def pair(v) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -40,10 +46,7 @@ class _Named(_Layer):
     @field_validator("name")
     @classmethod
     def _check_name(cls, v: str) -> str:
-        if any(not part for part in v.split(".")) or any(c.isspace() for c in v):
-            raise ValueError("a layer name is dot-separated non-empty parts without spaces, "
-                             "e.g. 'fc1' or 'features.0'")
-        return v
+        return check_layer_name(v)
 
 
 class Linear(_Named):

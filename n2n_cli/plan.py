@@ -111,7 +111,7 @@ class Plan:
     recipes: dict[str, list[Op]]  # final key -> how to compute it, in output order
     dtypes: dict[str, torch.dtype]
     shapes: dict[str, tuple[int, ...]]
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def params_before(self) -> int:
@@ -138,12 +138,13 @@ class Plan:
 
 
 def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tuple[int, ...]]] | None,
-               steps: list[StepEntry], seed: int, *, collect: bool = False) -> Plan:
+               steps: list[StepEntry], seed: int, *, collect: bool = False, numbers: list[int] | None = None) -> Plan:
     """Plan ``steps`` on ``desc``. ``header`` maps the checkpoint's keys to (dtype, shape) and
     must already match the description (see ``check_checkpoint``); None plans in float32.
 
-    With ``collect``, a step that cannot be applied is recorded in ``plan.problems`` and
-    skipped, so that every problem is reported at once; otherwise StepError is raised.
+    With ``collect``, a step that cannot be applied is recorded in ``plan.problems`` as
+    (step number, message) and skipped, so that every problem is reported at once; otherwise
+    StepError is raised. ``numbers`` are the steps' numbers in the spec, for messages.
     """
     layout = desc.layout()
     if header is None:
@@ -159,9 +160,10 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
             else:
                 _plan_deepen(plan, i, entry)
         except StepError as e:
+            n = numbers[i] if numbers else i
             if not collect:
-                raise StepError(f"steps[{i}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short) from None
-            plan.problems.append(f"steps[{i}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else ""))
+                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short) from None
+            plan.problems.append((n, f"steps[{n}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else "")))
     return plan
 
 
@@ -178,7 +180,7 @@ def _find_producer(desc: ModelDescription, name: str, field_name: str):
     i = desc.index_of(name)
     if i is None:
         raise StepError(f"{field_name}: unknown layer '{name}'",
-                        hint=f"Layers here: {', '.join(desc.layer_names())}.")
+                        hint=f"Linear and conv2d layers here: {', '.join(_producer_names(desc))}.")
     layer = desc.layers[i]
     if layer.type not in PRODUCERS:
         raise StepError(f"{field_name}: '{name}' is a {layer.type}; only linear and conv2d layers can be "
@@ -269,16 +271,18 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
     exact = step.method == "net2deeper"
     new_layers = []
     if layer.type == "linear":
+        if step.kernel_size is not None:
+            raise StepError(f"kernel_size: '{layer.name}' is a linear layer, so the new layer is linear too and "
+                            "has no kernel", hint="Drop kernel_size, or deepen after a conv2d layer.")
         new = Linear(type="linear", name=name, out_features=width, bias=layer.bias)
         fan_in = width
     else:
-        k = step.kernel_size or pair(layer.kernel_size)
-        kh, kw = pair(k)
+        kh, kw = pair(step.kernel_size or layer.kernel_size)
         if kh % 2 == 0 or kw % 2 == 0:
+            source = "kernel_size" if step.kernel_size else f"the new conv copies kernel_size from '{layer.name}'"
             raise StepError(
-                f"the new conv copies kernel_size {kh}x{kw} from '{layer.name}', and an even kernel cannot be "
-                "a same-size identity (its centre is off the grid)",
-                hint="Set kernel_size (odd, e.g. 3) in the deepen step.", short=f"even kernel {kh}x{kw}")
+                f"{source}: {kh}x{kw} is even, and an even kernel cannot be a same-size identity (its centre is "
+                "off the grid)", hint="Set kernel_size (odd, e.g. 3) in the deepen step.", short=f"even kernel {kh}x{kw}")
         d = pair(layer.dilation)
         new = Conv2d(type="conv2d", name=name, out_channels=width, kernel_size=(kh, kw), stride=1,
                      padding=(d[0] * (kh - 1) // 2, d[1] * (kw - 1) // 2), dilation=d, bias=layer.bias)

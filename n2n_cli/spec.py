@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from . import layers as L
 from .errors import ModelError, SpecError
@@ -56,6 +56,11 @@ class DeepenStep(_Strict):
     method: Literal["net2deeper", "random-init"] = "net2deeper"
     name: str | None = Field(default=None, min_length=1)
     kernel_size: PositiveInt | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, v: str | None) -> str | None:
+        return v if v is None else L.check_layer_name(v)
 
     def exact_counterpart(self) -> "DeepenStep":
         return self.model_copy(update={"method": "net2deeper"})
@@ -284,6 +289,41 @@ def load_spec(path: str | Path) -> tuple[GrowthSpec, ModelDescription | None]:
     elif isinstance(spec.model, ModelDescription):
         desc = spec.model
     return spec, desc
+
+
+def lenient_steps(path: str | Path) -> tuple[list[int], list, ModelDescription | None, object]:
+    """For ``n2n validate`` when the schema has problems: the steps that are valid on their own
+    (their numbers, the entries), the model description if it can be resolved, and the YAML
+    node tree (for line numbers), so that step problems can be reported alongside."""
+    path = Path(path)
+    data, node = _read_yaml(path, SpecError)
+    hf = is_hf_spec(data)
+    if hf:
+        from .hf import HFStepEntry as entry_cls
+    else:
+        entry_cls = StepEntry
+    numbers, entries = [], []
+    for i, raw in enumerate(data.get("steps") or [] if isinstance(data.get("steps"), list) else []):
+        try:
+            entries.append(entry_cls.model_validate(raw))
+            numbers.append(i)
+        except ValidationError:
+            pass
+    desc = None
+    if not hf:
+        model = data.get("model")
+        try:
+            if isinstance(model, str) and (path.parent / model).is_file():
+                desc = load_model_description(path.parent / model)
+            elif isinstance(model, dict):
+                desc = ModelDescription.model_validate(model)
+        except (ModelError, ValidationError):
+            desc = None
+    return numbers, entries, desc, node
+
+
+def step_line(node, number: int) -> int | None:
+    return _line_of(node, ("steps", number)) if node is not None else None
 
 
 def _spec_problems(data: dict, node) -> list[str]:

@@ -175,7 +175,7 @@ def test_unknown_layer_and_not_larger_and_output_layer_all_at_once(tmp_path, cli
          "steps[2] (widen fc2): 'fc2' is the output layer",
          "steps[3] (widen bn2): layer: 'bn2' is a batchnorm2d; only linear and conv2d layers can be widened")
     r = cli("grow", spec, cnn_teacher, tmp_path / "o.safetensors")
-    _bad(r, "steps[0] (widen fc3): layer: unknown layer 'fc3'", "conv1, conv2, bn2, fc1, fc2")
+    _bad(r, "steps[0] (widen fc3): layer: unknown layer 'fc3'", "Linear and conv2d layers here: conv1, conv2, fc1, fc2.")
     assert _files(tmp_path) == ["spec.yaml", "teacher.safetensors"]
 
 
@@ -397,3 +397,48 @@ def test_output_piped_into_head_stops_quietly():
     res = subprocess.run(f"'{sys.executable}' -m n2n_cli deepen --help | head -1", shell=True, capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "100"})
     assert "internal error" not in res.stderr and "Traceback" not in res.stderr
+
+
+def test_validate_reports_schema_and_step_problems_together_in_file_order(tmp_path, cli):
+    spec = write_spec(tmp_path, f"model: {CNN_YAML}\nsede: 1\nsteps:\n  - widen: {{layer: fc1, to: 128, nois: 1}}\n"
+                                "  - deepen: {after: fc9}\n  - widen: {layer: fc2, to: 20}\n")
+    r = cli("validate", spec)
+    _bad(r, "invalid growth spec (4 problems)")
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("  - ")]
+    assert lines == [
+        "  - line 2: sede: unknown key 'sede' (allowed: model, seed, steps, verify)",
+        "  - line 4: steps[0].widen.nois: unknown key 'nois' (allowed: layer, to, factor, method, noise, noise_mode)",
+        "  - line 5: steps[1] (deepen after fc9): after: unknown layer 'fc9' Linear and conv2d layers here: conv1, "
+        "conv2, fc1, fc2.",
+        "  - line 6: steps[2] (widen fc2): 'fc2' is the output layer: widening it would change what the network "
+        "outputs (10 values) Widen a hidden layer instead: conv1, conv2, fc1.",
+    ]
+
+
+def test_report_path_is_checked_before_any_work(tmp_path, cli, cnn_teacher):
+    out = tmp_path / "o.safetensors"
+    r = cli("grow", GROW, cnn_teacher, out, "--report", tmp_path / "missing" / "r.json")
+    _bad(r, "--report", "cannot write the report here")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("name", ["bad name", "a..b"])
+def test_invalid_new_layer_name_is_a_spec_error(tmp_path, cli, cnn_teacher, name):
+    r = cli("deepen", cnn_teacher, tmp_path / "o.safetensors", "-m", CNN_YAML, "--after", "fc1", "--name", name)
+    _bad(r, "a layer name is dot-separated non-empty parts without spaces")
+
+
+def test_kernel_size_messages(tmp_path, cli, cnn_teacher):
+    r = cli("deepen", cnn_teacher, tmp_path / "o.safetensors", "-m", CNN_YAML, "--after", "conv1", "--kernel-size", "4")
+    _bad(r, "kernel_size: 4x4 is even, and an even kernel cannot be a same-size identity")
+    r = cli("deepen", cnn_teacher, tmp_path / "o.safetensors", "-m", CNN_YAML, "--after", "fc1", "--kernel-size", "3")
+    _bad(r, "kernel_size: 'fc1' is a linear layer, so the new layer is linear too and has no kernel")
+
+
+def test_zero_sum_noise_claims_exactness_so_it_is_judged(tmp_path, cli, cnn_teacher):
+    r = cli("widen", cnn_teacher, tmp_path / "o.safetensors", "-m", CNN_YAML, "--layer", "fc1", "--to", "128",
+            "--noise", "1e6", "--json")
+    assert r.exit_code == 3, r.output  # cancellation of huge zero-sum noise is not exact in float32
+    doc = json.loads(r.stdout)
+    assert doc["verification"]["deviation"]["passed"] is False
+    assert not (tmp_path / "o.safetensors").exists()

@@ -11,7 +11,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import VOCAB, make_hf_model as make_model  # noqa: E402
+from helpers import CNN_YAML, VOCAB, make_hf_model as make_model  # noqa: E402
 from n2n_cli import api  # noqa: E402
 from n2n_cli.errors import CheckpointError, ModelError, SpecError, StepError, UserError  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
@@ -41,9 +41,10 @@ def max_rel_error(teacher: Path, student: Path, ratio: int = 1) -> float:
     a, b = (a.logits, b.logits) if causal else (a.last_hidden_state, b.last_hidden_state)
     a, b = a[mask.bool()].double(), b[mask.bool()].double()
     if not causal:
-        assert b.shape[-1] == ratio * a.shape[-1]
-        b = b.reshape(b.shape[0], ratio, a.shape[-1])  # every copy of the tiled stream must match
-        return float(max((b[:, k] - a).abs().max() for k in range(ratio)) / a.abs().max())
+        r, pad = divmod(b.shape[-1], a.shape[-1])
+        assert r == ratio and not b[:, r * a.shape[-1]:].any()  # the padded units of the stream stay zero
+        b = b[:, :r * a.shape[-1]].reshape(b.shape[0], r, a.shape[-1])  # every copy of the tiled stream must match
+        return float(max((b[:, k] - a).abs().max() for k in range(r)) / a.abs().max())
     return float((a - b).abs().max() / a.abs().max())
 
 
@@ -382,7 +383,9 @@ def test_cli_usage_errors_between_the_two_kinds_of_source(tmp_path, cli, cnn_tea
         (["grow", spec, cnn_teacher, tmp_path / "o.safetensors"],
          "this spec grows Hugging Face model directories (its steps name dimensions), but SRC is not a directory"),
         (["verify", src, cnn_teacher], "compare a Hugging Face directory with another directory"),
-        (["verify", src, other], "the student's hidden_size 48 is not a multiple of the teacher's 32"),
+        (["verify", other, src], "the student (hidden_size 32, vocab 97) cannot be a grown copy of the teacher "
+                                 "(hidden_size 48, vocab 97)"),
+        (["inspect", src, "--model", CNN_YAML], "--model describes MLP/CNN checkpoints"),
     ]
     for args, message in cases:
         r = cli(*args)
@@ -413,3 +416,35 @@ def test_layernorm_families_refuse_non_multiple_hidden_widths(tmp_path):
         grow(src, tmp_path / "out", [{"widen": {"dim": "hidden_size", "to": 48}}])
     assert "to: 48 is not an integer multiple of hidden_size 32; gpt2 uses LayerNorm" in e.value.render()
     assert "Use a multiple of 32, e.g. 64." in e.value.render()
+
+
+@pytest.mark.parametrize("family,tied,to", [("llama", False, 64), ("llama", True, 64), ("llama", True, 40),
+                                            ("gpt2", True, 64)])
+def test_base_models_without_a_head(tmp_path, cli, family, tied, to):
+    """LlamaModel / GPT2Model: no lm_head even when tie_word_embeddings says tied, so the final
+    norm keeps its scale and the hidden states are compared tiled (and zero-padded)."""
+    torch.manual_seed(0)
+    import helpers
+    cfg = helpers._config(family, tie_word_embeddings=tied)
+    model = (transformers.LlamaModel if family == "llama" else transformers.GPT2Model)(cfg)
+    with torch.no_grad():
+        for mod in model.modules():
+            w = getattr(mod, "weight", None)
+            if isinstance(w, torch.nn.Parameter) and w.dim() == 1:
+                w.uniform_(0.5, 1.5)
+    src = tmp_path / "base"
+    model.save_pretrained(src)
+    out = tmp_path / "out"
+    r = cli("widen", src, out, "--dim", "hidden_size", "--to", str(to))
+    assert r.exit_code == 0, r.output
+    assert max_rel_error(src, out, ratio=to // 32) <= 1e-5
+    assert "hidden_size" in api.inspect(src)["growth"]
+    r = cli("verify", src, out)  # n2n verify accepts what n2n grow wrote, padded stream included
+    assert r.exit_code == 0, r.output
+
+
+def test_verify_after_lemon_width_on_a_causal_lm(tmp_path, cli):
+    src = make_model(tmp_path, "llama")
+    assert cli("widen", src, tmp_path / "out", "--dim", "hidden_size", "--to", "40").exit_code == 0
+    r = cli("verify", src, tmp_path / "out")
+    assert r.exit_code == 0 and r.stdout.startswith("PASS")

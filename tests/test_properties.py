@@ -136,6 +136,8 @@ def simulate(model: dict, steps: list[dict]) -> tuple[dict | None, str | None]:
                     return None, "not idempotent"
                 block.append(dict(layers[j]))
                 j += 1
+            if after["type"] == "linear" and "kernel_size" in d:
+                return None, "has no kernel"
             if after["type"] == "linear":
                 new = {"type": "linear", "name": d["name"], "out_features": after["out_features"],
                        "bias": after.get("bias", True)}
