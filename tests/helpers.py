@@ -88,7 +88,16 @@ def make_hf_model(tmp_path: Path, family: str, name: str = "teacher", dtype=torc
     cfg = _config(family, **kw)
     cls = transformers.BertModel if family == "bert" else transformers.AutoModelForCausalLM
     model = cls.from_config(cfg) if cls is not transformers.BertModel else cls(cfg)
-    with torch.no_grad():  # non-trivial norms, so a wrong norm remap or scale shows up
+    randomize_hf_norms(model)
+    path = tmp_path / name
+    model.to(dtype).save_pretrained(path)
+    (path / "tokenizer_config.json").write_text('{"note": "copied as is"}\n')
+    return path
+
+
+def randomize_hf_norms(model) -> None:
+    """Non-trivial norm weights and 1-d biases, so a wrong norm remap or scale shows up."""
+    with torch.no_grad():
         for mod in model.modules():
             w = getattr(mod, "weight", None)
             if isinstance(w, torch.nn.Parameter) and w.dim() == 1:
@@ -96,7 +105,3 @@ def make_hf_model(tmp_path: Path, family: str, name: str = "teacher", dtype=torc
             b = getattr(mod, "bias", None)
             if isinstance(b, torch.nn.Parameter) and b.dim() == 1:
                 b.normal_(0, 0.1)
-    path = tmp_path / name
-    model.to(dtype).save_pretrained(path)
-    (path / "tokenizer_config.json").write_text('{"note": "copied as is"}\n')
-    return path

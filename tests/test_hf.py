@@ -427,11 +427,7 @@ def test_base_models_without_a_head(tmp_path, cli, family, tied, to):
     import helpers
     cfg = helpers._config(family, tie_word_embeddings=tied)
     model = (transformers.LlamaModel if family == "llama" else transformers.GPT2Model)(cfg)
-    with torch.no_grad():
-        for mod in model.modules():
-            w = getattr(mod, "weight", None)
-            if isinstance(w, torch.nn.Parameter) and w.dim() == 1:
-                w.uniform_(0.5, 1.5)
+    helpers.randomize_hf_norms(model)
     src = tmp_path / "base"
     model.save_pretrained(src)
     out = tmp_path / "out"
