@@ -489,6 +489,11 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
             f"{fam.name} is post-LN (LayerNorm after each residual add), so a block with zeroed output "
             "projections computes LayerNorm(h + 0), not h: deepening cannot be exact",
             hint="Add allow_approximate: true to the step to grow anyway; the deviation is measured and reported.")
+    mwl = plan.config.get("max_window_layers")
+    if plan.config.get("use_sliding_window") and "layer_types" not in a.per_layer and isinstance(mwl, int) and mwl < L:
+        raise StepError("sliding-window attention is assigned by layer index (max_window_layers) and config.json "
+                        "has no layer_types, so inserting blocks would move the window to other layers",
+                        hint="Add layer_types to config.json (one entry per layer), then deepen.")
     if plan.config.get("scale_attn_by_inverse_layer_idx"):
         raise StepError("scale_attn_by_inverse_layer_idx is set: attention scales depend on the layer index, so "
                         "inserting blocks would change the layers after them")

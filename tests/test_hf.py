@@ -444,3 +444,12 @@ def test_verify_after_lemon_width_on_a_causal_lm(tmp_path, cli):
     assert cli("widen", src, tmp_path / "out", "--dim", "hidden_size", "--to", "40").exit_code == 0
     r = cli("verify", src, tmp_path / "out")
     assert r.exit_code == 0 and r.stdout.startswith("PASS")
+
+
+def test_deepening_refuses_index_assigned_sliding_windows(tmp_path):
+    src = make_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("layer_types", None)
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(StepError, match="sliding-window attention is assigned by layer index"):
+        grow(src, tmp_path / "out", [{"deepen": {"layers": 3}}])
