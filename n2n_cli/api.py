@@ -27,10 +27,12 @@ from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
 from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
 from .spec import (GrowthSpec, StepEntry, lenient_steps, load_model_description, load_spec, parse_model_description,
-                   step_line)
+                   spec_from_steps, step_line)
 from .verify import compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
+
+__all__ = ["grow", "verify", "inspect", "validate", "spec_from_steps", "model_from_metadata"]
 
 META_MODEL = "n2n_model"
 META_LINEAGE = "n2n_lineage"

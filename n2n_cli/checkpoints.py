@@ -17,7 +17,9 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import safe_open
 
+from . import fsutil
 from .errors import CheckpointError, OutputError
+from .fsutil import current_umask
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -202,13 +204,9 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not dir_writable(parent):
+    if not fsutil.dir_writable(parent):
         raise OutputError(f"directory {parent} is not writable", where=str(out))
     return out
-
-
-def dir_writable(path: Path) -> bool:
-    return os.access(path, os.W_OK | os.X_OK)
 
 
 @contextlib.contextmanager
@@ -231,12 +229,6 @@ def atomic_output(out: Path) -> Iterator[Path]:
         with contextlib.suppress(OSError):
             tmp_path.unlink()
         raise
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -20,12 +20,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from typing_extensions import Annotated
 
-from . import __version__, api
-from .checkpoints import dir_writable
+from . import __version__
 from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
-from .spec import spec_from_steps
+from .fsutil import dir_writable
 
 out = Console(highlight=False, soft_wrap=True)
+
+
+def _api():
+    """The library, imported on first use, so that `n2n --help` does not wait for torch."""
+    from . import api
+
+    return api
+
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -232,7 +239,7 @@ def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rt
     if bar is not None:
         bar.start()
     try:
-        report = api.grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
+        report = _api().grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
                           max_shard_size=max_shard_size, progress=update)
     finally:
@@ -321,7 +328,7 @@ def widen(
             raise UserError("choose the layer to widen with --layer (--dim is for Hugging Face model directories)")
         step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
                 "noise_mode": noise_mode.value}
-    spec = spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    spec = _api().spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
 
@@ -378,7 +385,7 @@ def deepen(
         if after is None or layers is not None:
             raise UserError("choose where to deepen with --after LAYER (--layers is for Hugging Face model directories)")
         step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
-    spec = spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
 
@@ -399,7 +406,7 @@ def verify(
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
-    result = api.verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
+    result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
                         probes=probes, atol=atol, rtol=rtol)
 
     def human(r):
@@ -417,7 +424,7 @@ def inspect(
     """Show a checkpoint's layers, shapes and parameters, and which layers can be widened or
     deepened after exactly (and why not)."""
     _setup(ctx, report=report, json_=json_)
-    result = api.inspect(src, model=model)
+    result = _api().inspect(src, model=model)
 
     def human(r):
         if "family" in r:
@@ -468,7 +475,7 @@ def validate(
 ):
     """Check a growth spec and report all of its problems at once (exit 2 if any)."""
     _setup(ctx, report=report, json_=json_)
-    result = api.validate(spec, checkpoint=checkpoint, model=model)
+    result = _api().validate(spec, checkpoint=checkpoint, model=model)
 
     def human(r):
         if "plan" in r:

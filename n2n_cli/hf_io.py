@@ -20,8 +20,9 @@ from typing import Any, Callable
 import torch
 from safetensors import safe_open
 
-from . import checkpoints
-from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, current_umask, file_sha256, write_safetensors
+from . import fsutil
+from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
+from .fsutil import current_umask
 from .errors import CheckpointError, OutputError, UserError
 
 CONFIG = "config.json"
@@ -356,6 +357,6 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
     parent = Path(os.path.abspath(out)).parent
     if not parent.is_dir():
         raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not checkpoints.dir_writable(parent):
+    if not fsutil.dir_writable(parent):
         raise OutputError(f"directory {parent} is not writable", where=str(out))
     return out

@@ -14,7 +14,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from helpers import CNN_YAML, MLP_YAML, ROOT, SPECS, load_student, max_rel_error
-from n2n_cli import cli as cli_module
 
 GROW = SPECS / "mnist-cnn-grow.yaml"
 
@@ -284,7 +283,7 @@ def test_unwritable_out_dir(tmp_path, cli, cnn_teacher):
 def test_unwritable_out_dir_as_seen_by_access(tmp_path, cli, cnn_teacher, monkeypatch):
     """The same check when the tests run as root (who may write anywhere)."""
     import n2n_cli.checkpoints as ck
-    monkeypatch.setattr(ck, "dir_writable", lambda path: False)
+    monkeypatch.setattr(ck.fsutil, "dir_writable", lambda path: False)
     _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors"), f"directory {tmp_path} is not writable")
     assert _files(tmp_path) == ["teacher.safetensors"]
 
@@ -374,7 +373,8 @@ def test_unexpected_error_is_exit_1_with_hint(tmp_path, cli, cnn_teacher, monkey
     def boom(*a, **k):
         raise RuntimeError("kaboom")
 
-    monkeypatch.setattr(cli_module.api, "inspect", boom)
+    import n2n_cli.api
+    monkeypatch.setattr(n2n_cli.api, "inspect", boom)
     r = cli("inspect", cnn_teacher)
     assert r.exit_code == 1 and "internal error: RuntimeError: kaboom" in r.stderr and "--debug" in r.stderr
     assert "Traceback" not in r.output
@@ -442,3 +442,11 @@ def test_zero_sum_noise_claims_exactness_so_it_is_judged(tmp_path, cli, cnn_teac
     doc = json.loads(r.stdout)
     assert doc["verification"]["deviation"]["passed"] is False
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_help_does_not_load_torch():
+    """`n2n --help` answers at once: the library (and torch) load on first use."""
+    import subprocess
+    import sys
+    code = "import sys, n2n_cli.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0

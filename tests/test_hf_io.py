@@ -482,7 +482,7 @@ def test_check_output_dir(tmp_path):
 
 
 def test_check_output_dir_unwritable(tmp_path, monkeypatch):
-    monkeypatch.setattr(hf_io.checkpoints, "dir_writable", lambda path: False)
+    monkeypatch.setattr(hf_io.fsutil, "dir_writable", lambda path: False)
     with pytest.raises(OutputError) as e:
         check_output_dir(tmp_path / "o", None, force=False)
     assert f"directory {tmp_path} is not writable" in message(e)
