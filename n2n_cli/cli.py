@@ -25,6 +25,7 @@ from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
 from .fsutil import dir_writable
 
 out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _api():
@@ -32,8 +33,6 @@ def _api():
     from . import api
 
     return api
-
-err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class _Group(typer.core.TyperGroup):
