@@ -226,6 +226,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
                                            probes=probes, seed=seed, atol=atol, rtol=rtol,
                                            device=resolve_device(device), dtype=dtype)
+                if progress:
+                    progress("verifying", 1, 1)
                 if plan.function_preserving:
                     v = {"passed": c.passed, "checked": "student", "exact": c.to_dict(), "deviation": None}
                 else:

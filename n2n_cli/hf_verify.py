@@ -14,7 +14,7 @@ import torch
 
 from .errors import StepError, UserError
 from .transforms import generator
-from .verify import Comparison, compare_outputs
+from .verify import Comparison, compare_outputs, full_precision
 
 INSTALL_HINT = "Install it with: pip install 'n2n-cli[hf]' (or pip install transformers)."
 LENGTHS = (5, 16, 33)
@@ -79,7 +79,7 @@ def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
 def outputs(model, causal: bool, batches, device) -> torch.Tensor:
     """Outputs at the kept positions of every batch, concatenated: [positions, features]."""
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():
         for ids, mask in batches:
             res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             y = res.logits if causal else res.last_hidden_state

@@ -6,6 +6,7 @@ cancels). Both run in eval mode (batchnorm uses running statistics, dropout is o
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -84,13 +85,29 @@ def probe_inputs(desc: ModelDescription, probes: int, seed: int) -> torch.Tensor
     return torch.randn((probes, *desc.input_shape), generator=generator(seed, "probes"), dtype=torch.float64)
 
 
+@contextlib.contextmanager
+def full_precision():
+    """Turn off TensorFloat-32 while verifying: on Ampere and newer GPUs cuDNN convolutions use
+    TF32 by default (10-bit mantissa), which alone would exceed float32 tolerances."""
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])
+
+
 def run(desc: ModelDescription, get: Callable[[str], torch.Tensor], x: torch.Tensor, device: torch.device,
         dtype: torch.dtype) -> torch.Tensor:
     def fetch(key: str) -> torch.Tensor:
         t = get(key)
         return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():
         return forward(desc, fetch, x.to(device=device, dtype=dtype)).to("cpu", torch.float64)
 
 

@@ -198,3 +198,16 @@ def test_batchnorm1d_after_flatten_remaps_channel_blocks(tmp_path):
     teacher, student, _ = _grow(tmp_path, model, [{"widen": {"layer": "c", "to": 5}}])
     assert student.bn.running_mean.shape == (5 * 4 * 3,)
     assert max_rel_error(teacher, student, torch.randn(8, 2, 4, 3)) <= 1e-6
+
+
+def test_verification_turns_tf32_off_and_restores_it():
+    from n2n_cli.verify import full_precision
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
+    try:
+        with full_precision():
+            assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
+            assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.backends.cudnn.allow_tf32 is True and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
