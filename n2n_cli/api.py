@@ -110,9 +110,10 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
 # ----------------------------------------------------------------------------- grow
 
 
-def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol):
+def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol, verify_dtype=None):
     seed = spec.seed if seed is None else seed
-    d_atol, d_rtol = default_tolerances(d for d, _ in header.values())
+    dtypes = [d for d, _ in header.values()]
+    d_atol, d_rtol = default_tolerances(dtypes + [compute_dtype(dtypes, verify_dtype)])
     return (seed, probes or spec.verify.probes,
             atol if atol is not None else (spec.verify.atol if spec.verify.atol is not None else d_atol),
             rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol))
@@ -121,7 +122,7 @@ def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol):
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
-         max_shard_size: int | str = "5GB", progress: Progress | None = None) -> dict:
+         max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None) -> dict:
     """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
     Hugging Face model directory). Returns the report (a dict).
 
@@ -145,7 +146,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                             "model", where=str(src), hint="Use widen: {dim: intermediate_size, to: N} or "
                             "deepen: {layers: N} (see the README).")
         return _grow_hf(spec, src, out_path, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                        dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size, progress=progress)
+                        dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size,
+                        verify_dtype=verify_dtype, progress=progress)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if not dry_run:
@@ -154,7 +156,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         desc = resolve_model(source, model, spec_model)
         header = check_checkpoint(source, desc)
         check_finite(source, header, progress)
-        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
+        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
+                                             verify_dtype=verify_dtype)
         plan = build_plan(desc, header, spec.steps, seed)
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False}
@@ -165,6 +168,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         if do_verify:
             report["verification"] = _verify_plan(spec.steps, plan, source, desc, header, mat, probes=probes,
                                                   seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
+                                                  dtype=compute_dtype([d for d, _ in header.values()], verify_dtype),
                                                   progress=progress)
             if report["verification"]["passed"] is False:
                 raise _verification_failed(report["verification"]["exact"], src, report, grown=True)
@@ -188,13 +192,14 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
 
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
-             max_shard_size, progress) -> dict:
+             max_shard_size, verify_dtype, progress) -> dict:
     if not dry_run:
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
         check_finite(source, header, progress)
-        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol)
+        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
+                                             verify_dtype=verify_dtype)
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         hf_verify.check_config(plan.new_config())
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
@@ -222,7 +227,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)
-                dtype = compute_dtype(d for d, _ in header.values())
+                dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
                 c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
                                            probes=probes, seed=seed, atol=atol, rtol=rtol,
                                            device=resolve_device(device), dtype=dtype)
@@ -249,12 +254,16 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
 def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool) -> VerificationFailed:
     """The one message for a failed comparison (``c`` is a ``Comparison.to_dict()``)."""
     what = "the grown network" if grown else "the student"
+    if c["dtype"] in ("bfloat16", "float16"):
+        hint = (f"Verification ran in {c['dtype']}, whose rounding alone can exceed these tolerances: use "
+                "--verify-dtype float32, or looser --atol/--rtol.")
+    else:
+        hint = "This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown \
+            else None
     return VerificationFailed(
         f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
         f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
-        + ("; nothing was written" if grown else ""), where=str(where), report=report,
-        hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown
-        else None)
+        + ("; nothing was written" if grown else ""), where=str(where), report=report, hint=hint)
 
 
 @contextlib.contextmanager
@@ -281,10 +290,9 @@ def _lineage(source: TensorSource, teacher_sha256: str, spec: GrowthSpec, plan: 
 
 
 def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc: ModelDescription, header,
-                 mat: Materializer, *, probes, seed, atol, rtol, device, progress) -> dict:
+                 mat: Materializer, *, probes, seed, atol, rtol, device, dtype, progress) -> dict:
     """Verify the exact transform; measure (not judge) inexact noise and random baselines on top.
     A student that claims to be exact (zero-sum noise) is judged too."""
-    dtype = compute_dtype(d for d, _ in header.values())
     x = probe_inputs(desc, probes, seed)
     kw = dict(atol=atol, rtol=rtol, probes=probes, seed=seed, device=device, dtype=dtype)
     if progress:
@@ -326,10 +334,12 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
 
 def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
-           probes: int = 64, atol: float | None = None, rtol: float | None = None) -> dict:
+           probes: int = 64, atol: float | None = None, rtol: float | None = None,
+           verify_dtype: str | None = None) -> dict:
     """Compare two checkpoints' functions on seeded probes. Raises VerificationFailed on mismatch."""
     if Path(teacher).is_dir() or Path(student).is_dir():
-        return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol)
+        return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+                          verify_dtype=verify_dtype)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -342,10 +352,10 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
             raise ModelError(f"the networks take different inputs: {t_desc.input_shape} vs {s_desc.input_shape}",
                              where=str(student))
         dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
-        d_atol, d_rtol = default_tolerances(dtypes)
+        dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
+        d_atol, d_rtol = default_tolerances(dtypes + [dtype])
         atol = d_atol if atol is None else atol
         rtol = d_rtol if rtol is None else rtol
-        dev, dtype = resolve_device(device), compute_dtype(dtypes)
         x = probe_inputs(t_desc, probes, seed)
         c = compare_outputs(run(t_desc, t_src.get, x, dev, dtype), run(s_desc, s_src.get, x, dev, dtype),
                             atol=atol, rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
@@ -357,7 +367,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
         return report
 
 
-def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol) -> dict:
+def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype) -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
@@ -366,11 +376,12 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
         raise ModelError(f"the student (hidden_size {s_arch.hidden}, vocab {s_arch.vocab}) cannot be a grown copy of "
                          f"the teacher (hidden_size {t_arch.hidden}, vocab {t_arch.vocab})", where=str(student))
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
-    d_atol, d_rtol = default_tolerances(dtypes)
+    dtype = compute_dtype(dtypes, verify_dtype)
+    d_atol, d_rtol = default_tolerances(dtypes + [dtype])
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
                                probes=probes, seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
-                               dtype=compute_dtype(dtypes))
+                               dtype=dtype)
     report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
               "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
     if not c.passed:

@@ -130,6 +130,10 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (ever
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists (OUT is never SRC).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is marked unverified).")]
+VerifyDtypeOpt = Annotated[Optional[str], typer.Option("--verify-dtype", help="Run verification in float32 (default; "
+                                                       "float64 for float64 checkpoints), float64, bfloat16 or float16: "
+                                                       "half precision halves the memory of verifying a big model, "
+                                                       "with half-precision tolerances.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Hugging Face output: largest shard, in HF units "
                                        "(5GB = 5*10^9 bytes, 5GiB = 5*2^30).")]
 SrcArg = Annotated[Path, typer.Argument(help="Teacher: a .safetensors file, a .pt/.pth/.bin state dict (loaded with "
@@ -233,14 +237,14 @@ def _print_grow(report: dict) -> None:
 
 
 def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
-              max_shard_size="5GB"):
+              max_shard_size="5GB", verify_dtype=None):
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
     try:
         report = _api().grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
-                          max_shard_size=max_shard_size, progress=update)
+                          max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update)
     finally:
         if bar is not None:
             bar.stop()
@@ -258,7 +262,7 @@ def grow(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
-    max_shard_size: ShardOpt = "5GB",
+    max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
 ):
     """Apply every step of a growth SPEC to SRC, verify, and write OUT.
 
@@ -267,7 +271,8 @@ def grow(
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
+              verify_dtype=verify_dtype)
 
 
 class WidenMethod(str, Enum):
@@ -305,7 +310,7 @@ def widen(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
-    max_shard_size: ShardOpt = "5GB",
+    max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
 ):
     """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
@@ -329,7 +334,8 @@ def widen(
                 "noise_mode": noise_mode.value}
     spec = _api().spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
+              verify_dtype=verify_dtype)
 
 
 class DeepenMethod(str, Enum):
@@ -362,7 +368,7 @@ def deepen(
     model: ModelOpt = None, device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
-    max_shard_size: ShardOpt = "5GB",
+    max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
 ):
     """Insert a layer into SRC (Net2DeeperNet), or blocks into a Hugging Face model, and write OUT.
 
@@ -386,7 +392,8 @@ def deepen(
         step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
     spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size)
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
+              verify_dtype=verify_dtype)
 
 
 @app.command()
@@ -401,12 +408,12 @@ def verify(
     device: DeviceOpt = "auto", seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
     probes: Annotated[int, typer.Option("--probes", min=1, help="Number of random probe inputs.")] = 64,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
-                        probes=probes, atol=atol, rtol=rtol)
+                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype)
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

@@ -35,7 +35,17 @@ def default_tolerances(dtypes) -> tuple[float, float]:
     return worst
 
 
-def compute_dtype(dtypes) -> torch.dtype:
+VERIFY_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}
+
+
+def compute_dtype(dtypes, requested: str | None = None) -> torch.dtype:
+    """float32 (float64 for float64 checkpoints) unless ``requested``: a half-precision
+    verification halves the memory a big model needs, with half-precision tolerances."""
+    if requested is not None:
+        if requested not in VERIFY_DTYPES:
+            raise UserError(f"--verify-dtype: unknown dtype '{requested}'", hint=f"Use one of: {', '.join(VERIFY_DTYPES)}.")
+        return VERIFY_DTYPES[requested]
     return torch.float64 if torch.float64 in set(dtypes) else torch.float32
 
 

@@ -450,3 +450,16 @@ def test_help_does_not_load_torch():
     import sys
     code = "import sys, n2n_cli.cli; assert 'torch' not in sys.modules, 'torch imported'"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).returncode == 0
+
+
+def test_verify_dtype_half_precision_uses_half_precision_tolerances(tmp_path, cli, cnn_teacher):
+    out = tmp_path / "o.safetensors"
+    r = cli("grow", SPECS / "mnist-cnn-wider.yaml", cnn_teacher, out, "--verify-dtype", "bfloat16", "--json")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)["verification"]["exact"]
+    assert (v["dtype"], v["atol"], v["rtol"]) == ("bfloat16", 1e-2, 5e-2)
+    # the spec's own float32 tolerances with bfloat16 arithmetic: refused, and the hint says why
+    r = cli("grow", GROW, cnn_teacher, tmp_path / "p.safetensors", "--verify-dtype", "bfloat16")
+    assert r.exit_code == 3 and "Verification ran in bfloat16" in r.stderr
+    r = cli("verify", cnn_teacher, out, "-m", CNN_YAML, "--verify-dtype", "int8")
+    _bad(r, "--verify-dtype: unknown dtype 'int8'", "float64, float32, bfloat16, float16")

@@ -453,3 +453,10 @@ def test_deepening_refuses_index_assigned_sliding_windows(tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(StepError, match="sliding-window attention is assigned by layer index"):
         grow(src, tmp_path / "out", [{"deepen": {"layers": 3}}])
+
+
+def test_verify_in_bfloat16_to_halve_memory(tmp_path):
+    src = make_model(tmp_path, "llama")
+    report = grow(src, tmp_path / "out", [{"widen": {"dim": "hidden_size", "to": 64}}], verify_dtype="bfloat16")
+    v = report["verification"]
+    assert v["passed"] is True and v["exact"]["dtype"] == "bfloat16" and v["exact"]["rtol"] == 5e-2
