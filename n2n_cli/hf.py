@@ -99,6 +99,7 @@ class Family:
     globals: dict[str, list[str]]
     block: dict[str, list[str]]
     head: dict[str, list[str]]
+    head_architectures: tuple[str, ...]
     block_outputs: tuple[str, ...]
 
 
@@ -110,7 +111,8 @@ def families() -> dict[str, Family]:
         d = yaml.safe_load(path.read_text())
         fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
                      bool(d["head_dim_from_hidden"]), d["norm"], d["norm_kind"], tuple(d["prefixes"]), d["anchor"], d["layer"],
-                     d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d["block_outputs"]))
+                     d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d.get("head_architectures") or ()),
+                     tuple(d["block_outputs"]))
         for mt in fam.model_types:
             out[mt] = fam
     return out
@@ -159,6 +161,8 @@ class Arch:
                 "types": self.types}[space]
 
     def _axis(self, token: str, layer: int | None) -> tuple[int | None, Axis | None]:
+        if token.isdigit():
+            return int(token), None
         if ":" not in token:
             return (None if token == "passthrough" else self.size(token)), None
         space, role = token.split(":")
@@ -197,9 +201,9 @@ class Arch:
         for name, tokens in fam.globals.items():
             if name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
                 add(name, tokens, None, self.prefix)
-        if self.has_head:
+        if self.has_head:  # a tied head's weight is the embedding: its own copy may be missing
             for name, tokens in fam.head.items():
-                add(name + ("?" if self.tied else ""), tokens, None, "")
+                add(name + ("?" if self.tied and "hidden:head" in tokens else ""), tokens, None, "")
         return out
 
     def num_parameters(self, present: set[str] | None = None) -> int:
@@ -287,9 +291,9 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     archs = config.get("architectures") or []
     head_keys = set(fam.head)
     if archs:  # what transformers will build decides whether a (possibly tied) head reads the stream
-        has_head = bool(head_keys) and any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+        has_head = bool(head_keys) and any(a.endswith(fam.head_architectures) for a in archs)
     else:
-        has_head = bool(head_keys) and (prefix != "" or bool(head_keys & keys))
+        has_head = bool(head_keys) and (prefix != "" or any(k.rstrip("?") in keys for k in head_keys))
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
                 int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer,
                 float(eps) if isinstance(eps, (int, float)) else None, has_head)

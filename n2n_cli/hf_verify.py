@@ -54,8 +54,11 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     transformers.logging.disable_progress_bar()
     config = transformers.AutoConfig.from_pretrained(str(path))
     archs = config.architectures or []
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
+    heads = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
+             "ForMaskedLM": "AutoModelForMaskedLM", "ForPreTraining": "AutoModelForPreTraining"}
+    auto = next((cls for suffix, cls in heads.items() if any(a.endswith(suffix) for a in archs)), "AutoModel")
+    causal = auto != "AutoModel"  # a model with a head: compare its logits
+    cls = getattr(transformers, auto)
     major = int(transformers.__version__.split(".")[0])
     kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
     model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
@@ -82,15 +85,16 @@ def outputs(model, causal: bool, batches, device) -> torch.Tensor:
     with torch.no_grad(), full_precision():
         for ids, mask in batches:
             res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            y = res.logits if causal else res.last_hidden_state
+            y = (getattr(res, "logits", None) if getattr(res, "logits", None) is not None
+                 else res.prediction_logits) if causal else res.last_hidden_state
             out.append(y[mask.to(device).bool()].to("cpu", torch.float64))
     return torch.cat(out)
 
 
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int,
                  seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype) -> Comparison:
-    """Logits of causal LMs must match; hidden states of other models must be the teacher's
-    tiled r times, followed by zeros where the stream was padded (LEMON)."""
+    """Logits of models with a head (causal or masked LM) must match; hidden states of base
+    models must be the teacher's tiled r times, then zeros where the stream was padded (LEMON)."""
     batches = probe_batches(vocab, max_len, probes, seed)
     t_model, causal = load_model(teacher, dtype, device)
     t_out = outputs(t_model, causal, batches, device)

@@ -22,10 +22,12 @@ transformers.logging.disable_progress_bar()
 
 
 def load(path: Path):
+    """(model, has_head): the class its architectures name, so a head's logits are compared."""
     cfg = transformers.AutoConfig.from_pretrained(path)
-    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in cfg.architectures or [])
-    cls = transformers.AutoModelForCausalLM if causal else transformers.AutoModel
-    return cls.from_pretrained(path, dtype=torch.float32).eval(), causal
+    arch = (cfg.architectures or ["AutoModel"])[0]
+    cls = getattr(transformers, arch) if arch != "AutoModel" else transformers.AutoModel
+    return cls.from_pretrained(path, dtype=torch.float32).eval(), arch.endswith(
+        ("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForPreTraining"))
 
 
 def max_rel_error(teacher: Path, student: Path, ratio: int = 1) -> float:
@@ -38,7 +40,10 @@ def max_rel_error(teacher: Path, student: Path, ratio: int = 1) -> float:
     mask[1, 7:] = 0
     with torch.no_grad():
         a, b = t(input_ids=ids, attention_mask=mask), s(input_ids=ids, attention_mask=mask)
-    a, b = (a.logits, b.logits) if causal else (a.last_hidden_state, b.last_hidden_state)
+    if causal and hasattr(a, "seq_relationship_logits"):  # BERT pre-training: both heads
+        assert torch.allclose(a.seq_relationship_logits, b.seq_relationship_logits, rtol=1e-5, atol=1e-6)
+    logits = (lambda o: o.prediction_logits if hasattr(o, "prediction_logits") else o.logits)
+    a, b = (logits(a), logits(b)) if causal else (a.last_hidden_state, b.last_hidden_state)
     a, b = a[mask.bool()].double(), b[mask.bool()].double()
     if not causal:
         r, pad = divmod(b.shape[-1], a.shape[-1])
@@ -459,3 +464,20 @@ def test_verify_in_bfloat16_to_halve_memory(tmp_path):
     report = grow(src, tmp_path / "out", [{"widen": {"dim": "hidden_size", "to": 64}}], verify_dtype="bfloat16")
     v = report["verification"]
     assert v["passed"] is True and v["exact"]["dtype"] == "bfloat16" and v["exact"]["rtol"] == 5e-2
+
+
+@pytest.mark.parametrize("head", ["BertForMaskedLM", "BertForPreTraining"])
+def test_bert_with_task_heads(tmp_path, head):
+    """bert-base-uncased-style checkpoints: the tied MLM decoder reads the tiled stream, so the
+    head's LayerNorm is scaled by 1/r; next-sentence prediction reads the tiled pooler output."""
+    import helpers
+    torch.manual_seed(0)
+    model = getattr(transformers, head)(helpers._config("bert"))
+    helpers.randomize_hf_norms(model)
+    src = tmp_path / "teacher"
+    model.save_pretrained(src)
+    out = tmp_path / "out"
+    report = grow(src, out, [{"widen": {"dim": "hidden_size", "factor": 2}},
+                             {"widen": {"dim": "intermediate_size", "to": 64}}])
+    assert report["verification"]["passed"] is True
+    assert max_rel_error(src, out) <= 1e-5
