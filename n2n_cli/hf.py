@@ -529,34 +529,24 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     block_names = [n.rstrip("?") for n in fam.block]
     zeroed = set(fam.block_outputs)
     new_specs = new_arch.tensors()
-    recipes, changes = {}, []
-    for key in new_specs:
+    recipes, shapes, dtypes, changes = {}, {}, {}, []
+    for key in new_specs:  # tensors outside the blocks keep their recipes
         if key in plan.recipes and not key.startswith(layer_key.split("{")[0]):
-            recipes[key] = plan.recipes[key]
+            recipes[key], shapes[key], dtypes[key] = plan.recipes[key], plan.shapes[key], plan.dtypes[key]
     for n, (i, is_new) in enumerate(order):
         for name in block_names:
-            src = block_key(i, name)
+            src, dst = block_key(i, name), block_key(n, name)
             if src not in plan.recipes:
                 continue
-            dst = block_key(n, name)
+            shapes[dst], dtypes[dst] = plan.shapes[src], plan.dtypes[src]
             if is_new and name in zeroed:
                 recipes[dst] = [Create(index, plan.shapes[src], "const", 0.0)]
-                how = f"zero (output projection of a copy of layer {i})"
+                changes.append(TensorChange(dst, None, shapes[dst], f"zero (output projection of a copy of layer {i})"))
             else:
                 recipes[dst] = list(plan.recipes[src])
-                how = f"copy of layer {i}"
-            if is_new:
-                changes.append(TensorChange(dst, None, plan.shapes[src], how))
+                if is_new:
+                    changes.append(TensorChange(dst, None, shapes[dst], f"copy of layer {i}"))
     ordered = {k: recipes[k] for k in new_specs if k in recipes}
-    shapes, dtypes = {}, {}
-    for n, (i, _) in enumerate(order):
-        for name in block_names:
-            src, dst = block_key(i, name), block_key(n, name)
-            if src in plan.shapes:
-                shapes[dst], dtypes[dst] = plan.shapes[src], plan.dtypes[src]
-    for k in ordered:
-        if k not in shapes:
-            shapes[k], dtypes[k] = plan.shapes[k], plan.dtypes[k]
     before = plan.arch_after.num_parameters(set(plan.recipes))
     plan.recipes, plan.shapes, plan.dtypes = ordered, shapes, dtypes
     where = "interleaved" if step.layers and step.placement == "interleave" else "inserted"
