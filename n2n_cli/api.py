@@ -9,7 +9,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -481,8 +480,7 @@ def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = No
         layers = []
         for i, layer in enumerate(desc.layers):
             (ins, outs) = layout.layer_io[i]
-            params = sum(math.prod(t.shape) for t in layout.tensors.values() if layer.parametric
-                         and t.layer == layer.name and t.floating and t.key.rsplit(".", 1)[1] in ("weight", "bias"))
+            params = layout.num_parameters(layer.name) if layer.parametric else 0
             layers.append({"index": i, "type": layer.type, "name": getattr(layer, "name", None),
                            "input_shape": list(ins), "output_shape": list(outs), "params": params,
                            **options.get(getattr(layer, "name", None), {})})

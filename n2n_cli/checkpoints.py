@@ -201,11 +201,7 @@ def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLik
         raise OutputError("is a directory", where=str(out))
     if out.exists() and not force:
         raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
-    parent = out.parent if str(out.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not fsutil.dir_writable(parent):
-        raise OutputError(f"directory {parent} is not writable", where=str(out))
+    fsutil.check_parent_dir(out)
     return out
 
 

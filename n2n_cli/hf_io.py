@@ -354,9 +354,5 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
             raise OutputError("exists and is not a directory", where=str(out), hint="Choose another output path.")
         if not force:
             raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
-    parent = Path(os.path.abspath(out)).parent
-    if not parent.is_dir():
-        raise OutputError(f"directory {parent} does not exist", where=str(out))
-    if not fsutil.dir_writable(parent):
-        raise OutputError(f"directory {parent} is not writable", where=str(out))
+    fsutil.check_parent_dir(out)
     return out

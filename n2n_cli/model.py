@@ -103,9 +103,10 @@ class Layout:
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         return {k: t.shape for k, t in self.tensors.items()}
 
-    def num_parameters(self) -> int:
+    def num_parameters(self, layer: str | None = None) -> int:
+        """Trainable parameters (not batchnorm statistics), of the whole model or one layer."""
         return sum(math.prod(t.shape) for t in self.tensors.values() if t.floating
-                   and not t.key.endswith((".running_mean", ".running_var")))
+                   and not t.key.endswith((".running_mean", ".running_var")) and layer in (None, t.layer))
 
 
 def compile_layout(desc: ModelDescription) -> Layout:
