@@ -83,11 +83,43 @@ def check_checkpoint(source: TensorSource, desc: ModelDescription) -> dict[str, 
                             f"expected a {'floating point' if info.floating else 'integer'} tensor")
     for key in sorted(keys - set(expected)):
         problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}) not in the description")
+    if problems and keys:
+        prefix, extra = common_prefix(set(expected), keys)
+        if prefix is not None:
+            if extra:  # e.g. DistributedDataParallel saves 'module.conv1.weight' for 'conv1.weight'
+                what = (f"every tensor name in the checkpoint starts with '{prefix}'"
+                        + (" (the model was saved wrapped in DistributedDataParallel/DataParallel)"
+                           if prefix == "module." else ""))
+                load = (f"from safetensors.torch import load_file, save_file; sd = load_file('{source.path}')"
+                        if source.path.suffix == ".safetensors" else
+                        f"import torch; from safetensors.torch import save_file; sd = torch.load('{source.path}', "
+                        "weights_only=True)")
+                fix = (f"Strip it: python -c \"{load}; save_file({{k.removeprefix('{prefix}'): v.contiguous() for "
+                       f"k, v in sd.items()}}, 'fixed.safetensors')\" (or save model.module.state_dict()).")
+            else:
+                what = f"the description's layer names start with '{prefix}' but the checkpoint's tensor names do not"
+                fix = f"Remove '{prefix}' from the layer names in the description."
+            raise CheckpointError(f"the checkpoint does not match the model description: {what}",
+                                  where=str(source.path), hint=fix)
     if problems:
         raise CheckpointError(f"the checkpoint does not match the model description ({len(problems)} "
                               f"problem{'s' * (len(problems) > 1)})", where=str(source.path), problems=problems,
                               hint="Fix the description (layer names, sizes, bias, input_shape) or pass the right --model.")
     return {k: (source.dtype(k), source.shape(k)) for k in expected}
+
+
+def common_prefix(expected: set[str], found: set[str]) -> tuple[str | None, bool]:
+    """A prefix p with {p + k for k in expected} == found (extra=True) or the reverse (False)."""
+    for have, want, extra in ((found, expected, True), (expected, found, False)):
+        if len(have) != len(want) or not want:
+            continue
+        anchor = min(want)
+        for key in have:
+            if key.endswith(anchor) and len(key) > len(anchor):
+                p = key[:-len(anchor)]
+                if {p + k for k in want} == have:
+                    return p, extra
+    return None, False
 
 
 def check_finite(source: TensorSource, keys, progress: Progress | None = None) -> None:
@@ -133,6 +165,10 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         spec, spec_model = load_spec(spec)
     src = Path(src)
     out_path = Path(out)
+    if src.suffix.lower() in (".yaml", ".yml"):
+        raise UserError("SRC is a YAML file; it should be the teacher checkpoint (a .safetensors file, a state dict "
+                        "or a Hugging Face model directory)", where=str(src),
+                        hint="The order is: n2n grow SPEC SRC OUT; for a model description use --model.")
     if src.is_dir() or isinstance(spec, HFGrowthSpec):
         if not src.is_dir():
             raise SpecError("this spec grows Hugging Face model directories (its steps name dimensions), but SRC "

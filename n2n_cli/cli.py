@@ -24,6 +24,8 @@ from . import __version__
 from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
 from .fsutil import dir_writable
 
+MAX_PROBES = 65536  # the spec's verify.probes has the same bound
+
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -37,6 +39,10 @@ def _api():
 
 class _Group(typer.core.TyperGroup):
     """The one place that turns exceptions into exit codes and messages."""
+
+    def parse_args(self, ctx, args):
+        ctx.meta["n2n_json"] = "--json" in args  # usage errors happen before the command sees its flags
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
         try:
@@ -55,7 +61,11 @@ class _Group(typer.core.TyperGroup):
             raise typer.Exit(141) from None
         except Exception as e:
             if type(e).__module__.split(".")[0] in ("typer", "click"):
-                raise  # usage errors and exits: typer/click report them (exit 2 for usage)
+                # usage errors and exits: typer's (vendored) click reports them (exit 2 for usage);
+                # under --json, stdout carries one JSON object whatever happened
+                if ctx.meta.get("n2n_json") and any(c.__name__ == "UsageError" for c in type(e).__mro__):
+                    out.print_json(json.dumps({"ok": False, "exit_code": e.exit_code, "error": e.format_message()}))
+                raise
             _write_failure_report(ctx, e)
             if (ctx.obj or {}).get("debug"):
                 err.print(traceback.format_exc(), markup=False)
@@ -86,7 +96,7 @@ app = typer.Typer(
          "prove on probe inputs that the grown network computes the same function, and write safetensors.\n\n"
          "Exit codes: 0 ok, 2 bad input, 3 verification failed (nothing written), 1 unexpected error.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -103,7 +113,7 @@ def _root(
     ctx: typer.Context,
     debug: Annotated[bool, typer.Option("--debug", help="Show a traceback for unexpected errors.",
                                         envvar="N2N_DEBUG")] = False,
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
                                           help="Print the version and exit.")] = False,
 ):
     ctx.obj = {"debug": debug}
@@ -118,7 +128,8 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model d
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where verification runs: auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for the widening mapping, noise, baselines and "
                                                 "probes (default: the spec's seed, else 0).")]
-ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, help="Number of random probe inputs (default 64).")]
+ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, max=MAX_PROBES,
+                                                  help="Number of random probe inputs (default 64).")]
 AtolOpt = Annotated[Optional[float], typer.Option("--atol", min=0, help="Absolute tolerance (default by dtype: "
                                                   "1e-5 for float32).")]
 RtolOpt = Annotated[Optional[float], typer.Option("--rtol", min=0, help="Relative tolerance, times max|teacher| "
@@ -406,7 +417,7 @@ def verify(
     student_model: Annotated[Optional[Path], typer.Option("--student-model", help="Student's model description "
                                                           "(default: its n2n metadata).")] = None,
     device: DeviceOpt = "auto", seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
-    probes: Annotated[int, typer.Option("--probes", min=1, help="Number of random probe inputs.")] = 64,
+    probes: Annotated[int, typer.Option("--probes", min=1, max=MAX_PROBES, help="Number of random probe inputs.")] = 64,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
 ):

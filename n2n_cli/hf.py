@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from .errors import CheckpointError, ModelError, StepError
 from .layers import Axis
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
-from .spec import OneStep, VerifySpec
+from .spec import Factor, OneStep, VerifySpec, Width
 
 FAMILY_DIR = Path(__file__).parent / "families"
 HF_DIMS = ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
@@ -38,8 +38,8 @@ class HFWidenStep(_Strict):
     """Widen one dimension of every layer of a transformer."""
 
     dim: Literal["intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
-    to: PositiveInt | None = None
-    factor: float | None = Field(default=None, gt=1)
+    to: Width | None = None
+    factor: Factor | None = None
     noise: float = Field(default=0.0, ge=0)  # zero-sum symmetry-breaking noise: still exact
 
     @model_validator(mode="after")

@@ -13,10 +13,19 @@ from typing import Annotated, ClassVar, Literal, Union
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator
 
 Pair = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
 NonNegPair = Union[Annotated[int, Field(ge=0)], tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]]
+
+
+def _int_name(v):
+    """``nn.Sequential`` names its children 0, 1, 2...: YAML reads ``name: 0`` as an integer."""
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else v
+
+
+#: a layer name as written in YAML: a string, or a non-negative integer (nn.Sequential's names)
+LayerName = Annotated[str, BeforeValidator(_int_name), Field(min_length=1)]
 
 
 def check_layer_name(v: str) -> str:
@@ -40,7 +49,7 @@ class _Layer(BaseModel):
 
 
 class _Named(_Layer):
-    name: str = Field(min_length=1)
+    name: LayerName
     parametric: ClassVar[bool] = True
 
     @field_validator("name")

@@ -5,6 +5,7 @@ plain data that says, for every output tensor, how to compute it. No tensor is t
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Union
 
@@ -242,6 +243,48 @@ def _unique_name(desc: ModelDescription, base: str, taken: set[str]) -> str:
     return name
 
 
+_NUMBER = re.compile(r"0|[1-9][0-9]*")
+
+
+def _split_name(name: str) -> tuple[str, str]:
+    """'features.3' -> ('features.', '3'); '3' -> ('', '3')."""
+    head, dot, leaf = name.rpartition(".")
+    return head + dot, leaf
+
+
+def _sequential_groups(desc: ModelDescription) -> dict[str, int]:
+    """Prefixes whose layers are numbered like ``nn.Sequential`` children: every parametric
+    layer named ``<prefix><n>`` with n = its position in the list minus one constant offset
+    (stateless layers such as relu take numbers too). Maps prefix -> offset."""
+    offsets: dict[str, set[int | None]] = {}
+    for pos, layer in enumerate(desc.layers):
+        if layer.parametric:
+            prefix, leaf = _split_name(layer.name)
+            offsets.setdefault(prefix, set()).add(pos - int(leaf) if _NUMBER.fullmatch(leaf) else None)
+    return {p: next(iter(o)) for p, o in offsets.items() if len(o) == 1 and None not in o}
+
+
+def _renumber(desc: ModelDescription, i: int, j: int, layers: list, count: int) -> tuple[list, dict[str, str]]:
+    """Name the ``count`` layers inserted at position ``j`` (after layer ``i``) and renumber the
+    later ones when layer ``i`` belongs to an ``nn.Sequential``-numbered group, so the grown
+    checkpoint loads into the user's own ``nn.Sequential`` with the new modules in place.
+    Returns the new list and {new name: old name} for renamed existing layers."""
+    prefix, _ = _split_name(desc.layers[i].name)
+    offset = _sequential_groups(desc).get(prefix)
+    if offset is None:
+        return layers, {}
+    out, renamed = [], {}
+    for pos, layer in enumerate(layers):
+        new = j <= pos < j + count
+        if layer.parametric and (new or (pos >= j + count and _split_name(layer.name)[0] == prefix)):
+            name = f"{prefix}{pos - offset}"
+            if not new and name != layer.name:
+                renamed[name] = layer.name
+            layer = layer.model_copy(update={"name": name})
+        out.append(layer)
+    return out, renamed
+
+
 def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
     step: DeepenStep = entry.deepen
     desc = plan.model_after
@@ -295,13 +338,21 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
         new_layers.append(act)
     layers = list(desc.layers)
     layers[j:j] = new_layers
+    renamed: dict[str, str] = {}  # new layer name -> old name, when nn.Sequential numbering shifts
+    if step.name is None:
+        layers, renamed = _renumber(desc, i, j, layers, len(new_layers))
+        new_layers = layers[j:j + len(new_layers)]
     new_desc = ModelDescription(kind=desc.kind, input_shape=desc.input_shape, layers=layers)
     new_layout = new_desc.layout()
+    old_key = {key: f"{renamed[info.layer]}.{key.rsplit('.', 1)[1]}" if info.layer in renamed else key
+               for key, info in new_layout.tensors.items()}
     # new tensors, in the new layout's order (the recipes dict is rebuilt to follow it)
     changes = []
     created: dict[str, list[Op]] = {}
+    new_dtypes: dict[str, torch.dtype] = {}
+    new_shapes: dict[str, tuple[int, ...]] = {}
     for key, info in new_layout.tensors.items():
-        if key in plan.recipes:
+        if old_key[key] in plan.recipes and info.layer not in {x.name for x in new_layers if x.parametric}:
             continue
         suffix = key.rsplit(".", 1)[1]
         if new_layers[0].name == info.layer:  # the inserted linear/conv
@@ -315,11 +366,15 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
                      "running_var": 1.0, "num_batches_tracked": 0.0}[suffix]
             op = Create(index, info.shape, "const", value)
         created[key] = [op]
-        plan.dtypes[key] = dtype if info.floating else torch.int64
-        plan.shapes[key] = info.shape
+        new_dtypes[key] = dtype if info.floating else torch.int64
+        new_shapes[key] = info.shape
         how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
         changes.append(TensorChange(key, None, info.shape, how))
-    plan.recipes = {k: plan.recipes[k] if k in plan.recipes else created[k] for k in new_layout.tensors}
+    plan.recipes = {k: created[k] if k in created else plan.recipes[old_key[k]] for k in new_layout.tensors}
+    plan.dtypes = {k: new_dtypes[k] if k in created else plan.dtypes[old_key[k]] for k in new_layout.tensors}
+    plan.shapes = {k: new_shapes[k] if k in created else plan.shapes[old_key[k]] for k in new_layout.tensors}
+    changes += [TensorChange(k, plan.shapes[k], plan.shapes[k], f"renamed from {old_key[k]} (nn.Sequential numbering)")
+                for k in new_layout.tensors if old_key[k] != k]
     inserted = " + ".join(x.describe() for x in new_layers)
     plan.steps.append(PlannedStep(
         index, entry, f"deepen after {layer.name}: insert {inserted} ({step.method})", exact, changes,

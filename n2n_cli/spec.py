@@ -6,7 +6,7 @@ Every problem in a file is reported at once, each with its field path and line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Union
+from typing import Annotated, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -20,6 +20,13 @@ DEEPEN_METHODS = ("net2deeper", "random-init")
 NOISE_MODES = ("zero-sum", "independent")
 
 
+#: a width or factor of a widening step; the bounds only keep absurd values (``.inf``, 10**15)
+#: from reaching shape arithmetic: a real plan is bounded by the free disk space.
+MAX_WIDTH = 2**24
+Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
+Factor = Annotated[float, Field(gt=1, le=1024, allow_inf_nan=False)]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,9 +34,9 @@ class _Strict(BaseModel):
 class WidenStep(_Strict):
     """Make a linear/conv2d layer wider (more units or channels)."""
 
-    layer: str = Field(min_length=1)
-    to: PositiveInt | None = None
-    factor: float | None = Field(default=None, gt=1)
+    layer: L.LayerName
+    to: Width | None = None
+    factor: Factor | None = None
     method: Literal["net2wider", "random-pad"] = "net2wider"
     noise: float = Field(default=0.0, ge=0)
     noise_mode: Literal["zero-sum", "independent"] = "zero-sum"
@@ -52,9 +59,9 @@ class WidenStep(_Strict):
 class DeepenStep(_Strict):
     """Insert a new layer (identity-initialised by net2deeper) after a linear/conv2d layer."""
 
-    after: str = Field(min_length=1)
+    after: L.LayerName
     method: Literal["net2deeper", "random-init"] = "net2deeper"
-    name: str | None = Field(default=None, min_length=1)
+    name: L.LayerName | None = None
     kernel_size: PositiveInt | None = None
 
     @field_validator("name")
@@ -95,7 +102,7 @@ class StepEntry(OneStep):
 
 class VerifySpec(_Strict):
     enabled: bool = True
-    probes: PositiveInt = 64
+    probes: int = Field(default=64, ge=1, le=65536)
     atol: float | None = Field(default=None, ge=0)
     rtol: float | None = Field(default=None, ge=0)
 
@@ -110,24 +117,82 @@ class GrowthSpec(_Strict):
 # --------------------------------------------------------------------------- loading
 
 
+CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+MAX_YAML_BYTES = 10 * 2**20  # a spec or model description is a few KB; refuse what cannot be one
+
+
 def _read_yaml(path: Path, error_cls):
+    """Read a YAML mapping: (data, node tree for line numbers). Every way a file can fail to be
+    one (missing, not a regular file, binary, a checkpoint passed in its place, malformed,
+    duplicate keys, absurdly nested) is an ``error_cls`` naming the file."""
+    what = "spec" if error_cls is SpecError else "model description"
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.is_dir():
+        kind = "a directory (a Hugging Face model?)" if path.is_dir() else f"a checkpoint ({path.suffix})"
+        raise error_cls(f"expected a YAML {what} here, but this is {kind}", where=str(path),
+                        hint="The order is: n2n grow SPEC SRC OUT (the spec first)." if error_cls is SpecError
+                        else "Pass the model description YAML here.")
     try:
-        text = path.read_text(encoding="utf-8")
+        if not path.is_file():
+            raise FileNotFoundError if not path.exists() else IsADirectoryError
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise error_cls(f"is {size / 2**20:.0f} MiB, too big to be a YAML {what}", where=str(path))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise error_cls("no such file", where=str(path)) from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise error_cls(f"cannot read ({e})", where=str(path)) from None
+    except IsADirectoryError:
+        raise error_cls("not a regular file", where=str(path)) from None
+    except OSError as e:
+        raise error_cls(f"cannot read ({e.strerror or e})", where=_short(path)) from None
     try:
-        data = yaml.safe_load(text)
-        node = yaml.compose(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        hint = "The order is: n2n grow SPEC SRC OUT (the spec first)." if error_cls is SpecError else None
+        raise error_cls(f"is a binary file, not a YAML {what}", where=str(path), hint=hint) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        duplicates = _duplicate_keys(node)
+        if duplicates:
+            raise error_cls(f"duplicate key{'s' * (len(duplicates) > 1)} (YAML would silently keep the last)",
+                            where=str(path), problems=duplicates, hint="Keep one of each.")
+        data = yaml.SafeLoader("").construct_document(node) if node is not None else None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(e, "problem", None) or str(e)
         raise error_cls(f"malformed YAML: {problem}", where=where) from None
+    except RecursionError:
+        raise error_cls("malformed YAML: nested too deeply", where=str(path)) from None
     if not isinstance(data, dict):
         raise error_cls(f"expected a mapping at the top level, found {type(data).__name__}", where=str(path))
     return data, node
+
+
+def _short(path: Path) -> str:
+    """A path for messages: very long ones (ENAMETOOLONG) are shortened in the middle."""
+    s = str(path)
+    return s if len(s) <= 120 else f"{s[:60]}...{s[-40:]} ({len(s)} characters)"
+
+
+def _duplicate_keys(root) -> list[str]:
+    """Every key that appears twice in one mapping, with both line numbers (iterative: a
+    deeply nested file cannot exhaust the stack here)."""
+    problems, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict = {}
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.tag != "tag:yaml.org,2002:merge":
+                    if k.value in seen:
+                        problems.append(f"line {k.start_mark.line + 1}: duplicate key '{k.value}' (first at line "
+                                        f"{seen[k.value]})")
+                    else:
+                        seen[k.value] = k.start_mark.line + 1
+                stack.append(v)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+    return sorted(problems, key=lambda p: int(p[5:p.index(":")]))
 
 
 def _line_of(node, loc: tuple) -> int | None:
@@ -200,10 +265,12 @@ def _format_loc(loc: tuple) -> str:
 def validation_problems(err: ValidationError, node, root: type[BaseModel]) -> list[str]:
     problems = []
     for e in err.errors():
-        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith(("str", "ModelDescription"))))
+        # pydantic names the branches of ``model: str | ModelDescription`` in the location; drop them
+        loc = tuple(p for i, p in enumerate(e["loc"])
+                    if not (p in ("str", "ModelDescription") and i > 0 and e["loc"][i - 1] == "model"))
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(_context_class(loc[:-1], root))
-            msg = f"unknown key '{loc[-1]}'" + (f" (allowed: {allowed})" if allowed else "")
+            msg = f"unknown key '{loc[-1] if loc else ''}'" + (f" (allowed: {allowed})" if allowed else "")
         elif e["type"] == "union_tag_invalid":
             msg = f"unknown layer type {e['input'].get('type')!r} (known: {', '.join(L.LAYER_TYPES)})"
         elif e["type"] == "union_tag_not_found":
@@ -237,7 +304,8 @@ def load_model_description(path: str | Path) -> ModelDescription:
 
 def is_hf_spec(data: dict) -> bool:
     """A spec for Hugging Face directories: its steps name dimensions and layer counts."""
-    for s in data.get("steps") or []:
+    steps = data.get("steps")
+    for s in steps if isinstance(steps, list) else []:
         if isinstance(s, dict):
             w, d = s.get("widen"), s.get("deepen")
             if isinstance(w, dict) and "dim" in w:
@@ -282,7 +350,11 @@ def load_spec(path: str | Path) -> tuple[GrowthSpec, ModelDescription | None]:
     desc = None
     if isinstance(spec.model, str):
         mpath = (path.parent / spec.model)
-        if not mpath.exists():
+        try:
+            found = mpath.exists()
+        except OSError as e:  # e.g. a name longer than the file system allows
+            raise SpecError(f"model: cannot use this path ({e.strerror})", where=str(path)) from None
+        if not found:
             raise SpecError(f"model: file '{spec.model}' not found (looked for {mpath})", where=str(path),
                             hint="The model path is relative to the spec file.")
         desc = load_model_description(mpath)
@@ -303,7 +375,8 @@ def lenient_steps(path: str | Path) -> tuple[list[int], list, ModelDescription |
     else:
         entry_cls = StepEntry
     numbers, entries = [], []
-    for i, raw in enumerate(data.get("steps") or [] if isinstance(data.get("steps"), list) else []):
+    steps = data.get("steps")
+    for i, raw in enumerate(steps if isinstance(steps, list) else []):
         try:
             entries.append(entry_cls.model_validate(raw))
             numbers.append(i)

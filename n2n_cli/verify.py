@@ -7,6 +7,7 @@ cancels). Both run in eval mode (batchnorm uses running statistics, dropout is o
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -91,7 +92,15 @@ class Comparison:
         return asdict(self)
 
 
+MAX_PROBE_BYTES = 2**30
+
+
 def probe_inputs(desc: ModelDescription, probes: int, seed: int) -> torch.Tensor:
+    size = probes * math.prod(desc.input_shape) * 8
+    if size > MAX_PROBE_BYTES:
+        raise UserError(f"--probes {probes}: the probe inputs alone would take {size / 2**30:.1f} GiB "
+                        f"({probes} x {list(desc.input_shape)} in float64)",
+                        hint=f"Use at most {MAX_PROBE_BYTES // (math.prod(desc.input_shape) * 8)} probes.")
     return torch.randn((probes, *desc.input_shape), generator=generator(seed, "probes"), dtype=torch.float64)
 
 
