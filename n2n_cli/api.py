@@ -33,6 +33,11 @@ Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
 __all__ = ["grow", "verify", "inspect", "validate", "spec_from_steps", "model_from_metadata"]
 
+#: what an MLP/CNN verification proves: the description's network, which is the user's only if
+#: the description matches their module (a tanh described as relu still passes)
+DESCRIPTION_NOTE = ("the network the model description describes, run by n2n, not your own nn.Module: if they "
+                    "differ, check with your module (README: 'Check with your own module')")
+
 META_MODEL = "n2n_model"
 META_LINEAGE = "n2n_lineage"
 META_VERIFICATION = "n2n_verification"
@@ -195,7 +200,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                                              verify_dtype=verify_dtype)
         plan = build_plan(desc, header, spec.steps, seed)
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
-                  "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False}
+                  "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
+                  "verified_against": DESCRIPTION_NOTE}
         if dry_run:
             return report
         mat = Materializer(plan, source)

@@ -124,7 +124,10 @@ def _root(
 
 
 ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model description YAML. Not needed for "
-                                                  "checkpoints written by n2n, which carry their own.")]
+                                                  "checkpoints written by n2n, which carry their own. Verification "
+                                                  "runs this description, not your own nn.Module: if they differ "
+                                                  "(e.g. tanh described as relu), a PASS says nothing about your "
+                                                  "module; check it with your module (README).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="Where verification runs: auto, cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for the widening mapping, noise, baselines and "
                                                 "probes (default: the spec's seed, else 0).")]
@@ -242,6 +245,8 @@ def _print_grow(report: dict) -> None:
     ratio = plan["params_after"] / plan["params_before"]
     out.print(f"parameters: {plan['params_before']:,} -> {plan['params_after']:,} (x{ratio:.2f})", markup=False)
     _print_verification(report["verification"], out)
+    if report.get("verified_against") and not report["verification"].get("skipped"):
+        out.print(f"verified against: {report['verified_against']}", markup=False)
     path = Path(report["output"])
     size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
     out.print(f"wrote {report['output']} ({size / 1e6:.1f} MB)", markup=False)

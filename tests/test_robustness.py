@@ -187,3 +187,16 @@ def test_ddp_prefix_is_detected(tmp_path, cli):
     torch.save({"module." + k: v for k, v in sd.items()}, pt)
     r = cli("inspect", pt, "--model", CNN_YAML)
     assert r.exit_code == 2 and "torch.load('" in r.stderr
+
+
+def test_grow_says_what_was_verified(tmp_path, cli):
+    """A hand-written description is what n2n verifies: the output and the report say so."""
+    out = tmp_path / "s.safetensors"
+    r = cli("grow", SPECS / "mnist-cnn-wider.yaml", TEACHER, out)
+    assert r.exit_code == 0, r.output
+    assert "verified against: the network the model description describes, run by n2n, not your own nn.Module" \
+        in r.stdout
+    r = cli("grow", SPECS / "mnist-cnn-wider.yaml", TEACHER, out, "--force", "--json")
+    assert json.loads(r.stdout)["verified_against"].startswith("the network the model description describes")
+    r = cli("grow", "--help")
+    assert "not your own nn.Module" in " ".join(r.stdout.split())
