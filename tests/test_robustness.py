@@ -199,4 +199,4 @@ def test_grow_says_what_was_verified(tmp_path, cli):
     r = cli("grow", SPECS / "mnist-cnn-wider.yaml", TEACHER, out, "--force", "--json")
     assert json.loads(r.stdout)["verified_against"].startswith("the network the model description describes")
     r = cli("grow", "--help")
-    assert "not your own nn.Module" in " ".join(r.stdout.split())
+    assert "not your own nn.Module" in " ".join(r.stdout.replace("│", " ").split())
