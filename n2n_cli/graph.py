@@ -211,17 +211,17 @@ def trace_spaces(model: nn.Module, gm: fx.GraphModule) -> SpaceGraph:
         first = feats.get(args[0]) if args and isinstance(args[0], fx.Node) else None
         what = _describe(node, modules)
         if node.op == "placeholder":
-            feats[node] = Feat(1, (Seg(g.new(shape[1], frozen="it is the network input")),)) \
+            feats[node] = Feat(1, (Seg(g.new(shape[1], frozen="these are the network's input channels")),)) \
                 if shape and len(shape) >= 2 else None
         elif node.op == "get_attr":
             feats[node] = None
         elif node.op == "output":
             for n in _nodes(args):
-                g.freeze(feats.get(n), "it reaches the network output")
+                g.freeze(feats.get(n), "its output reaches the network output")
         elif node.op == "call_module":
             feats[node] = _module(g, node, modules[node.target], node.target, first, shape, record, what)
             for n in _nodes(args)[1:]:
-                g.freeze(feats.get(n), f"it is an extra input of {what}, which n2n cannot see through")
+                g.freeze(feats.get(n), f"its output is an extra input of {what}, which n2n cannot see through")
         else:
             feats[node] = _function(g, node, first, shape, feats, what)
     return g
@@ -345,7 +345,7 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
     is_fn, is_m = node.op == "call_function", node.op == "call_method"
     if (is_fn and t in CARRY_FUNCTIONS) or (is_m and t in CARRY_METHODS):
         for n in tensor_args[1:]:
-            g.freeze(feats.get(n), f"it is an extra operand of {what}")
+            g.freeze(feats.get(n), f"its output is an extra operand of {what}")
         return first
     if (is_fn and t in BINARY_FUNCTIONS) or (is_m and t in BINARY_METHODS):
         ops = [a for a in args[:2] if isinstance(a, fx.Node) and _shape(a) is not None]
@@ -371,7 +371,7 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
                 _align(g, pf[0], f, f"{what} concatenates values whose features differ")
             return pf[0]
         for f in pf:
-            g.freeze(f, f"{what} concatenates it with features n2n does not track")
+            g.freeze(f, f"{what} concatenates its output with features n2n does not track")
         return None
     if (is_fn and t is torch.flatten) or (is_m and t == "flatten"):
         start = args[1] if len(args) > 1 else kw.get("start_dim", 0)

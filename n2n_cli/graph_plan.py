@@ -174,7 +174,7 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     g = trace_spaces(model, trace(model, example))
     space = find_module_space(g, model, step.layer)
     if space.frozen:
-        raise StepError(f"'{step.layer}' cannot be widened exactly: its output {space.frozen[0]}",
+        raise StepError(f"'{step.layer}' cannot be widened exactly: {space.frozen[0]}",
                         hint=("Coupled with: " + ", ".join(space.producers) + ". " if len(space.producers) > 1 else "")
                         + "Widen a hidden layer whose output is read by other convs/linears.",
                         short=space.frozen[0])
