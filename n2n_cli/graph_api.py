@@ -231,7 +231,7 @@ def inspect(src: Path, code: ModelCode) -> dict:
         spaces.append({"space": sp.id, "width": sp.width, "producers": sp.producers, "readers": sp.readers,
                        "followers": sp.followers, "widen": "no: " + sp.frozen[0] if sp.frozen else "yes"})
     return {"checkpoint": str(src), "model_code": json.loads(code.to_json()),
-            "params": sum(_numel(shape) for dtype, shape in header.values() if dtype.is_floating_point),
+            "params": sum(p.numel() for p in model.parameters()),
             "modules": [{"name": n, "type": g.producer_modules[n], "widen": w} for n, w in widenable(g).items()],
             "spaces": spaces, "load": "n2n_cli.load_grown(model, path) (the user's constructor does not take the "
                                       "grown sizes)",

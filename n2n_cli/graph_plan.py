@@ -95,11 +95,12 @@ class GraphPlan:
     dtypes: dict[str, torch.dtype]
     shapes: dict[str, tuple[int, ...]]
     params_before: int = 0
+    param_keys: frozenset = frozenset()  # parameters (not buffers such as running statistics)
     problems: list[tuple[int, str]] = field(default_factory=list)
 
     @property
     def params_after(self) -> int:
-        return sum(_numel(s) for k, s in self.shapes.items() if self.dtypes[k].is_floating_point)
+        return sum(_numel(s) for k, s in self.shapes.items() if k in self.param_keys)
 
     @property
     def function_preserving(self) -> bool:
@@ -149,7 +150,8 @@ def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int,
     """Plan ``steps`` on the user's ``model`` (teacher-shaped; it is resized in place as steps go)."""
     recipes: dict[str, list[Op]] = {k: [Load(k)] for k in header}
     plan = GraphPlan(seed, [], recipes, {k: d for k, (d, _) in header.items()},
-                     {k: tuple(s) for k, (_, s) in header.items()})
+                     {k: tuple(s) for k, (_, s) in header.items()},
+                     param_keys=frozenset(k for k, _ in model.named_parameters()))
     plan.params_before = plan.params_after
     for i, entry in enumerate(steps):
         try:
