@@ -77,9 +77,9 @@ def model_code_of(spec, src: Path, model_code: str | None, model_args: dict | No
                   example_input) -> tuple[ModelCode | None, GrowthSpec | None]:
     """The user's model code for this job, from the options, the spec's ``model_code:`` or SRC's
     metadata (in that order); None when the job is not about a user-code model."""
-    spec_obj = spec if isinstance(spec, GrowthSpec) else None
+    spec_obj = spec if isinstance(spec, GrowthSpec) else None  # Hugging Face specs are never user-code jobs
     data = {}
-    if spec is not None and not isinstance(spec, GrowthSpec) and Path(spec).is_file():
+    if isinstance(spec, (str, Path)) and Path(spec).is_file():
         try:
             loaded = yaml.safe_load(Path(spec).read_text())
         except yaml.YAMLError:
