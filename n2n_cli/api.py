@@ -158,13 +158,31 @@ def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol, verify_dtyp
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
-         max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None) -> dict:
+         max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None,
+         model_code: str | None = None, model_args: dict | None = None, example_input=None) -> dict:
     """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
     Hugging Face model directory). Returns the report (a dict).
+
+    ``model_code`` (FILE.py:NAME or package.module:NAME, with ``model_args``): the model is built by
+    the user's own code (importing it runs it); also taken from the spec's ``model_code:`` or
+    from SRC's metadata when SRC was grown that way.
 
     Raises a ``UserError`` for bad input and ``VerificationFailed`` when the grown network
     does not compute the teacher's function; in both cases nothing is written.
     """
+    # --- models built by the user's own code (issue 7)
+    from . import graph_api
+
+    code, graph_spec = graph_api.model_code_of(spec, Path(src), model_code, model_args, example_input)
+    if code is not None:
+        if model is not None:
+            raise UserError("give either --model (a sequential description) or --model-code, not both")
+        if graph_spec is None:
+            graph_spec, _ = load_spec(spec)
+        return graph_api.grow(graph_spec, Path(src), Path(out), code, device=device, seed=seed, probes=probes,
+                              atol=atol, rtol=rtol, dry_run=dry_run, force=force, verify=verify,
+                              verify_dtype=verify_dtype, progress=progress)
+    # ---
     spec_model = None
     if not isinstance(spec, (GrowthSpec, HFGrowthSpec)):
         spec, spec_model = load_spec(spec)
@@ -494,7 +512,16 @@ def _inspect_hf(src: Path) -> dict:
                 "lineage": json.loads(lineage) if lineage else None}
 
 
-def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None) -> dict:
+def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None, model_code: str | None = None,
+            model_args: dict | None = None, example_input=None) -> dict:
+    # --- models built by the user's own code (issue 7)
+    from . import graph_api
+
+    if not Path(src).is_dir():
+        code, _ = graph_api.model_code_of(None, Path(src), model_code, model_args, example_input)
+        if code is not None:
+            return graph_api.inspect(Path(src), code)
+    # ---
     if Path(src).is_dir():
         if model is not None:
             raise UserError("--model describes MLP/CNN checkpoints; a Hugging Face directory is described by its "

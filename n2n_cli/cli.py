@@ -150,6 +150,28 @@ VerifyDtypeOpt = Annotated[Optional[str], typer.Option("--verify-dtype", help="R
                                                        "with half-precision tolerances.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Hugging Face output: largest shard, in HF units "
                                        "(5GB = 5*10^9 bytes, 5GiB = 5*2^30).")]
+ModelCodeOpt = Annotated[Optional[str], typer.Option(
+    "--model-code", help="Your model's own code, FILE.py:NAME or package.module:NAME (a class or a factory returning "
+    "an nn.Module): n2n builds it, loads SRC into it and traces it. IMPORTING IT RUNS THAT CODE, as python would; the "
+    "checkpoint itself is still read without unpickling code. Not needed for checkpoints n2n grew this way.")]
+ModelArgsOpt = Annotated[Optional[str], typer.Option("--model-args", help="With --model-code: keyword arguments as "
+                                                     "JSON, e.g. '{\"width\": 64}'.")]
+ExampleInputOpt = Annotated[Optional[str], typer.Option("--example-input", help="With --model-code: the input shape "
+                                                        "to trace with, e.g. 1,3,224,224 (default: inferred).")]
+
+
+def _model_args(model_args: Optional[str]) -> Optional[dict]:
+    if model_args is None:
+        return None
+    try:
+        value = json.loads(model_args)
+    except json.JSONDecodeError as e:
+        raise UserError(f"--model-args: not valid JSON ({e})", hint='e.g. --model-args \'{"width": 64}\'') from None
+    if not isinstance(value, dict):
+        raise UserError("--model-args: expected a JSON object of keyword arguments")
+    return value
+
+
 SrcArg = Annotated[Path, typer.Argument(help="Teacher: a .safetensors file, a .pt/.pth/.bin state dict (loaded with "
                                         "weights_only=True), or a Hugging Face model directory.", show_default=False,
                                         metavar="SRC")]
@@ -253,14 +275,15 @@ def _print_grow(report: dict) -> None:
 
 
 def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
-              max_shard_size="5GB", verify_dtype=None):
+              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None):
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
     try:
         report = _api().grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
-                          max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update)
+                          max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update,
+                          model_code=model_code, model_args=_model_args(model_args), example_input=example_input)
     finally:
         if bar is not None:
             bar.stop()
@@ -279,6 +302,7 @@ def grow(
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
+    model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
 ):
     """Apply every step of a growth SPEC to SRC, verify, and write OUT.
 
@@ -288,7 +312,8 @@ def grow(
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype)
+              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
+              example_input=example_input)
 
 
 class WidenMethod(str, Enum):
@@ -327,6 +352,7 @@ def widen(
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
+    model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
 ):
     """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
@@ -351,7 +377,8 @@ def widen(
     spec = _api().spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype)
+              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
+              example_input=example_input)
 
 
 class DeepenMethod(str, Enum):
@@ -385,6 +412,7 @@ def deepen(
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
+    model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
 ):
     """Insert a layer into SRC (Net2DeeperNet), or blocks into a Hugging Face model, and write OUT.
 
@@ -409,7 +437,8 @@ def deepen(
     spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype)
+              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
+              example_input=example_input)
 
 
 @app.command()
@@ -441,14 +470,19 @@ def verify(
 @app.command()
 def inspect(
     ctx: typer.Context, src: SrcArg, model: ModelOpt = None, json_: JsonOpt = False,
-    report: ReportOpt = None,
+    report: ReportOpt = None, model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None,
+    example_input: ExampleInputOpt = None,
 ):
     """Show a checkpoint's layers, shapes and parameters, and which layers can be widened or
     deepened after exactly (and why not)."""
     _setup(ctx, report=report, json_=json_)
-    result = _api().inspect(src, model=model)
+    result = _api().inspect(src, model=model, model_code=model_code, model_args=_model_args(model_args),
+                            example_input=example_input)
 
     def human(r):
+        if "spaces" in r:
+            _print_graph_inspect(r)
+            return
         if "family" in r:
             out.print(f"{r['checkpoint']}: {r['model_type']} ({r['family']} family), {r['params']:,} parameters, "
                       f"{r['tensors']} tensors ({', '.join(r['dtypes'])}) in {len(r['weight_files'])} file(s)",
@@ -485,6 +519,23 @@ def inspect(
             out.print(f"grown by n2n {entry['n2n_version']} (seed {entry['seed']}): {steps}", markup=False)
 
     _finish(ctx, result, human)
+
+
+def _print_graph_inspect(r: dict) -> None:
+    """A model built by --model-code: its conv/linear modules and the groups that widen together."""
+    out.print(f"{r['checkpoint']}: {r['params']:,} parameters, model {r['model_code']['model_code']} "
+              f"(input {_shape(r['model_code']['example_input']['shape'])})", markup=False)
+    table = Table(show_edge=False)
+    for col in ("module", "type", "widen"):
+        table.add_column(col, overflow="fold")
+    for m in r["modules"]:
+        table.add_row(m["name"], m["type"], m["widen"])
+    out.print(table)
+    for sp in r["spaces"]:
+        if len(sp["producers"]) > 1:
+            out.print(f"coupled (widened together): {', '.join(sp['producers'])} ({sp['width']} channels)",
+                      markup=False)
+    out.print(f"load the grown model with: {r['load']}", markup=False)
 
 
 @app.command()

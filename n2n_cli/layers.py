@@ -228,6 +228,8 @@ class Axis:
     block: int = 1
     pad: str = "normal"
     segments: int = 1  # > 1 for fused tensors: GPT-2's c_attn holds q|k|v, each a copy of the space
+    offset: int = 0  # with span: only elements [offset, offset + span) of the axis live in the space
+    span: int = 0  # 0: the whole axis (a concatenation's consumer reads each tower at its offset)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from an explicit ``torch.Generator`` so the same seed gives the same bytes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 
@@ -51,7 +52,14 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     The axis is viewed as (segments, units, block); units are what the space counts. Roles:
     ``out`` copies, ``in`` copies and divides by the copy count, ``norm`` copies and scales by
     ``norm_scale``, ``norm_in`` (a norm feeding a tied head) does both. ``pad`` zero units follow.
+    With ``axis.span``, only that region of the axis (a concatenated tower) is widened.
     """
+    if axis.span:
+        whole = dataclasses.replace(axis, offset=0, span=0)
+        mid = widen_axis(t.narrow(ax, axis.offset, axis.span), ax, whole, g, method=method, noise=noise,
+                         noise_mode=noise_mode, rng=rng, pad=pad, norm_scale=norm_scale)
+        rest = t.shape[ax] - axis.offset - axis.span
+        return torch.cat([t.narrow(ax, 0, axis.offset), mid, t.narrow(ax, axis.offset + axis.span, rest)], dim=ax)
     t = t.unflatten(ax, (axis.segments, t.shape[ax] // (axis.segments * axis.block), axis.block))
     u = ax + 1  # the units axis
     old, new = t.shape[u], g.numel()

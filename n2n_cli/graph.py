@@ -1,0 +1,426 @@
+"""Trace the user's module (torch.fx) and find its spaces: groups of tensor axes that must be
+widened together with one mapping g.
+
+A space is born at each conv/linear output (its out-channels / out-features). Per-channel ops
+(norms, activations, pooling, dropout, depthwise convs) carry it; a residual add merges the
+spaces of its operands (union-find); a concat on the feature axis makes a value whose feature
+axis is a list of segments (a space each, at an offset); flatten/view over (C, H, W) gives
+channel-major blocks of H*W features. Each conv/linear reading a value is a reader of its
+spaces (the ``in`` role: copies divided by the copy count). Anything the tracer cannot see
+through freezes the spaces it touches, with the reason, so a widen there is refused.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import UserError
+from .layers import Axis
+
+
+class TraceError(UserError):
+    """The model cannot be traced with torch.fx (or run on the example input)."""
+
+
+# ----------------------------------------------------------------------------- what carries a space
+
+CARRY_MODULES = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
+                 nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity,
+                 nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                 nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.Upsample)
+NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
+CARRY_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
+                   F.hardtanh, F.leaky_relu, F.elu, F.hardswish, F.mish, F.dropout, F.max_pool2d, F.avg_pool2d,
+                   F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
+                   F.interpolate, torch.clone, torch.abs}
+CARRY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "abs", "to"}
+BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                    operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+REDUCE = {"mean", "sum", "amax"}
+
+
+@dataclass
+class Use:
+    """One tensor axis (or a region of it, for concatenated features) that lives in a space."""
+
+    key: str
+    ax: int
+    role: str  # out | in | norm
+    block: int = 1
+    offset: int = 0  # in elements along the axis
+    span: int = 0  # elements; 0: the whole axis
+
+    def axis(self, space: str) -> Axis:
+        pad = "normal" if self.role != "norm" else ("one" if self.key.endswith((".weight", ".running_var")) else "zero")
+        if self.role == "out" and self.key.endswith(".bias"):
+            pad = "bias"
+        return Axis(space, self.role, self.block, pad=pad, offset=self.offset, span=self.span)
+
+
+@dataclass
+class Space:
+    id: int
+    width: int
+    producers: list[str] = field(default_factory=list)  # modules whose output this is (conv/linear)
+    readers: list[str] = field(default_factory=list)
+    followers: list[str] = field(default_factory=list)  # norms and depthwise convs
+    uses: list[Use] = field(default_factory=list)
+    frozen: list[str] = field(default_factory=list)  # why it cannot be widened
+
+
+@dataclass(frozen=True)
+class Seg:
+    space: int
+    block: int = 1
+
+
+@dataclass(frozen=True)
+class Feat:
+    """The feature axis of a traced value: dim, and its segments (concatenated spaces)."""
+
+    dim: int
+    segs: tuple[Seg, ...]
+
+
+class SpaceGraph:
+    """Union-find over spaces, filled by ``trace_spaces``."""
+
+    def __init__(self):
+        self.spaces: dict[int, Space] = {}
+        self.parent: dict[int, int] = {}
+        self.module_out: dict[str, int] = {}  # producer module -> its output space
+        self.producer_modules: dict[str, str] = {}  # module name -> type name
+
+    def new(self, width: int, producer: str | None = None, frozen: str | None = None) -> int:
+        i = len(self.parent)
+        self.parent[i] = i
+        self.spaces[i] = Space(i, width, [producer] if producer else [], frozen=[frozen] if frozen else [])
+        return i
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def space(self, i: int) -> Space:
+        return self.spaces[self.find(i)]
+
+    def union(self, a: int, b: int) -> None:
+        a, b = self.find(a), self.find(b)
+        if a == b:
+            return
+        if b < a:
+            a, b = b, a
+        sa, sb = self.spaces[a], self.spaces.pop(b)
+        self.parent[b] = a
+        for name in ("producers", "readers", "followers", "uses", "frozen"):
+            getattr(sa, name).extend(x for x in getattr(sb, name) if x not in getattr(sa, name))
+
+    def freeze(self, feat: "Feat | None", why: str) -> None:
+        if feat is None:
+            return
+        for s in feat.segs:
+            sp = self.space(s.space)
+            if why not in sp.frozen:
+                sp.frozen.append(why)
+
+    def roots(self) -> list[Space]:
+        return [self.spaces[i] for i in sorted(self.spaces)]
+
+    def width(self, seg: Seg) -> int:
+        return self.space(seg.space).width * seg.block
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
+    """torch.fx symbolic trace plus shapes from one forward on ``example``."""
+    model.eval()  # growth and verification are in eval mode (batchnorm running statistics, no dropout)
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:
+        raise TraceError(f"torch.fx cannot trace the model: {type(e).__name__}: {str(e).splitlines()[0]}",
+                         hint="Data-dependent control flow (if/for on tensor values) cannot be traced: move it into "
+                              "a submodule, or write the forward without it.") from None
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+    except Exception as e:
+        raise TraceError(f"the model does not run on an example input of shape {list(example.shape)}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0]}",
+                         hint="Give the input shape: example_input: {shape: [1, C, H, W]} in the spec, or "
+                              "--example-input 1,C,H,W.") from None
+    return gm
+
+
+def _shape(node) -> tuple[int, ...] | None:
+    tm = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
+    return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
+
+
+def _nodes(arg) -> list[fx.Node]:
+    out = []
+    fx.node.map_arg(arg, out.append)
+    return out
+
+
+def _dims(arg, ndim: int) -> list[int]:
+    dims = arg if isinstance(arg, (list, tuple)) else [arg]
+    return [d % ndim for d in dims]
+
+
+def trace_spaces(model: nn.Module, gm: fx.GraphModule) -> SpaceGraph:
+    g = SpaceGraph()
+    modules = dict(model.named_modules())
+    feats: dict[fx.Node, Feat | None] = {}
+    in_axes: dict[tuple[str, int], Feat] = {}  # a weight axis already read: a second call must agree
+
+    def record(key: str, ax: int, role: str, feat: Feat, who: str) -> None:
+        prev = in_axes.get((key, ax))
+        if prev is not None:
+            _align(g, prev, feat, f"module '{who}' is called on differently shaped features")
+            return
+        in_axes[(key, ax)] = feat
+        total = sum(g.width(s) for s in feat.segs)
+        offset = 0
+        for s in feat.segs:
+            w = g.width(s)
+            sp = g.space(s.space)
+            sp.uses.append(Use(key, ax, role, s.block, offset if len(feat.segs) > 1 else 0,
+                               w if len(feat.segs) > 1 else 0))
+            lst = {"in": sp.readers, "norm": sp.followers, "out": sp.followers}[role]
+            if who not in lst:
+                lst.append(who)
+            offset += w
+        assert offset == total
+
+    for node in gm.graph.nodes:
+        shape = _shape(node)
+        args = node.args
+        first = feats.get(args[0]) if args and isinstance(args[0], fx.Node) else None
+        what = _describe(node, modules)
+        if node.op == "placeholder":
+            feats[node] = Feat(1, (Seg(g.new(shape[1], frozen="these are the network's input channels")),)) \
+                if shape and len(shape) >= 2 else None
+        elif node.op == "get_attr":
+            feats[node] = None
+        elif node.op == "output":
+            for n in _nodes(args):
+                g.freeze(feats.get(n), "its output reaches the network output")
+        elif node.op == "call_module":
+            feats[node] = _module(g, node, modules[node.target], node.target, first, shape, record, what)
+            for n in _nodes(args)[1:]:
+                g.freeze(feats.get(n), f"its output is an extra input of {what}, which n2n cannot see through")
+        else:
+            feats[node] = _function(g, node, first, shape, feats, what)
+    return g
+
+
+def _describe(node: fx.Node, modules) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    if node.op == "call_method":
+        return f".{node.target}() (node '{node.name}')"
+    name = getattr(node.target, "__name__", str(node.target))
+    return f"{name}() (node '{node.name}')"
+
+
+def _align(g: SpaceGraph, a: Feat | None, b: Feat | None, why: str) -> bool:
+    """Merge two values that must hold the same features (operands of an add)."""
+    if a is None or b is None:
+        g.freeze(a, why)
+        g.freeze(b, why)
+        return False
+    ok = a.dim == b.dim and len(a.segs) == len(b.segs) and all(
+        x.block == y.block and g.width(x) == g.width(y) for x, y in zip(a.segs, b.segs))
+    if not ok:
+        g.freeze(a, why)
+        g.freeze(b, why)
+        return False
+    for x, y in zip(a.segs, b.segs):
+        g.union(x.space, y.space)
+    return True
+
+
+def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, shape, record, what) -> Feat | None:
+    params = dict(mod.named_parameters(recurse=False))
+    buffers = dict(mod.named_buffers(recurse=False))
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        transposed = isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d))
+        if feat is not None and feat.dim != 1:
+            g.freeze(feat, f"{what} reads an axis that is not the channel axis")
+            feat = None
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels and not transposed
+        if depthwise:
+            if feat is None:
+                return None
+            record(f"{name}.weight", 0, "out", feat, name)
+            if mod.bias is not None:
+                record(f"{name}.bias", 0, "out", feat, name)
+            return feat
+        out = Feat(1, (Seg(g.new(mod.out_channels, producer=name)),))
+        if mod.groups > 1:
+            g.freeze(feat, f"{what} is a grouped conv (groups={mod.groups}): its groups would not follow a mapping")
+            g.freeze(out, f"{what} is a grouped conv (groups={mod.groups}): its groups would not follow a mapping")
+        else:
+            if feat is not None:
+                record(f"{name}.weight", 0 if transposed else 1, "in", feat, name)
+            record(f"{name}.weight", 1 if transposed else 0, "out", out, name)
+            if mod.bias is not None:
+                record(f"{name}.bias", 0, "out", out, name)
+        g.module_out.setdefault(name, out.segs[0].space)
+        g.union(g.module_out[name], out.segs[0].space)  # a module called twice has one output space
+        g.producer_modules[name] = type(mod).__name__
+        return out
+    if isinstance(mod, nn.Linear):
+        ndim = len(shape)
+        if feat is not None and feat.dim != ndim - 1:
+            g.freeze(feat, f"{what} reads an axis that is not the feature axis")
+            feat = None
+        if feat is not None:
+            record(f"{name}.weight", 1, "in", feat, name)
+        out = Feat(ndim - 1, (Seg(g.new(mod.out_features, producer=name)),))
+        record(f"{name}.weight", 0, "out", out, name)
+        if mod.bias is not None:
+            record(f"{name}.bias", 0, "out", out, name)
+        g.module_out.setdefault(name, out.segs[0].space)
+        g.union(g.module_out[name], out.segs[0].space)
+        g.producer_modules[name] = type(mod).__name__
+        return out
+    if isinstance(mod, NORM_MODULES):
+        if feat is None or feat.dim != 1:
+            g.freeze(feat, f"{what} normalises an axis n2n does not track")
+            return None if feat is None or feat.dim != 1 else feat
+        for k in ("weight", "bias", "running_mean", "running_var"):
+            if (params.get(k) if k in params else buffers.get(k)) is not None:
+                record(f"{name}.{k}", 0, "norm", feat, name)
+        return feat
+    if isinstance(mod, CARRY_MODULES):
+        return feat
+    if isinstance(mod, nn.Flatten):
+        return _flatten(g, feat, _shape(node.args[0]), mod.start_dim, mod.end_dim, what)
+    if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
+        g.freeze(feat, f"{what} normalises over the widened features: exact only with whole-group tiling, "
+                       "which n2n does not do yet")
+        return feat
+    # a leaf module n2n does not know (attention, a user's custom leaf): opaque
+    g.freeze(feat, f"{what} is opaque to n2n (it cannot see how it mixes features)")
+    return None
+
+
+def _flatten(g: SpaceGraph, feat: Feat | None, in_shape, start: int, end: int, what: str) -> Feat | None:
+    if feat is None or in_shape is None:
+        return None
+    nd = len(in_shape)
+    start, end = start % nd, end % nd
+    d = feat.dim
+    if d < start:
+        return feat
+    if d > end:
+        return Feat(d - (end - start), feat.segs)
+    if start < d:
+        g.freeze(feat, f"{what} flattens the feature axis into an axis before it")
+        return None
+    block = math.prod(in_shape[d + 1:end + 1])
+    return Feat(start, tuple(Seg(s.space, s.block * block) for s in feat.segs))
+
+
+def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, what) -> Feat | None:
+    t, args, kw = node.target, node.args, node.kwargs
+    tensor_args = [a for a in _nodes(args) + _nodes(kw) if _shape(a) is not None]
+    if shape is None and (node.op == "call_method" and t in ("size", "dim") or node.op == "call_function" and
+                          t is getattr and args[1] in ("shape", "dtype", "device", "ndim")):
+        return None  # a size or a dtype, not features
+    is_fn, is_m = node.op == "call_function", node.op == "call_method"
+    if (is_fn and t in CARRY_FUNCTIONS) or (is_m and t in CARRY_METHODS):
+        for n in tensor_args[1:]:
+            g.freeze(feats.get(n), f"its output is an extra operand of {what}")
+        return first
+    if (is_fn and t in BINARY_FUNCTIONS) or (is_m and t in BINARY_METHODS):
+        ops = [a for a in args[:2] if isinstance(a, fx.Node) and _shape(a) is not None]
+        if len(ops) == 2:
+            a, b = feats.get(ops[0]), feats.get(ops[1])
+            sa, sb = _shape(ops[0]), _shape(ops[1])
+            if a is not None and b is None and (len(sb) < len(sa) - a.dim or sb[a.dim - len(sa)] == 1):
+                return a  # b broadcasts over the features (a scalar tensor, a per-sample gate)
+            if b is not None and a is None and (len(sa) < len(sb) - b.dim or sa[b.dim - len(sb)] == 1):
+                return b
+            return first if _align(g, a, b, f"{what} combines it with features n2n does not track "
+                                            "(or that are concatenated differently)") else None
+        return feats.get(ops[0]) if ops else None
+    if is_fn and t is torch.cat:
+        parts = args[0]
+        dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+        pf = [feats.get(p) for p in parts]
+        dim = dim % len(shape)
+        if all(f is not None for f in pf) and all(f.dim == dim for f in pf):
+            return Feat(dim, tuple(s for f in pf for s in f.segs))
+        if all(f is not None and f.dim != dim for f in pf):  # concatenating tokens/positions: same features
+            for f in pf[1:]:
+                _align(g, pf[0], f, f"{what} concatenates values whose features differ")
+            return pf[0]
+        for f in pf:
+            g.freeze(f, f"{what} concatenates its output with features n2n does not track")
+        return None
+    if (is_fn and t is torch.flatten) or (is_m and t == "flatten"):
+        start = args[1] if len(args) > 1 else kw.get("start_dim", 0)
+        end = args[2] if len(args) > 2 else kw.get("end_dim", -1)
+        return _flatten(g, first, _shape(args[0]), start, end, what)
+    if is_m and t in ("view", "reshape") or is_fn and t is torch.reshape:
+        in_shape = _shape(args[0])
+        if first is None:
+            return None
+        d = first.dim
+        if tuple(shape) == tuple(in_shape):
+            return first
+        if tuple(shape) == tuple(in_shape[:d]) + (math.prod(in_shape[d:]),):
+            return _flatten(g, first, in_shape, d, -1, what)
+        g.freeze(first, f"{what} reshapes the features in a way n2n does not follow (only flattening "
+                        "(C, H, W) is)")
+        return None
+    if is_m and t in ("transpose", "permute") or is_fn and t in (torch.transpose, torch.permute):
+        if first is None:
+            return None
+        nd = len(shape)
+        if t in ("transpose", torch.transpose):
+            a, b = (x % nd for x in args[1:3])
+            d = b if first.dim == a else a if first.dim == b else first.dim
+        else:
+            perm = [x % nd for x in (args[1] if isinstance(args[1], (list, tuple)) else args[1:])]
+            d = perm.index(first.dim)
+        return Feat(d, first.segs)
+    if (is_m and t in REDUCE) or (is_fn and t in (torch.mean, torch.sum, torch.amax)):
+        if first is None:
+            return None
+        in_shape = _shape(args[0])
+        dims = args[1] if len(args) > 1 else kw.get("dim")
+        keep = kw.get("keepdim", args[2] if len(args) > 2 else False)
+        if dims is None:
+            g.freeze(first, f"{what} reduces over every axis, the features too")
+            return None
+        dims = _dims(dims, len(in_shape))
+        if first.dim in dims:
+            g.freeze(first, f"{what} reduces over the features (a sum or mean over channels changes with copies)")
+            return None
+        return Feat(first.dim - (0 if keep else sum(1 for x in dims if x < first.dim)), first.segs)
+    if is_fn and t is operator.getitem and first is not None:
+        idx = args[1] if isinstance(args[1], tuple) else (args[1],)
+        if Ellipsis not in idx and all(isinstance(i, (int, slice)) for i in idx):
+            at = idx[first.dim] if first.dim < len(idx) else slice(None)
+            if at == slice(None):
+                return Feat(first.dim - sum(1 for i in idx[:first.dim] if isinstance(i, int)), first.segs)
+    for n in tensor_args:
+        g.freeze(feats.get(n), f"{what} is an op n2n cannot see through; make it a leaf module or "
+                               "use plain tensor ops")
+    return None

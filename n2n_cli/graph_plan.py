@@ -1,0 +1,257 @@
+"""Plan growth of a traced user model into the same recipe ops (Load / Widen with Axis and
+Mapping) that the Materializer and the safetensors writer execute for every other model.
+
+Each step re-traces the module at its current sizes, so offsets of concatenated towers are
+always those of the tensors the step's Widen op is applied to.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from .errors import StepError, UserError
+from .graph import SpaceGraph, trace, trace_spaces
+from .plan import Load, Mapping, Op, TensorChange, Widen
+from .spec import StepEntry
+
+
+# ----------------------------------------------------------------------------- resizing modules
+
+
+def _set_sizes(mod: nn.Module) -> None:
+    """Make a module's size attributes agree with its (resized) tensors."""
+    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        depthwise = mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels
+        mod.out_channels = mod.weight.shape[0]
+        mod.in_channels = mod.weight.shape[1] * (mod.out_channels if depthwise else mod.groups)
+        if depthwise:
+            mod.groups = mod.out_channels
+    elif isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d)):
+        mod.in_channels = mod.weight.shape[0]
+        mod.out_channels = mod.weight.shape[1] * mod.groups
+    elif isinstance(mod, nn.Linear):
+        mod.out_features, mod.in_features = mod.weight.shape
+    elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
+
+
+def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
+    """Resize ``model``'s parameters and buffers in place to ``shapes`` (key -> shape); values are
+    zeros until a state dict is loaded. Raises UserError for a module n2n cannot resize."""
+    modules = dict(model.named_modules())
+    touched = {}
+    for key, shape in shapes.items():
+        owner, _, attr = key.rpartition(".")
+        mod = modules.get(owner)
+        if mod is None:
+            raise UserError(f"tensor '{key}' has no module '{owner}' in the model")
+        cur = getattr(mod, attr, None)
+        if not isinstance(cur, torch.Tensor):
+            raise UserError(f"tensor '{key}' is not a parameter or buffer of module '{owner}'")
+        if tuple(cur.shape) == tuple(shape):
+            continue
+        new = torch.zeros(shape, dtype=cur.dtype, device=cur.device)
+        if isinstance(cur, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(new, requires_grad=cur.requires_grad))
+        else:
+            mod._buffers[attr] = new
+        touched[owner] = mod
+    for mod in touched.values():
+        _set_sizes(mod)
+    return model
+
+
+# ----------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class GraphStep:
+    index: int
+    entry: StepEntry
+    summary: str
+    function_preserving: bool
+    changes: list[TensorChange]
+    params_before: int
+    params_after: int
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, **self.entry.to_dict(), "summary": self.summary,
+                "function_preserving": self.function_preserving, "params_before": self.params_before,
+                "params_after": self.params_after, "tensors": [c.to_dict() for c in self.changes]}
+
+
+@dataclass
+class GraphPlan:
+    """Duck-compatible with ``plan.Plan`` for the Materializer and the writer."""
+
+    seed: int
+    steps: list[GraphStep]
+    recipes: dict[str, list[Op]]
+    dtypes: dict[str, torch.dtype]
+    shapes: dict[str, tuple[int, ...]]
+    params_before: int = 0
+    param_keys: frozenset = frozenset()  # parameters (not buffers such as running statistics)
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def params_after(self) -> int:
+        return sum(_numel(s) for k, s in self.shapes.items() if k in self.param_keys)
+
+    @property
+    def function_preserving(self) -> bool:
+        return all(s.function_preserving for s in self.steps)
+
+    def entries(self):
+        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
+                "function_preserving": self.function_preserving, "steps": [s.to_dict() for s in self.steps]}
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def widenable(g: SpaceGraph) -> dict[str, str]:
+    """Each conv/linear: 'yes', or 'no: why' (the first reason its output space is frozen)."""
+    out = {}
+    for name in g.module_out:
+        sp = g.space(g.module_out[name])
+        out[name] = "yes" if not sp.frozen else f"no: {sp.frozen[0]}"
+    return out
+
+
+def find_module_space(g: SpaceGraph, model: nn.Module, name: str, field_name: str = "layer"):
+    if name not in g.module_out:
+        names = dict(model.named_modules())
+        producers = sorted(g.module_out)
+        if name in names:
+            raise StepError(f"{field_name}: '{name}' is a {type(names[name]).__name__}; only conv and linear modules "
+                            "(outside attention) can be widened", hint=f"Choose one of: {', '.join(producers)}.",
+                            short="not a conv/linear")
+        close = difflib.get_close_matches(name, producers, n=3)
+        raise StepError(f"{field_name}: the model has no module '{name}'",
+                        hint=(f"Did you mean: {', '.join(close)}?" if close else
+                              f"Conv/linear modules: {', '.join(producers)}."))
+    return g.space(g.module_out[name])
+
+
+def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int, ...]]], steps: list[StepEntry],
+               seed: int, example: torch.Tensor, *, collect: bool = False) -> GraphPlan:
+    """Plan ``steps`` on the user's ``model`` (teacher-shaped; it is resized in place as steps go)."""
+    recipes: dict[str, list[Op]] = {k: [Load(k)] for k in header}
+    plan = GraphPlan(seed, [], recipes, {k: d for k, (d, _) in header.items()},
+                     {k: tuple(s) for k, (_, s) in header.items()},
+                     param_keys=frozenset(k for k, _ in model.named_parameters()))
+    plan.params_before = plan.params_after
+    for i, entry in enumerate(steps):
+        try:
+            if entry.widen is None:
+                raise StepError("deepening a model built by --model-code is not supported yet",
+                                hint="Widen only, for now (issue 7).")
+            _plan_widen(plan, i, entry, model, example)
+        except StepError as e:
+            msg = f"steps[{i}] ({_label(entry)}): {e.message}"
+            if not collect:
+                raise StepError(msg, hint=e.hint, short=e.short) from None
+            plan.problems.append((i, msg + (f" {e.hint}" if e.hint else "")))
+    return plan
+
+
+def _label(entry: StepEntry) -> str:
+    return f"widen {entry.step.layer}" if entry.widen else f"deepen after {entry.step.after}"
+
+
+def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:
+    step = entry.widen
+    g = trace_spaces(model, trace(model, example))
+    space = find_module_space(g, model, step.layer)
+    if space.frozen:
+        raise StepError(f"'{step.layer}' cannot be widened exactly: {space.frozen[0]}",
+                        hint=("Coupled with: " + ", ".join(space.producers) + ". " if len(space.producers) > 1 else "")
+                        + "Widen a hidden layer whose output is read by other convs/linears.",
+                        short=space.frozen[0])
+    old = space.width
+    new = step.new_width(old)
+    if new <= old:
+        raise StepError(f"the new width {new} is not larger than the current width {old} of '{step.layer}'",
+                        hint=f"Use a width above {old}.")
+    mapping = Mapping("random", old, new, (plan.seed, index))
+    by_key: dict[str, list] = {}
+    for u in space.uses:
+        by_key.setdefault(u.key, []).append(u)
+    before = plan.params_after
+    changes = []
+    for key in plan.recipes:
+        if key not in by_key:
+            continue
+        uses = sorted(by_key[key], key=lambda u: (u.ax, -u.offset))  # later regions first: offsets stay valid
+        old_shape = plan.shapes[key]
+        new_shape = list(old_shape)
+        for u in uses:
+            new_shape[u.ax] += (new - old) * u.block
+        plan.recipes[key].append(Widen(index, tuple((u.ax, u.axis(f"space {space.id}"), mapping) for u in uses),
+                                       step.method, step.noise, step.noise_mode))
+        plan.shapes[key] = tuple(new_shape)
+        how = ", ".join(f"axis {u.ax}: {u.role}" + (f" (blocks of {u.block})" if u.block > 1 else "")
+                        + (f" (channels {u.offset}..{u.offset + u.span - 1})" if u.span else "") for u in uses)
+        changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
+    resize_module(model, {k: plan.shapes[k] for k in by_key})
+    exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
+    coupled = [p for p in space.producers if p != step.layer]
+    summary = f"widen {step.layer} {old} -> {new} ({step.method})" + (
+        f"; coupled: {', '.join(coupled)}" if coupled else "")
+    plan.steps.append(GraphStep(index, entry, summary, exact, changes, before, plan.params_after))
+
+
+# ----------------------------------------------------------------------------- running the user's module
+
+
+def flat_output(out) -> torch.Tensor:
+    """Every tensor of a model's output (tensor, tuple, dict), as one (N, -1) float64 matrix."""
+    parts: list[torch.Tensor] = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            parts.append(o.reshape(o.shape[0], -1).to("cpu", torch.float64))
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(out)
+    if not parts:
+        raise UserError("the model's output holds no tensors to compare")
+    return torch.cat(parts, dim=1)
+
+
+def run_model(model: nn.Module, x: torch.Tensor, device: torch.device, dtype: torch.dtype,
+              batch: int = 16) -> torch.Tensor:
+    from .verify import full_precision
+
+    model = model.to(device=device, dtype=dtype).eval()
+    outs = []
+    with torch.no_grad(), full_precision():
+        for i in range(0, x.shape[0], batch):
+            outs.append(flat_output(model(x[i:i + batch].to(device=device, dtype=dtype))))
+    return torch.cat(outs)
+
+
+def load_tensors(model: nn.Module, get: Callable[[str], torch.Tensor]) -> nn.Module:
+    sd = {}
+    for k, t in model.state_dict().items():
+        v = get(k)
+        sd[k] = v.to(t.dtype) if v.is_floating_point() else v
+    model.load_state_dict(sd, strict=True)
+    return model

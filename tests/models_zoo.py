@@ -1,0 +1,250 @@
+"""Small reference models written the way users write them (torchvision does not import here).
+Used by tests/test_graph.py, also as --model-code targets (``tests/models_zoo.py:NAME``)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def perturb(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Seeded weights, and norms away from their default init (defaults would hide bugs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / max(1, p[0].numel()) ** 0.5 if p.dim() > 1 else 0.1))
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(n, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=gen) * 0.1)
+            elif isinstance(m, (nn.LayerNorm, nn.GroupNorm)) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- ResNet
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or inplanes != planes * 4:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, stride, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block=BasicBlock, layers=(2, 2, 2, 2), width=8, num_classes=10):
+        super().__init__()
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make(block, width, layers[0], 1)
+        self.layer2 = self._make(block, width * 2, layers[1], 2)
+        self.layer3 = self._make(block, width * 4, layers[2], 2)
+        self.layer4 = self._make(block, width * 8, layers[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 8 * block.expansion, num_classes)
+
+    def _make(self, block, planes, blocks, stride):
+        layers = [block(self.inplanes, planes, stride)]
+        self.inplanes = planes * block.expansion
+        layers += [block(self.inplanes, planes) for _ in range(1, blocks)]
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return self.fc(x)
+
+
+def resnet18(width: int = 8, num_classes: int = 10):
+    return ResNet(BasicBlock, (2, 2, 2, 2), width, num_classes)
+
+
+def resnet_bottleneck(width: int = 4, num_classes: int = 10):
+    return ResNet(Bottleneck, (1, 2, 1, 1), width, num_classes)
+
+
+# ----------------------------------------------------------------------------- Inception
+
+
+class ConvBN(nn.Module):
+    def __init__(self, cin, cout, k, **kw):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, bias=False, **kw)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class InceptionModule(nn.Module):
+    def __init__(self, cin, c1, c3r, c3, c5r, c5, pp):
+        super().__init__()
+        self.b1 = ConvBN(cin, c1, 1)
+        self.b2 = nn.Sequential(ConvBN(cin, c3r, 1), ConvBN(c3r, c3, 3, padding=1))
+        self.b3 = nn.Sequential(ConvBN(cin, c5r, 1), ConvBN(c5r, c5, 3, padding=1), ConvBN(c5, c5, 3, padding=1))
+        self.b4 = nn.Sequential(nn.MaxPool2d(3, 1, 1), ConvBN(cin, pp, 1))
+
+    def forward(self, x):
+        return torch.cat([self.b1(x), self.b2(x), self.b3(x), self.b4(x)], 1)
+
+
+class InceptionNet(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.stem = ConvBN(3, 8, 3, padding=1)
+        self.inc1 = InceptionModule(8, 4, 4, 6, 2, 3, 3)  # 16 out
+        self.inc2 = InceptionModule(16, 6, 4, 8, 2, 4, 4)  # 22 out
+        self.fc = nn.Linear(22, num_classes)
+
+    def forward(self, x):
+        x = self.inc2(F.max_pool2d(self.inc1(self.stem(x)), 2))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+# ----------------------------------------------------------------------------- DenseNet
+
+
+class DenseLayer(nn.Module):
+    def __init__(self, cin, growth):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, 2 * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(2 * growth)
+        self.conv2 = nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats):
+        x = torch.cat(feats, 1)
+        x = self.conv1(F.relu(self.norm1(x)))
+        return self.conv2(F.relu(self.norm2(x)))
+
+
+class DenseNet(nn.Module):
+    def __init__(self, growth=4, layers=3, num_classes=10):
+        super().__init__()
+        self.conv0 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.layers = nn.ModuleList([DenseLayer(8 + i * growth, growth) for i in range(layers)])
+        c = 8 + layers * growth
+        self.norm5 = nn.BatchNorm2d(c)
+        self.classifier = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        feats = [self.conv0(x)]
+        for layer in self.layers:
+            feats.append(layer(feats))
+        x = F.relu(self.norm5(torch.cat(feats, 1)))
+        return self.classifier(F.adaptive_avg_pool2d(x, (1, 1)).flatten(1))
+
+
+# ----------------------------------------------------------------------------- MobileNetV2
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand):
+        super().__init__()
+        hidden = cin * expand
+        self.use_res = stride == 1 and cin == cout
+        self.conv = nn.Sequential(
+            nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.ReLU6(inplace=True),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.use_res else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8), nn.ReLU6(inplace=True)),
+            InvertedResidual(8, 8, 1, 3), InvertedResidual(8, 12, 2, 3), InvertedResidual(12, 12, 1, 3),
+            nn.Sequential(nn.Conv2d(12, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6(inplace=True)))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(32, num_classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(x, 1))
+
+
+# ----------------------------------------------------------------------------- plain and functional
+
+
+def sequential_cnn(num_classes: int = 10):
+    """A user's nn.Sequential: numeric names 0, 1, ..."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(12 * 4 * 2, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+
+class FunctionalNet(nn.Module):
+    """forward uses F.relu, torch.cat, x + y, x.flatten(1) and x.view(n, -1)."""
+
+    def __init__(self, num_classes=10):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 3, padding=1)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.c = nn.Conv2d(6, 5, 3, padding=1)
+        self.d = nn.Conv2d(6, 4, 1)
+        self.fc1 = nn.Linear(9 * 8 * 4, 12)
+        self.fc2 = nn.Linear(12 + 9 * 8 * 4, num_classes)
+
+    def forward(self, x):
+        y = F.relu(self.a(x)) + F.relu(self.b(x))
+        z = torch.cat([F.relu(self.c(y)), self.d(y)], 1)
+        z = F.max_pool2d(z, 2)
+        n = z.shape[0]
+        h = F.relu(self.fc1(z.view(n, -1)))
+        return self.fc2(torch.cat([h, z.flatten(1)], dim=1))
