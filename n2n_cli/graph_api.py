@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 
 from . import __version__
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
@@ -22,7 +20,7 @@ from .errors import CheckpointError, SpecError, StepError, UserError, Verificati
 from .execute import Materializer
 from .graph import trace, trace_spaces
 from .graph_plan import GraphPlan, load_tensors, plan_graph, resize_module, run_model, widenable
-from .spec import GrowthSpec, StepEntry
+from .spec import GrowthSpec, StepEntry, load_spec
 from .transforms import generator
 from .usercode import build_model, load_strict
 from .verify import compare_outputs, compute_dtype, default_tolerances, resolve_device
@@ -78,19 +76,11 @@ def model_code_of(spec, src: Path, model_code: str | None, model_args: dict | No
     """The user's model code for this job, from the options, the spec's ``model_code:`` or SRC's
     metadata (in that order); None when the job is not about a user-code model."""
     spec_obj = spec if isinstance(spec, GrowthSpec) else None  # Hugging Face specs are never user-code jobs
-    data = {}
     if isinstance(spec, (str, Path)) and Path(spec).is_file():
-        try:
-            loaded = yaml.safe_load(Path(spec).read_text())
-        except yaml.YAMLError:
-            loaded = None
-        if isinstance(loaded, dict) and "model_code" in loaded:
-            data = {k: loaded.pop(k) for k in SPEC_KEYS if k in loaded}
-            try:
-                spec_obj = GrowthSpec.model_validate(loaded)
-            except ValidationError as e:
-                raise SpecError("invalid growth spec", where=str(spec),
-                                problems=[f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()]) from None
+        loaded, _ = load_spec(spec)
+        if isinstance(loaded, GrowthSpec):
+            spec_obj = loaded
+    data = {k: getattr(spec_obj, k) for k in SPEC_KEYS if spec_obj is not None and getattr(spec_obj, k) is not None}
     recorded = {}
     if src.is_file() and src.suffix == ".safetensors" and model_code is None and not data:
         with open_checkpoint(src) as source:

@@ -6,7 +6,7 @@ Every problem in a file is reported at once, each with its field path and line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
@@ -109,9 +109,19 @@ class VerifySpec(_Strict):
 
 class GrowthSpec(_Strict):
     model: Union[str, ModelDescription, None] = None
+    #: a model built by the user's own code (FILE.py:NAME or package.module:NAME), instead of ``model``
+    model_code: str | None = Field(default=None, min_length=3)
+    model_args: dict[str, Any] | None = None
+    example_input: Union[list[int], dict[str, Any], str, None] = None
     seed: int = 0
     steps: list[StepEntry] = Field(min_length=1)
     verify: VerifySpec = VerifySpec()
+
+    @model_validator(mode="after")
+    def _one_model(self):
+        if self.model is not None and self.model_code is not None:
+            raise ValueError("give 'model' (a description) or 'model_code' (your own code), not both")
+        return self
 
 
 # --------------------------------------------------------------------------- loading

@@ -158,7 +158,7 @@ def test_unknown_keys_all_reported_at_once_with_lines(tmp_path, cli):
     spec = write_spec(tmp_path, f"model: {CNN_YAML}\nsed: 1\nsteps:\n  - widen: {{layer: fc1, too: 128}}\n"
                                 "  - deepen: {after: conv2, methd: net2deeper}\n")
     r = cli("validate", spec)
-    _bad(r, "invalid growth spec (3 problems)", "line 2: sed: unknown key 'sed' (allowed: model, seed, steps, verify)",
+    _bad(r, "invalid growth spec (3 problems)", "line 2: sed: unknown key 'sed' (allowed: model, model_code, model_args, example_input, seed, steps, verify)",
          "line 4: steps[0].widen.too: unknown key 'too' (allowed: layer, to, factor, method, noise, noise_mode)",
          "line 5: steps[1].deepen.methd: unknown key 'methd'")
 
@@ -406,7 +406,7 @@ def test_validate_reports_schema_and_step_problems_together_in_file_order(tmp_pa
     _bad(r, "invalid growth spec (4 problems)")
     lines = [ln for ln in r.stderr.splitlines() if ln.startswith("  - ")]
     assert lines == [
-        "  - line 2: sede: unknown key 'sede' (allowed: model, seed, steps, verify)",
+        "  - line 2: sede: unknown key 'sede' (allowed: model, model_code, model_args, example_input, seed, steps, verify)",
         "  - line 4: steps[0].widen.nois: unknown key 'nois' (allowed: layer, to, factor, method, noise, noise_mode)",
         "  - line 5: steps[1] (deepen after fc9): after: unknown layer 'fc9' Linear and conv2d layers here: conv1, "
         "conv2, fc1, fc2.",
