@@ -11,7 +11,7 @@ from typing import Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from . import layers as L
+from . import fsutil, layers as L
 from .errors import ModelError, SpecError
 from .model import ModelDescription
 
@@ -111,6 +111,7 @@ class GrowthSpec(_Strict):
 
 
 def _read_yaml(path: Path, error_cls):
+    fsutil.require_regular_file(path, "YAML file", error_cls)  # a FIFO or /dev/zero would hang or eat memory
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
