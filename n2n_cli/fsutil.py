@@ -91,7 +91,7 @@ def temp_name(out_name: str, kind: str) -> str:
     raw = os.fsencode(out_name)
     if len(raw) > _NAME_PART_MAX:  # keep a readable head and a digest of the whole name
         digest = hashlib.sha256(raw).hexdigest()[:8]
-        raw = raw[:_NAME_PART_MAX - 9] + b"~" + digest.encode()
+        raw = raw[:_NAME_PART_MAX - 9].decode("utf-8", "ignore").encode() + b"~" + digest.encode()
     return "." + os.fsdecode(raw) + "." + secrets.token_hex(4) + ".n2n-" + kind
 
 
