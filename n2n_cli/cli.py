@@ -67,10 +67,11 @@ class _Group(typer.core.TyperGroup):
             log.addHandler(_NoteHandler(logging.WARNING))
         previous = {}
         try:
+            previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)  # _on_signal ignores it during clean-up
             for s in (signal.SIGTERM, signal.SIGHUP):
                 previous[s] = signal.signal(s, _on_signal)
         except ValueError:  # not the main thread: leave signals alone
-            pass
+            previous = {}
         try:
             return self._invoke(ctx)
         finally:

@@ -177,6 +177,8 @@ def remove_stale_temps(directory: Path) -> list[Path]:
                 continue
             if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
                 continue
+            if name.endswith(".n2n-old") and _restore_old(path, name):
+                continue
             size = _tree_size(path) if stat.S_ISDIR(st.st_mode) else st.st_size
             remove_path(path)
             if not os.path.lexists(path):
@@ -186,6 +188,23 @@ def remove_stale_temps(directory: Path) -> list[Path]:
         finally:
             os.close(fd)
     return removed
+
+
+def _restore_old(holder: Path, name: str) -> bool:
+    """A killed run may have left the previous output in ``holder/old`` (between the two renames
+    of a replace where the system cannot swap atomically): put it back if its place is free."""
+    old = holder / "old"
+    target = holder.parent / name[1:-len(".12345678.n2n-old")]
+    if not os.path.lexists(old) or os.path.lexists(target):
+        return False
+    try:
+        rename_noreplace(old, target)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError):
+        os.rmdir(holder)
+    log.warning("restored %s from %s, where an n2n run that was killed had moved it", target, holder)
+    return True
 
 
 def _tree_size(path: Path) -> int:

@@ -379,3 +379,17 @@ def test_check_output_helpers(tmp_path, cnn_teacher):
         checkpoints.check_output_path(bad, [cnn_teacher], force=True)
     # the teacher's description loads: the helpers import nothing heavy
     assert load_model_description(CNN_YAML) is not None and make_teacher is not None
+
+
+def test_an_old_output_left_aside_by_a_kill_is_restored_not_deleted(tmp_path):
+    holder = tmp_path / ".out.0123abcd.n2n-old"  # a kill between the two renames of a non-atomic replace
+    (holder / "old").mkdir(parents=True)
+    (holder / "old" / "config.json").write_text("{}")
+    assert fsutil.remove_stale_temps(tmp_path) == []
+    assert os.listdir(tmp_path) == ["out"] and (tmp_path / "out" / "config.json").read_text() == "{}"
+
+
+def test_signal_handlers_are_restored_after_a_command(cli, cnn_teacher):
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)]
+    assert cli("inspect", cnn_teacher).exit_code == 0
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)] == before
