@@ -9,15 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 import yaml
 
-from . import __version__, hf_io, hf_verify
+from . import __version__, fsutil, hf_io, hf_verify, outputs
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
@@ -222,6 +220,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                   "verified_against": DESCRIPTION_NOTE}
         if dry_run:
             return report
+        outputs.before_writing(out_path, hf_io.planned_bytes(plan.entries()))
         mat = Materializer(plan, source)
         do_verify = spec.verify.enabled if verify is None else verify
         if do_verify:
@@ -242,7 +241,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
             META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":")),
         }
         entries = plan.entries()
-        with atomic_output(out_path) as tmp:
+        with atomic_output(out_path, force=force) as tmp:
             done = iter(range(1, len(entries) + 1))
             write_safetensors(tmp, entries, mat.get, metadata, name=str(out_path),
                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
@@ -273,16 +272,17 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                     META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
         entries = plan.entries()
+        outputs.before_writing(out, hf_io.planned_bytes(entries, src))
         done = iter(range(1, len(entries) + 1))
-        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-stage", dir=out.parent))
-        try:
+        with fsutil.temp_beside(out, "stage", directory=True) as holder:
             staged = holder / out.name
             hf_io.write_hf_dir(staged, entries, Materializer(plan, source).get, config=plan.new_config(),
                                metadata=metadata, src_dir=src, max_shard_size=shard_bytes,
                                extra_files={"n2n_spec.yaml": yaml.safe_dump(spec_used.model_dump(mode="json",
                                                                                                 exclude_none=True),
                                                                             sort_keys=False)},
-                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
+                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
+                               replace=False, name=out)
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)
@@ -302,10 +302,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                     raise _verification_failed(v["exact"], src, report, grown=True)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
-            (staged / "n2n_verification.json").write_text(json.dumps(report["verification"], indent=2, sort_keys=True) + "\n")
-            hf_io.move_into_place(staged, out)
-        finally:
-            shutil.rmtree(holder, ignore_errors=True)
+            hf_io.write_text(staged / "n2n_verification.json",
+                             json.dumps(report["verification"], indent=2, sort_keys=True) + "\n", out)
+            hf_io.move_into_place(staged, out, replace=force)
         report["written"] = True
         return report
 

@@ -9,7 +9,6 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -17,7 +16,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from . import fsutil
+from . import fsutil, outputs
 from .errors import CheckpointError, OutputError
 from .fsutil import current_umask
 
@@ -162,10 +161,9 @@ def _unwrap_state_dict(obj, path: Path) -> dict[str, torch.Tensor]:
 
 def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError("no such file", where=str(path))
     if path.is_dir():
         raise CheckpointError("is a directory, not a checkpoint file", where=str(path))
+    fsutil.require_regular_file(path, "checkpoint", CheckpointError)
     suffix = path.suffix.lower()
     if suffix in SAFETENSORS_SUFFIXES:
         return SafetensorsSource(path)
@@ -189,42 +187,52 @@ def file_sha256(path: Path) -> str:
 
 def check_output_path(out: str | os.PathLike, sources: Iterable[str | os.PathLike], force: bool) -> Path:
     out = Path(out)
+    outputs.check_out_name(out)
     if out.suffix.lower() != ".safetensors":
         raise OutputError("the output must be a .safetensors file", where=str(out),
                           hint="Name it e.g. student.safetensors.")
     for src in sources:
         src = Path(src)
-        if out.resolve() == src.resolve() or (out.exists() and src.exists() and os.path.samefile(out, src)):
+        if os.path.realpath(out) == os.path.realpath(src) or (out.exists() and src.exists() and os.path.samefile(out, src)):
             raise OutputError("the output is the input checkpoint; n2n never writes over its input",
                               where=str(out), hint="Choose another output path.")
     if out.is_dir():
         raise OutputError("is a directory", where=str(out))
-    if out.exists() and not force:
-        raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
+    if os.path.lexists(out):
+        if not force:
+            raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
+        outputs.check_replaceable_file(out)
     fsutil.check_parent_dir(out)
     return out
 
 
 @contextlib.contextmanager
-def atomic_output(out: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``out``; rename it into place only if the block succeeds.
+def atomic_output(out: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a locked temporary path beside ``out``; move it into place only if the block
+    succeeds. Whatever happens inside (an error, Ctrl-C, SIGTERM), no partial file is left.
 
-    Whatever happens inside (an error, Ctrl-C), no partial file is left behind.
+    Without ``force`` an ``out`` that exists by then (another job wrote it meanwhile) is never
+    replaced: OutputError. With ``force`` it is replaced only if it is a safetensors checkpoint.
     """
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".n2n-tmp", dir=out.parent or ".")
-    except OSError as e:
-        raise OutputError(f"cannot create a file here ({e.strerror})", where=str(out)) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    with fsutil.temp_beside(out, "tmp") as tmp_path:
         yield tmp_path
         os.chmod(tmp_path, 0o644 & ~current_umask())
-        os.replace(tmp_path, out)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        raise
+        place_file(tmp_path, out, force=force)
+
+
+def place_file(tmp: Path, out: Path, *, force: bool) -> None:
+    """Rename ``tmp`` to ``out``: without ``force`` never over an existing ``out``."""
+    try:
+        if force and os.path.lexists(out):
+            outputs.check_replaceable_file(out)
+            os.replace(tmp, out)
+        else:
+            fsutil.rename_noreplace(tmp, out)
+    except FileExistsError:
+        raise OutputError("appeared while n2n was running (another job or a user wrote it); it was not replaced",
+                          where=str(out), hint="Pass --force to replace it, or choose another output path.") from None
+    except OSError as e:
+        raise OutputError(f"cannot move the new file into place ({e.strerror})", where=str(out)) from None
 
 
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],

@@ -7,7 +7,9 @@ turned into exit codes and messages in exactly one place, ``_Group.invoke``.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import sys
 import traceback
 from enum import Enum
@@ -21,8 +23,8 @@ from rich.table import Table
 from typing_extensions import Annotated
 
 from . import __version__
-from .errors import EXIT_UNEXPECTED, N2NError, UserError, VerificationFailed
-from .fsutil import dir_writable
+from .errors import EXIT_UNEXPECTED, N2NError, OutputError, UserError, VerificationFailed
+from .fsutil import atomic_write_text, dir_writable
 
 MAX_PROBES = 65536  # the spec's verify.probes has the same bound
 
@@ -37,14 +39,52 @@ def _api():
     return api
 
 
+class _Signalled(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the program is, so that it cleans up as for Ctrl-C."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum, frame):
+    for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):  # one is enough: let the clean-up finish
+        signal.signal(s, signal.SIG_IGN)
+    raise _Signalled(signum)
+
+
+class _NoteHandler(logging.Handler):
+    """The library's notes (e.g. stale temporary files it removed), on stderr."""
+
+    def emit(self, record):
+        err.print(f"note: {record.getMessage()}", markup=False)
+
+
 class _Group(typer.core.TyperGroup):
-    """The one place that turns exceptions into exit codes and messages."""
+    """The one place that turns exceptions (and SIGTERM / SIGHUP) into exit codes and messages."""
 
     def parse_args(self, ctx, args):
         ctx.meta["n2n_json"] = "--json" in args  # usage errors happen before the command sees its flags
         return super().parse_args(ctx, args)
 
     def invoke(self, ctx):
+        log = logging.getLogger("n2n_cli")
+        if not any(isinstance(h, _NoteHandler) for h in log.handlers):
+            log.addHandler(_NoteHandler(logging.WARNING))
+        previous = {}
+        try:
+            previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)  # _on_signal ignores it during clean-up
+            for s in (signal.SIGTERM, signal.SIGHUP):
+                previous[s] = signal.signal(s, _on_signal)
+        except ValueError:  # not the main thread: leave signals alone
+            previous = {}
+        try:
+            return self._invoke(ctx)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except N2NError as e:
@@ -53,6 +93,10 @@ class _Group(typer.core.TyperGroup):
             if isinstance(e, VerificationFailed) and e.report and not ctx.obj.get("quiet"):
                 _print_verification(e.report.get("verification") or {"exact": e.report}, err)
             raise typer.Exit(e.exit_code) from None
+        except _Signalled as e:
+            err.print(f"interrupted by {signal.Signals(e.signum).name}: nothing was written (temporary files "
+                      "removed)", markup=False)
+            raise typer.Exit(128 + e.signum) from None
         except KeyboardInterrupt:
             err.print("interrupted: nothing was written", markup=False)
             raise typer.Exit(130) from None
@@ -82,9 +126,9 @@ def _write_failure_report(ctx, e: Exception) -> None:
               **(getattr(e, "report", None) or {})}
     if path:
         try:
-            Path(path).write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:  # never let the report hide the error being reported
-            err.print(f"warning: could not write the report {path} ({e.strerror})", markup=False)
+            atomic_write_text(Path(path), json.dumps(report, indent=2) + "\n", where=f"--report {path}")
+        except N2NError as e:  # never let the report hide the error being reported
+            err.print(f"warning: could not write the report: {e.render()}", markup=False)
     if (ctx.obj or {}).get("json"):
         out.print_json(json.dumps(report))
 
@@ -186,6 +230,9 @@ def _setup(ctx, *, report=None, json_=False, quiet=False):
         if report.is_dir() or not parent.is_dir() or not dir_writable(parent):
             raise UserError("cannot write the report here (a directory, or its directory is missing or not "
                             "writable)", where=f"--report {report}")
+        from .outputs import check_report_path
+
+        check_report_path(report, [v for k, v in ctx.params.items() if k != "report" and isinstance(v, Path)])
     ctx.obj["report"] = report
 
 
@@ -208,7 +255,13 @@ def _progress(ctx):
 def _finish(ctx, report: dict, human) -> None:
     report = {"ok": True, "exit_code": 0, **report}
     if ctx.obj.get("report"):
-        Path(ctx.obj["report"]).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            atomic_write_text(Path(ctx.obj["report"]), json.dumps(report, indent=2) + "\n",
+                              where=f"--report {ctx.obj['report']}")
+        except OutputError as e:
+            if report.get("written"):
+                e.hint = f"The command itself succeeded: {report.get('output')} was written."
+            raise
     if ctx.obj.get("json"):
         out.print_json(json.dumps(report))
     elif not ctx.obj.get("quiet"):

@@ -13,14 +13,13 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
 
-from . import fsutil
+from . import fsutil, outputs
 from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
 from .fsutil import current_umask
 from .errors import CheckpointError, OutputError, UserError
@@ -30,8 +29,7 @@ SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 WEIGHT_CANDIDATES = (SAFE_WEIGHTS, SAFE_INDEX, BIN_WEIGHTS, BIN_INDEX)  # transformers' order
 # Files never copied from the source directory: they hold the *old* weights in some format.
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json", ".pt", ".pth", ".ckpt", ".h5", ".msgpack",
-                   ".gguf", ".onnx", ".ot", ".tflite")
+WEIGHT_SUFFIXES = outputs.WEIGHT_SUFFIXES
 
 Entry = tuple[str, torch.dtype, tuple[int, ...]]
 
@@ -58,7 +56,9 @@ class HFDirSource(TensorSource):
         self._where: dict[str, str] = {}  # key -> shard file name (relative to path)
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._open: dict[str, Any] = {}  # shard name -> safe_open handle or StateDictSource
-        found = next((n for n in WEIGHT_CANDIDATES if (self.path / n).is_file()), None)
+        found = next((n for n in WEIGHT_CANDIDATES if os.path.lexists(self.path / n)), None)
+        if found is not None:
+            fsutil.require_regular_file(self.path / found, "weights file", CheckpointError)
         if found is None:
             raise CheckpointError("no weights file", where=str(self.path),
                                   problems=[f"looked for {n}" for n in WEIGHT_CANDIDATES],
@@ -161,9 +161,10 @@ def _read_json(file: Path, what: str) -> dict[str, Any]:
 
 
 def _read_config(root: Path) -> dict[str, Any]:
-    if not (root / CONFIG).is_file():
+    if not os.path.lexists(root / CONFIG):
         raise CheckpointError("no config.json: not a Hugging Face model directory", where=str(root),
                               hint="Save the model with save_pretrained(), which writes config.json.")
+    fsutil.require_regular_file(root / CONFIG, "config.json", CheckpointError)
     return _read_json(root / CONFIG, "config.json")
 
 
@@ -183,11 +184,13 @@ def _read_index(root: Path, name: str) -> dict[str, str]:
         raise CheckpointError("the index names shard files outside the model directory; refusing to read them",
                               where=str(file), problems=[f"'{s}' -> {os.path.normpath(root / s)}" for s in escaping],
                               hint="Shard names must be plain file names inside the directory.")
-    missing = [s for s in shards if not (root / s).is_file()]
+    missing = [s for s in shards if not os.path.lexists(root / s)]
     if missing:
         raise CheckpointError(f"{len(missing)} shard file(s) listed in the index are missing", where=str(file),
                               problems=[f"missing {s}" for s in missing],
                               hint="Download or copy every shard into the directory.")
+    for s in shards:
+        fsutil.require_regular_file(root / s, "shard", CheckpointError)
     return dict(wm)
 
 
@@ -219,6 +222,16 @@ def nbytes(entry: Entry) -> int:
     return math.prod(entry[2]) * torch.empty((), dtype=entry[1]).element_size()
 
 
+def planned_bytes(entries: list[Entry], src_dir: Path | None = None) -> int:
+    """About how many bytes writing ``entries`` takes: the tensor data, a generous allowance for
+    headers and metadata, and (for a directory) the files copied from ``src_dir``."""
+    total = sum(map(nbytes, entries)) + 256 * len(entries) + 64 * 1024
+    if src_dir is not None:
+        total += sum(os.path.getsize(Path(src_dir) / f) for f in copied_files(Path(src_dir)))
+        total += os.path.getsize(Path(src_dir) / CONFIG) * 2
+    return total
+
+
 def plan_shards(entries: list[Entry], max_shard_size: int) -> list[list[Entry]]:
     """Split ``entries`` in order: a new shard starts when the next tensor would exceed the
     limit; a tensor bigger than the limit ends up alone in its shard. Always at least one shard."""
@@ -247,12 +260,16 @@ def copied_files(src_dir: Path) -> list[str]:
 def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Callable[[str], torch.Tensor], *,
                  config: dict[str, Any], metadata: dict[str, str], src_dir: Path | None, max_shard_size: int,
                  extra_files: dict[str, str] | None = None,
-                 on_tensor: Callable[[str], None] | None = None) -> list[str]:
+                 on_tensor: Callable[[str], None] | None = None, replace: bool = True,
+                 name: str | os.PathLike | None = None) -> list[str]:
     """Write a Hugging Face model directory atomically and return its weight file names.
 
     Everything is written into a temporary directory beside ``out_dir`` and renamed into place
-    only on success; on any exception (Ctrl-C included) it is removed. An existing ``out_dir`` is
-    replaced at that final rename (call :func:`check_output_dir` first). Contents: ``config.json``
+    only on success; on any exception (Ctrl-C included) it is removed. With ``replace`` an existing
+    ``out_dir`` is replaced at that final rename if it is a model directory (call
+    :func:`check_output_dir` first); without, an ``out_dir`` that exists is never touched
+    (OutputError). Errors name ``name`` (default ``out_dir``): the final output when ``out_dir``
+    is a staging path. Contents: ``config.json``
     (sorted keys, as transformers writes it), the :func:`copied_files` of ``src_dir``,
     ``extra_files`` (name -> text; they win over copied files), and the tensors, streamed with
     ``produce(key)``: one ``model.safetensors`` if they fit in ``max_shard_size`` bytes, else
@@ -261,6 +278,7 @@ def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Call
     added if absent). Deterministic: the same inputs give byte-identical files.
     """
     out = Path(out_dir)
+    shown = Path(name) if name is not None else out
     if max_shard_size <= 0:
         raise ValueError(f"max_shard_size must be positive, got {max_shard_size}")
     keys = [k for k, _, _ in entries]
@@ -276,35 +294,29 @@ def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Call
     copies = copied_files(Path(src_dir)) if src_dir is not None else []
     shards = plan_shards(entries, max_shard_size)
     n = len(shards)
-    names = [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-tmp", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot create a directory beside it ({e.strerror})", where=str(out)) from None
-    try:
-        _write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n", out)
-        for name in copies:
+    files = [SAFE_WEIGHTS] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    with fsutil.temp_beside(out, "tmp", directory=True, where=str(shown)) as tmp:
+        write_text(tmp / CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n", shown)
+        for file in copies:
             try:
-                shutil.copyfile(Path(src_dir) / name, tmp / name)  # type: ignore[arg-type]
+                shutil.copyfile(Path(src_dir) / file, tmp / file)  # type: ignore[arg-type]
             except OSError as e:
-                raise OutputError(f"cannot copy {name} from {src_dir} ({e.strerror})", where=str(out)) from None
-        for name, text in extra.items():
-            _write_text(tmp / name, text, out)
-        for name, shard in zip(names, shards):
-            write_safetensors(tmp / name, shard, produce, meta, on_tensor=on_tensor, name=str(out / name))
+                raise OutputError(f"cannot copy {file} from {src_dir} ({e.strerror})", where=str(shown)) from None
+        for file, text in extra.items():
+            write_text(tmp / file, text, shown)
+        for file, shard in zip(files, shards):
+            write_safetensors(tmp / file, shard, produce, meta, on_tensor=on_tensor, name=str(shown / file))
         if n > 1:
             index = {"metadata": {"total_size": sum(map(nbytes, entries))},
-                     "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
-            _write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n", out)
+                     "weight_map": {e[0]: file for file, shard in zip(files, shards) for e in shard}}
+            write_text(tmp / SAFE_INDEX, json.dumps(index, indent=2, sort_keys=True) + "\n", shown)
         os.chmod(tmp, 0o777 & ~current_umask())
-        move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return names
+        move_into_place(tmp, out, replace=replace, name=shown)
+    return files
 
 
-def _write_text(path: Path, text: str, out: Path) -> None:
+def write_text(path: Path, text: str, out: Path) -> None:
+    """Write ``text`` to ``path`` (inside a directory being built for ``out``), synced."""
     try:
         with open(path, "wb") as f:
             f.write(text.encode("utf-8"))
@@ -314,23 +326,36 @@ def _write_text(path: Path, text: str, out: Path) -> None:
         raise OutputError(f"cannot write {path.name} ({e.strerror})", where=str(out)) from None
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is moved aside first, deleted after."""
+def move_into_place(tmp: Path, out: Path, *, replace: bool = True, name: str | os.PathLike | None = None) -> None:
+    """Rename the directory ``tmp`` to ``out``. An ``out`` that exists is never replaced without
+    ``replace`` (OutputError: it appeared while n2n ran); with ``replace`` it must be a model
+    directory (:func:`outputs.check_replaceable_dir`) and is swapped in one atomic exchange where
+    the system has one (else moved aside first), then deleted. Errors name ``name`` (default ``out``)."""
+    shown = str(name if name is not None else out)
     try:
-        if not os.path.lexists(out):
-            os.rename(tmp, out)
+        if not (replace and os.path.lexists(out)):
+            try:
+                fsutil.rename_noreplace(tmp, out)
+            except FileExistsError:
+                raise OutputError("appeared while n2n was running (another job or a user wrote it); it was not "
+                                  "replaced", where=shown,
+                                  hint="Pass --force to replace it, or choose another output path.") from None
             return
-        holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-old", dir=out.parent))
-        os.rename(out, holder / "old")
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(holder / "old", out)
-            os.rmdir(holder)
-            raise
-        shutil.rmtree(holder, ignore_errors=True)
+        if not os.path.isdir(out):
+            raise OutputError("exists and is not a directory", where=shown, hint="Choose another output path.")
+        outputs.check_replaceable_dir(out)
+        if fsutil.exchange(tmp, out):  # now tmp holds the old output
+            fsutil.remove_path(tmp)
+            return
+        with fsutil.temp_beside(out, "old", directory=True, where=shown) as holder:
+            os.rename(out, holder / "old")
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(holder / "old", out)
+                raise
     except OSError as e:
-        raise OutputError(f"cannot move the new directory into place ({e.strerror})", where=str(out)) from None
+        raise OutputError(f"cannot move the new directory into place ({e.strerror})", where=shown) from None
 
 
 def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | None, force: bool) -> Path:
@@ -340,9 +365,10 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
     ``force`` (or is not a directory); whose parent is missing or not writable.
     """
     out = Path(out_dir)
-    real = out.resolve()
+    outputs.check_out_name(out)
+    real = Path(os.path.realpath(out))
     if src_dir is not None:
-        src = Path(src_dir).resolve()
+        src = Path(os.path.realpath(src_dir))
         for bad, what in ((real == src, "is the input directory"),
                           (src in real.parents, "is inside the input directory"),
                           (real in src.parents, "contains the input directory")):
@@ -354,5 +380,6 @@ def check_output_dir(out_dir: str | os.PathLike, src_dir: str | os.PathLike | No
             raise OutputError("exists and is not a directory", where=str(out), hint="Choose another output path.")
         if not force:
             raise OutputError("already exists", where=str(out), hint="Pass --force to replace it.")
+        outputs.check_replaceable_dir(out)
     fsutil.check_parent_dir(out)
     return out

@@ -5,13 +5,14 @@ Every problem in a file is reported at once, each with its field path and line.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
-from . import layers as L
+from . import fsutil, layers as L
 from .errors import ModelError, SpecError
 from .model import ModelDescription
 
@@ -136,22 +137,18 @@ def _read_yaml(path: Path, error_cls):
     one (missing, not a regular file, binary, a checkpoint passed in its place, malformed,
     duplicate keys, absurdly nested) is an ``error_cls`` naming the file."""
     what = "spec" if error_cls is SpecError else "model description"
-    if path.suffix.lower() in CHECKPOINT_SUFFIXES or path.is_dir():
-        kind = "a directory (a Hugging Face model?)" if path.is_dir() else f"a checkpoint ({path.suffix})"
+    is_dir = os.path.isdir(path)  # False for names the file system cannot hold, as for missing ones
+    if path.suffix.lower() in CHECKPOINT_SUFFIXES or is_dir:
+        kind = "a directory (a Hugging Face model?)" if is_dir else f"a checkpoint ({path.suffix})"
         raise error_cls(f"expected a YAML {what} here, but this is {kind}", where=str(path),
                         hint="The order is: n2n grow SPEC SRC OUT (the spec first)." if error_cls is SpecError
                         else "Pass the model description YAML here.")
+    fsutil.require_regular_file(path, "YAML file", error_cls)  # a FIFO or /dev/zero would hang or eat memory
     try:
-        if not path.is_file():
-            raise FileNotFoundError if not path.exists() else IsADirectoryError
         size = path.stat().st_size
         if size > MAX_YAML_BYTES:
             raise error_cls(f"is {size / 2**20:.0f} MiB, too big to be a YAML {what}", where=str(path))
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise error_cls("no such file", where=str(path)) from None
-    except IsADirectoryError:
-        raise error_cls("not a regular file", where=str(path)) from None
     except OSError as e:
         raise error_cls(f"cannot read ({e.strerror or e})", where=_short(path)) from None
     try:

@@ -115,12 +115,12 @@ def test_pt_state_dict_input(tmp_path, cli, cnn_teacher):
 
 def test_force_replaces_existing_output(tmp_path, cli, cnn_teacher):
     out = tmp_path / "o.safetensors"
-    out.write_text("old")
+    out.write_bytes(cnn_teacher.read_bytes())  # an old checkpoint (--force replaces only checkpoints)
     r = cli("grow", GROW, cnn_teacher, out)
     assert r.exit_code == 2 and "already exists" in r.stderr and "--force" in r.stderr
-    assert out.read_text() == "old"
+    assert out.read_bytes() == cnn_teacher.read_bytes()
     assert cli("grow", GROW, cnn_teacher, out, "--force").exit_code == 0
-    assert out.read_bytes()[:8] != b"old"
+    assert out.read_bytes() != cnn_teacher.read_bytes()
 
 
 def test_validate(tmp_path, cli):
