@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, outputs
+from .hf_io import planned_bytes
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
@@ -198,7 +199,8 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
                     META_LINEAGE: json.dumps(lineage, sort_keys=True, separators=(",", ":")),
                     META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":"))}
         entries = plan.entries()
-        with atomic_output(out) as tmp:
+        outputs.before_writing(out, planned_bytes(entries))
+        with atomic_output(out, force=force) as tmp:
             write_safetensors(tmp, entries, mat.get, metadata, name=str(out))
         report["written"] = True
         return report
