@@ -337,8 +337,10 @@ def _hashing(source: TensorSource, enabled: bool = True):
 
 
 def _lineage(previous: list[dict], teacher_sha256: str, spec: GrowthSpec, plan: Plan) -> list[dict]:
+    before = getattr(plan, "model_before", None)  # MLP/CNN: the teacher's description, for `n2n verify`
     return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": teacher_sha256,
                         "steps": [e.to_dict() for e in spec.steps],
+                        **({"model_before": json.loads(before.to_json())} if before is not None else {}),
                         "params_before": plan.params_before, "params_after": plan.params_after}]
 
 
@@ -410,13 +412,15 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
     if isinstance(student_model, (str, Path)):
         student_model = load_model_description(student_model)
     with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
-        t_desc = resolve_model(t_src, model, spec_too=False)
-        s_desc = resolve_model(s_src, student_model, flag="--student-model", spec_too=False)
         lineage = read_lineage(s_src.metadata, str(student))
+        t_sha = t_src.sha256() if lineage else None
+        recorded = _recorded_model(lineage, t_sha, str(student)) if model is None and lineage else None
+        t_desc = resolve_model(t_src, model, recorded, spec_too=False)
+        s_desc = resolve_model(s_src, student_model, flag="--student-model", spec_too=False)
         t_head, s_head = check_checkpoint(t_src, t_desc), check_checkpoint(s_src, s_desc)
         _check_architectures(t_desc, s_desc, str(student))
         if lineage:
-            cert = certify_file(t_src, t_desc, s_src, s_desc, lineage, t_src.sha256(), progress)
+            cert = certify_file(t_src, t_desc, s_src, s_desc, lineage, t_sha, progress)
         else:
             cert = certify_none("the student records no growth (n2n lineage): probe check only")
         dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
@@ -431,6 +435,16 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
                             atol=atol, rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
         return _verify_result(teacher, student, c.to_dict(), cert, t_desc.layout().num_parameters(),
                               s_desc.layout().num_parameters(), user_tol)
+
+
+def _recorded_model(lineage: list[dict], teacher_sha256: str, where: str) -> ModelDescription | None:
+    """The teacher's description as the student's lineage recorded it, for the entry grown from
+    this very teacher (same sha256), so that `n2n verify TEACHER STUDENT` needs no --model."""
+    for i, entry in reversed(list(enumerate(lineage))):
+        if entry.get("teacher_sha256") == teacher_sha256 and entry.get("model_before") is not None:
+            return parse_model_description(entry["model_before"], where=f"{where} (metadata '{META_LINEAGE}' "
+                                                                        f"entry {i + 1}: model_before)")
+    return None
 
 
 def _check_architectures(t_desc: ModelDescription, s_desc: ModelDescription, where: str) -> None:

@@ -272,3 +272,11 @@ def test_deeply_nested_model_metadata_is_exit_2(tmp_path, cli, cnn_teacher, cnn_
         r = cli(*args)
         assert r.exit_code == 2, (args, r.output)
         assert "'n2n_model' metadata" in r.stderr
+
+
+def test_verify_needs_no_model_when_the_lineage_records_it(cli, cnn_teacher, cnn_student):
+    """The lineage records the teacher's description (model_before): `n2n verify TEACHER STUDENT`
+    of a plain teacher file needs no --model, for the teacher whose sha256 the lineage names."""
+    assert "model_before" in json.loads(_meta(cnn_student)["n2n_lineage"])[-1]
+    r = cli("verify", cnn_teacher, cnn_student, "--device", "cpu")
+    assert r.exit_code == 0 and "certificate: PASS" in r.stdout, r.output
