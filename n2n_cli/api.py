@@ -22,14 +22,19 @@ from .execute import Materializer
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
+from .certify import (Certificate, certify_file, certify_hf, describe_difference, inexact_methods, read_lineage,
+                      rounding_dtypes)
+from .certify import none as certify_none
+from .certify import summary_of as certificate_summary
 from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
 from .spec import (GrowthSpec, StepEntry, lenient_steps, load_model_description, load_spec, parse_model_description,
                    spec_from_steps, step_line)
-from .verify import compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run
+from .verify import (compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run,
+                     verification_facts)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
-__all__ = ["grow", "verify", "inspect", "validate", "spec_from_steps", "model_from_metadata"]
+__all__ = ["grow", "verify", "inspect", "validate", "spec_from_steps", "model_from_metadata", "certificate_summary"]
 
 #: what an MLP/CNN verification proves: the description's network, which is the user's only if
 #: the description matches their module (a tanh described as relu still passes)
@@ -51,21 +56,29 @@ def model_from_metadata(source: TensorSource) -> ModelDescription | None:
         return None
     try:
         data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise CheckpointError(f"its '{META_MODEL}' metadata must be a JSON object (a model description), "
+                                  f"not {type(data).__name__}", where=str(source.path))
+        return parse_model_description(data, where=f"{source.path} (metadata '{META_MODEL}')")
     except json.JSONDecodeError as e:
         raise CheckpointError(f"its '{META_MODEL}' metadata is not valid JSON ({e})", where=str(source.path)) from None
-    return parse_model_description(data, where=f"{source.path} (metadata '{META_MODEL}')")
+    except RecursionError:
+        raise CheckpointError(f"its '{META_MODEL}' metadata is nested too deeply to be a model description",
+                              where=str(source.path)) from None
 
 
-def resolve_model(source: TensorSource, *candidates: ModelDescription | None) -> ModelDescription:
-    """The first given description, else the one the checkpoint carries."""
+def resolve_model(source: TensorSource, *candidates: ModelDescription | None, flag: str = "--model",
+                  spec_too: bool = True) -> ModelDescription:
+    """The first given description, else the one the checkpoint carries. ``flag`` is the option
+    that would give it (``--model`` for a teacher, ``--student-model`` for ``verify``'s student)."""
     for desc in candidates:
         if desc is not None:
             return desc
     desc = model_from_metadata(source)
     if desc is None:
         raise ModelError("no model description for this checkpoint", where=str(source.path),
-                         hint="Pass --model FILE.yaml (or set model: in the spec); checkpoints written by n2n "
-                              "carry their own.")
+                         hint=f"Pass {flag} FILE.yaml{' (or set model: in the spec)' if spec_too else ''}; "
+                              "checkpoints written by n2n carry their own.")
     return desc
 
 
@@ -144,13 +157,27 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
 # ----------------------------------------------------------------------------- grow
 
 
-def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol, verify_dtype=None):
-    seed = spec.seed if seed is None else seed
+def _settings(spec: GrowthSpec, header, plan, *, probes, atol, rtol, verify_dtype=None):
+    """(probes, atol, rtol, who set the tolerances). Default tolerances follow the dtype the
+    comparison runs in and the dtypes of the tensors whose computation rounds (a division, a
+    scale, noise), not the coarsest dtype in the checkpoint: one bfloat16 bias that is only
+    copied does not loosen the check of float32 weights."""
     dtypes = [d for d, _ in header.values()]
-    d_atol, d_rtol = default_tolerances(dtypes + [compute_dtype(dtypes, verify_dtype)])
-    return (seed, probes or spec.verify.probes,
+    d_atol, d_rtol = default_tolerances([compute_dtype(dtypes, verify_dtype), *rounding_dtypes(plan)])
+    user = _user_tolerance(atol, rtol) or _user_tolerance(spec.verify.atol, spec.verify.rtol, spec=True)
+    return (probes or spec.verify.probes,
             atol if atol is not None else (spec.verify.atol if spec.verify.atol is not None else d_atol),
-            rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol))
+            rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol), user)
+
+
+def _user_tolerance(atol, rtol, spec: bool = False) -> str | None:
+    """How the user set the tolerances, in their words (``--atol 0 --rtol 0``), or None."""
+    given = [(n, v) for n, v in (("atol", atol), ("rtol", rtol)) if v is not None]
+    if not given:
+        return None
+    if spec:
+        return "the spec's verify: " + ", ".join(f"{n}: {v:g}" for n, v in given)
+    return " ".join(f"--{n} {v:g}" for n, v in given)
 
 
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
@@ -210,11 +237,13 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         check_output_path(out_path, [src], force)
     with open_checkpoint(src) as source, _hashing(source, not dry_run) as teacher_sha256:
         desc = resolve_model(source, model, spec_model)
+        previous = read_lineage(source.metadata, str(src)) or []
         header = check_checkpoint(source, desc)
         check_finite(source, header, progress)
-        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                                             verify_dtype=verify_dtype)
+        seed = spec.seed if seed is None else seed
         plan = build_plan(desc, header, spec.steps, seed)
+        probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
+                                                 verify_dtype=verify_dtype)
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
                   "verified_against": DESCRIPTION_NOTE}
@@ -229,16 +258,18 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                                                   dtype=compute_dtype([d for d, _ in header.values()], verify_dtype),
                                                   progress=progress)
             if report["verification"]["passed"] is False:
-                raise _verification_failed(report["verification"]["exact"], src, report, grown=True)
+                raise _verification_failed(_failed_comparison(report["verification"]), src, report, grown=True,
+                                           user_tol=user_tol)
         else:
             report["verification"] = {"passed": None, "skipped": True}
         metadata = {
             "format": "pt",
             META_VERSION: __version__,
             META_MODEL: plan.model_after.to_json(),
-            META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec, plan), sort_keys=True,
+            META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec, plan), sort_keys=True,
                                       separators=(",", ":")),
-            META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":")),
+            META_VERIFICATION: json.dumps(verification_facts(report["verification"]), sort_keys=True,
+                                          separators=(",", ":")),
         }
         entries = plan.entries()
         with atomic_output(out_path, force=force) as tmp:
@@ -255,10 +286,12 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
+        previous = read_lineage(source.metadata, str(src)) or []
         check_finite(source, header, progress)
-        seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                                             verify_dtype=verify_dtype)
+        seed = spec.seed if seed is None else seed
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
+        probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
+                                                 verify_dtype=verify_dtype)
         hf_verify.check_config(plan.new_config())
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "plan": plan.to_dict(), "written": False}
@@ -269,7 +302,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             hf_verify.require_transformers()
         spec_used = spec.model_copy(update={"seed": seed})
         metadata = {"format": "pt", META_VERSION: __version__,
-                    META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec_used, plan), sort_keys=True,
+                    META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
         entries = plan.entries()
         outputs.before_writing(out, hf_io.planned_bytes(entries, src))
@@ -293,28 +326,44 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:
-                    v = {"passed": c.passed, "checked": "student", "exact": c.to_dict(), "deviation": None}
+                    v = {"passed": c.passed, "exact_student": True, "checked": "student", "exact": c.to_dict(),
+                         "deviation": None}
                 else:
-                    v = {"passed": None, "checked": "nothing exact", "exact": None, "deviation": c.to_dict(),
+                    v = {"passed": None, "exact_student": False, "checked": "nothing exact", "exact": None,
+                         "deviation": {**c.to_dict(), "passed": None},
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
                 report["verification"] = v
                 if v["passed"] is False:
-                    raise _verification_failed(v["exact"], src, report, grown=True)
+                    raise _verification_failed(v["exact"], src, report, grown=True, user_tol=user_tol)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
             hf_io.write_text(staged / "n2n_verification.json",
-                             json.dumps(report["verification"], indent=2, sort_keys=True) + "\n", out)
+                             json.dumps(verification_facts(report["verification"]), indent=2, sort_keys=True) + "\n",
+                             out)
             hf_io.move_into_place(staged, out, replace=force)
         report["written"] = True
         return report
 
 
-def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool) -> VerificationFailed:
+def _failed_comparison(v: dict) -> dict:
+    """The comparison that failed in a verification result (the student's or the exact counterpart's)."""
+    for key in ("exact", "exact_counterpart", "deviation"):
+        if isinstance(v.get(key), dict) and v[key].get("passed") is False:
+            return v[key]
+    return v.get("exact") or v.get("exact_counterpart") or v["deviation"]
+
+
+def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool,
+                         user_tol: str | None = None) -> VerificationFailed:
     """The one message for a failed comparison (``c`` is a ``Comparison.to_dict()``)."""
     what = "the grown network" if grown else "the student"
     if c["dtype"] in ("bfloat16", "float16"):
         hint = (f"Verification ran in {c['dtype']}, whose rounding alone can exceed these tolerances: use "
-                "--verify-dtype float32, or looser --atol/--rtol.")
+                "--verify-dtype float32, or looser --atol/--rtol." + (f" (The tolerance is yours: {user_tol}.)"
+                                                                      if user_tol else ""))
+    elif user_tol:
+        hint = (f"The tolerance is yours ({user_tol}) and is tighter than this comparison's rounding: loosen it, "
+                "or drop it for the defaults by dtype. This is not a bug in n2n.")
     else:
         hint = "This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown \
             else None
@@ -337,13 +386,11 @@ def _hashing(source: TensorSource, enabled: bool = True):
         yield pool.submit(source.sha256)
 
 
-def _lineage(source: TensorSource, teacher_sha256: str, spec: GrowthSpec, plan: Plan) -> list[dict]:
-    try:
-        previous = json.loads(source.metadata.get(META_LINEAGE, "[]"))
-    except json.JSONDecodeError:
-        previous = []
+def _lineage(previous: list[dict], teacher_sha256: str, spec: GrowthSpec, plan: Plan) -> list[dict]:
+    before = getattr(plan, "model_before", None)  # MLP/CNN: the teacher's description, for `n2n verify`
     return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": teacher_sha256,
                         "steps": [e.to_dict() for e in spec.steps],
+                        **({"model_before": json.loads(before.to_json())} if before is not None else {}),
                         "params_before": plan.params_before, "params_after": plan.params_after}]
 
 
@@ -361,27 +408,35 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
         progress("verifying", 1, 2)
     actual = compare_outputs(teacher, student, **kw)
     exact_steps = exact_counterpart(steps)
+    unjudged = {**actual.to_dict(), "passed": None}  # an inexact student's deviation: measured, not judged
+    inexact_note = ("the written student is NOT function-preserving ({}): its deviation is measured, not judged; "
+                    "'exact_counterpart' is the same growth without noise / with the function-preserving methods")
     if [e.to_dict() for e in exact_steps] == [e.to_dict() for e in steps]:
-        result = {"passed": actual.passed, "checked": "student", "exact": actual.to_dict(), "deviation": None}
+        result = {"passed": actual.passed, "exact_student": True, "checked": "student", "exact": actual.to_dict(),
+                  "deviation": None}
     else:
+        methods = ", ".join(inexact_methods(plan)) or "noise"
         try:
             exact_plan = build_plan(desc, header, exact_steps, plan.seed)
         except StepError as e:
-            result = {"passed": None, "checked": "nothing exact",
+            result = {"passed": None, "exact_student": False, "checked": "nothing exact",
                       "note": f"no function-preserving counterpart: {e.message}", "exact": None,
-                      "deviation": actual.to_dict()}
+                      "exact_counterpart": None, "deviation": unjudged}
         else:
             exact = compare_outputs(teacher, run(exact_plan.model_after, Materializer(exact_plan, source).get, x,
                                                  device, dtype), **kw)
             if plan.function_preserving:  # zero-sum noise: the written student must be exact as well
-                result = {"passed": exact.passed and actual.passed,
+                result = {"passed": exact.passed and actual.passed, "exact_student": True,
                           "checked": "exact counterpart (no noise) and the student (zero-sum noise is exact)",
                           "exact": exact.to_dict() if not exact.passed or actual.passed else actual.to_dict(),
-                          "deviation": actual.to_dict()}
+                          "exact_counterpart": exact.to_dict(), "deviation": actual.to_dict()}
             else:
-                result = {"passed": exact.passed,
-                          "checked": "exact counterpart (no noise, function-preserving methods)",
-                          "exact": exact.to_dict(), "deviation": actual.to_dict()}
+                result = {"passed": None, "exact_student": False,
+                          "checked": "exact counterpart only (no noise, function-preserving methods)",
+                          "exact": None, "exact_counterpart": exact.to_dict(), "deviation": unjudged,
+                          "note": inexact_note.format(methods)}
+                if not exact.passed:  # the counterpart is n2n's exact transform: its failure is a failure
+                    result["passed"] = False
     if progress:
         progress("verifying", 2, 2)
     return result
@@ -393,58 +448,154 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
 def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
            probes: int = 64, atol: float | None = None, rtol: float | None = None,
-           verify_dtype: str | None = None) -> dict:
-    """Compare two checkpoints' functions on seeded probes. Raises VerificationFailed on mismatch."""
+           verify_dtype: str | None = None, progress: Progress | None = None) -> dict:
+    """Check that ``student`` is ``teacher`` grown: the certificate (when the student records its
+    growth: every tensor recomputed from the teacher and compared bitwise) and the functional check
+    on seeded probes. Raises VerificationFailed (exit 3) when either fails, TeacherMismatch (exit 2)
+    when the teacher is not the one the student was grown from, ModelError (exit 2) when the
+    architectures cannot be teacher and grown student."""
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                          verify_dtype=verify_dtype)
+                          verify_dtype=verify_dtype, progress=progress)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
         student_model = load_model_description(student_model)
     with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
-        t_desc = resolve_model(t_src, model)
-        s_desc = resolve_model(s_src, student_model)
+        lineage = read_lineage(s_src.metadata, str(student))
+        t_sha = t_src.sha256() if lineage else None
+        recorded = _recorded_model(lineage, t_sha, str(student)) if model is None and lineage else None
+        t_desc = resolve_model(t_src, model, recorded, spec_too=False)
+        s_desc = resolve_model(s_src, student_model, flag="--student-model", spec_too=False)
         t_head, s_head = check_checkpoint(t_src, t_desc), check_checkpoint(s_src, s_desc)
-        if list(t_desc.input_shape) != list(s_desc.input_shape):
-            raise ModelError(f"the networks take different inputs: {t_desc.input_shape} vs {s_desc.input_shape}",
-                             where=str(student))
+        _check_architectures(t_desc, s_desc, str(student))
+        if lineage:
+            cert = certify_file(t_src, t_desc, s_src, s_desc, lineage, t_sha, progress)
+        else:
+            cert = certify_none("the student records no growth (n2n lineage): probe check only")
         dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
         dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
-        d_atol, d_rtol = default_tolerances(dtypes + [dtype])
+        rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
+        d_atol, d_rtol = default_tolerances([dtype, *rounding])
+        user_tol = _user_tolerance(atol, rtol)
         atol = d_atol if atol is None else atol
         rtol = d_rtol if rtol is None else rtol
         x = probe_inputs(t_desc, probes, seed)
         c = compare_outputs(run(t_desc, t_src.get, x, dev, dtype), run(s_desc, s_src.get, x, dev, dtype),
                             atol=atol, rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
-        report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
-                  "params_teacher": t_desc.layout().num_parameters(),
-                  "params_student": s_desc.layout().num_parameters()}
-        if not c.passed:
-            raise _verification_failed(c.to_dict(), student, report, grown=False)
-        return report
+        return _verify_result(teacher, student, c.to_dict(), cert, t_desc.layout().num_parameters(),
+                              s_desc.layout().num_parameters(), user_tol)
 
 
-def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype) -> dict:
+def _recorded_model(lineage: list[dict], teacher_sha256: str, where: str) -> ModelDescription | None:
+    """The teacher's description as the student's lineage recorded it, for the entry grown from
+    this very teacher (same sha256), so that `n2n verify TEACHER STUDENT` needs no --model."""
+    for i, entry in reversed(list(enumerate(lineage))):
+        if entry.get("teacher_sha256") == teacher_sha256 and entry.get("model_before") is not None:
+            return parse_model_description(entry["model_before"], where=f"{where} (metadata '{META_LINEAGE}' "
+                                                                        f"entry {i + 1}: model_before)")
+    return None
+
+
+def _check_architectures(t_desc: ModelDescription, s_desc: ModelDescription, where: str) -> None:
+    """Growth keeps the input, the output and every named layer (widened or not): anything else
+    is a different architecture, not a grown copy (exit 2, saying what differs)."""
+    problems = []
+    if list(t_desc.input_shape) != list(s_desc.input_shape):
+        problems.append(f"input shape {list(s_desc.input_shape)}, the teacher's is {list(t_desc.input_shape)}")
+    t_out, s_out = list(t_desc.shapes()[-1]), list(s_desc.shapes()[-1])
+    if t_out != s_out:
+        problems.append(f"output shape {s_out}, the teacher's is {t_out}")
+    s_layers = {layer.name: layer for layer in s_desc.layers if layer.parametric}
+    for layer in t_desc.layers:
+        if not layer.parametric:
+            continue
+        other = s_layers.get(layer.name)
+        if other is None:
+            problems.append(f"no layer '{layer.name}' (the teacher's {layer.type})")
+        elif other.type != layer.type:
+            problems.append(f"layer '{layer.name}' is a {other.type}, the teacher's is a {layer.type}")
+    if problems:
+        raise ModelError("the architectures differ: the student cannot be a grown copy of the teacher", where=where,
+                         problems=problems, hint="Compare a teacher with a student grown from it (n2n keeps the "
+                                                 "input, the output and every layer name).")
+
+
+def differing_dtypes(t_src: TensorSource, s_src: TensorSource) -> list[torch.dtype]:
+    """Dtypes of the student's floating tensors that are not bitwise copies of the teacher's
+    (same key): only those can carry rounding into the comparison."""
+    t_keys, out = set(t_src.keys()), set()
+    for key in s_src.keys():
+        d = s_src.dtype(key)
+        if not d.is_floating_point or d in out:
+            continue
+        if key in t_keys and t_src.dtype(key) == d and tuple(t_src.shape(key)) == tuple(s_src.shape(key)) \
+                and torch.equal(t_src.get(key), s_src.get(key)):
+            continue
+        out.add(d)
+    return sorted(out, key=str)
+
+
+def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, params_s: int,
+                   user_tol: str | None) -> dict:
+    """``verify``'s report: ``verification`` has the keys of ``grow``'s, plus the certificate; the
+    probe comparison's fields stay at the top level too (compatibility)."""
+    if cert.status == "reproduced":
+        v = {"passed": False, "exact_student": False, "checked": "certificate and probes", "exact": None,
+             "deviation": {**c, "passed": None}, "certificate": cert.to_dict(),
+             "note": f"reproduced bitwise from the teacher by its recorded growth, which is NOT function-preserving "
+                     f"(method {', '.join(cert.methods)})"}
+    else:
+        v = {"passed": bool(c["passed"] and cert.passed is not False), "exact_student": cert.status == "pass" or None,
+             "checked": "certificate and probes" if cert.status != "none" else "probes only (no lineage)",
+             "exact": c, "deviation": None, "certificate": cert.to_dict()}
+    report = {"teacher": str(teacher), "student": str(student), **c, "passed": v["passed"],
+              "params_teacher": params_t, "params_student": params_s, "verification": v}
+    if cert.status == "fail":
+        probe = "PASS" if c["passed"] else "FAIL"
+        raise VerificationFailed(
+            f"the student is not what its recorded growth gives from this teacher: certificate FAIL: "
+            f"{describe_difference(cert.difference)} (probe check: {probe}, max abs error {c['max_abs_error']:.3g})",
+            where=str(student), report=report,
+            hint="The student was changed after it was grown (or written by something else). Re-grow it.")
+    if cert.status == "reproduced":
+        raise VerificationFailed(
+            f"the student does not compute the teacher's function: it is reproduced bitwise by its recorded "
+            f"growth, which is NOT function-preserving (method {', '.join(cert.methods)}): deviation max abs error "
+            f"{c['max_abs_error']:.3g}, max rel error {c['max_rel_error']:.3g}", where=str(student), report=report,
+            hint="Expected for a baseline (random-pad, random-init, independent noise); nothing is wrong with the file.")
+    if not c["passed"]:
+        raise _verification_failed(c, student, report, grown=False, user_tol=user_tol)
+    return report
+
+
+def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None) -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
-    with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
-        pass
-    if s_arch.hidden < t_arch.hidden or t_arch.vocab != s_arch.vocab:
-        raise ModelError(f"the student (hidden_size {s_arch.hidden}, vocab {s_arch.vocab}) cannot be a grown copy of "
-                         f"the teacher (hidden_size {t_arch.hidden}, vocab {t_arch.vocab})", where=str(student))
+    with _open_hf(teacher) as (t_src, t_arch, t_head), _open_hf(student) as (s_src, s_arch, s_head):
+        if s_arch.hidden < t_arch.hidden or t_arch.vocab != s_arch.vocab:
+            raise ModelError(f"the student (hidden_size {s_arch.hidden}, vocab {s_arch.vocab}) cannot be a grown copy "
+                             f"of the teacher (hidden_size {t_arch.hidden}, vocab {t_arch.vocab}): the architectures "
+                             "differ", where=str(student))
+        if t_arch.family.name != s_arch.family.name:
+            raise ModelError(f"the architectures differ: the student is a {s_arch.family.name} model, the teacher a "
+                             f"{t_arch.family.name} model", where=str(student))
+        lineage = read_lineage(s_src.metadata, str(student))
+        if lineage:
+            cert = certify_hf(t_src, t_arch, t_head, s_src, lineage, t_src.sha256(), progress)
+        else:
+            cert = certify_none("the student records no growth (n2n lineage): probe check only")
+        rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
     dtype = compute_dtype(dtypes, verify_dtype)
-    d_atol, d_rtol = default_tolerances(dtypes + [dtype])
+    d_atol, d_rtol = default_tolerances([dtype, *rounding])
+    user_tol = _user_tolerance(atol, rtol)
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
                                probes=probes, seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
                                dtype=dtype)
-    report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
-              "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
-    if not c.passed:
-        raise _verification_failed(c.to_dict(), student, report, grown=False)
-    return report
+    return _verify_result(teacher, student, c.to_dict(), cert, t_arch.num_parameters(set(t_head)),
+                          s_arch.num_parameters(set(s_head)), user_tol)
 
 
 # ----------------------------------------------------------------------------- inspect / validate
@@ -498,7 +649,7 @@ def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
 
 def _inspect_hf(src: Path) -> dict:
     with _open_hf(src) as (source, arch, header):
-        lineage = source.metadata.get(META_LINEAGE)
+        lineage = read_lineage(source.metadata, str(src))
         return {"checkpoint": str(src), "family": arch.family.name, "model_type": source.config.get("model_type"),
                 "sizes": {"hidden_size": arch.hidden, "intermediate_size": arch.intermediate,
                           "num_hidden_layers": arch.layers, "num_attention_heads": arch.heads,
@@ -508,7 +659,7 @@ def _inspect_hf(src: Path) -> dict:
                 "dtypes": sorted({str(d).removeprefix("torch.") for d, _ in header.values()}),
                 "weight_files": source.weight_files(),
                 "growth": hf_growth_options(source.config, arch, header),
-                "lineage": json.loads(lineage) if lineage else None}
+                "lineage": lineage}
 
 
 def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None, model_code: str | None = None,
@@ -533,11 +684,14 @@ def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = No
                    for k in source.keys()]
         report: dict = {"checkpoint": str(src), "tensors": tensors,
                         "n2n_version": source.metadata.get(META_VERSION)}
-        for key, name in ((META_LINEAGE, "lineage"), (META_VERIFICATION, "verification")):
+        lineage = read_lineage(source.metadata, str(src))
+        if lineage is not None:
+            report["lineage"] = lineage
+        for key, name in ((META_VERIFICATION, "verification"),):
             if key in source.metadata:
                 try:
                     report[name] = json.loads(source.metadata[key])
-                except json.JSONDecodeError:
+                except (json.JSONDecodeError, RecursionError):
                     report[name] = source.metadata[key]
         desc = model if model is not None else model_from_metadata(source)
         if desc is None:

@@ -286,11 +286,18 @@ def _print_verification(v: dict, console: Console) -> None:
         word = "PASS" if v["exact"]["passed"] else "FAIL"
         what = "exact transform" if v.get("deviation") else "student"
         console.print(f"verification ({what}): {word}: {_fmt_err(v['exact'])}", markup=False)
+    elif v.get("exact_counterpart"):  # an inexact student: only its exact counterpart is judged
+        word = "PASS" if v["exact_counterpart"]["passed"] else "FAIL"
+        console.print(f"verification (exact counterpart, not the written student): {word}: "
+                      f"{_fmt_err(v['exact_counterpart'])}", markup=False)
     if v.get("note"):
         console.print(f"verification: {v['note']}", markup=False)
     if v.get("deviation"):
-        console.print(f"measured deviation of the written student (noise / baseline method): "
+        judged = "" if v["deviation"].get("passed") is not None else ", NOT judged"
+        console.print(f"measured deviation of the written student (noise / baseline method{judged}): "
                       f"{_fmt_err(v['deviation'])}", markup=False)
+    if v.get("certificate"):
+        console.print(f"certificate: {_api().certificate_summary(v['certificate'])}", markup=False)
 
 
 def _print_plan(plan: dict) -> None:
@@ -515,6 +522,7 @@ def verify(
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)
+        out.print(f"certificate: {_api().certificate_summary(r['verification']['certificate'])}", markup=False)
         out.print(f"parameters: {r['params_teacher']:,} -> {r['params_student']:,}", markup=False)
 
     _finish(ctx, result, human)
@@ -567,9 +575,9 @@ def inspect(
                           layer.get("widen", ""), layer.get("deepen", ""))
         out.print(table)
         for entry in r.get("lineage") or []:
-            steps = "; ".join(f"{k} {v.get('layer') or 'after ' + v.get('after', '')}" for s in entry["steps"]
-                              for k, v in s.items())
-            out.print(f"grown by n2n {entry['n2n_version']} (seed {entry['seed']}): {steps}", markup=False)
+            steps = "; ".join(f"{k} {v.get('layer') or 'after ' + str(v.get('after', ''))}" if isinstance(v, dict)
+                              else k for s in entry["steps"] for k, v in s.items())
+            out.print(f"grown by n2n {entry.get('n2n_version')} (seed {entry['seed']}): {steps}", markup=False)
 
     _finish(ctx, result, human)
 

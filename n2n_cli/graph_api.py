@@ -24,7 +24,7 @@ from .graph_plan import GraphPlan, load_tensors, plan_graph, resize_module, run_
 from .spec import GrowthSpec, StepEntry, load_spec
 from .transforms import generator
 from .usercode import build_model, load_strict
-from .verify import compare_outputs, compute_dtype, default_tolerances, resolve_device
+from .verify import compare_outputs, compute_dtype, default_tolerances, resolve_device, verification_facts
 
 META_MODEL_CODE = "n2n_model_code"
 META_LINEAGE = "n2n_lineage"
@@ -197,7 +197,8 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
                                "params_before": plan.params_before, "params_after": plan.params_after}]
         metadata = {"format": "pt", META_VERSION: __version__, META_MODEL_CODE: code.to_json(),
                     META_LINEAGE: json.dumps(lineage, sort_keys=True, separators=(",", ":")),
-                    META_VERIFICATION: json.dumps(report["verification"], sort_keys=True, separators=(",", ":"))}
+                    META_VERIFICATION: json.dumps(verification_facts(report["verification"]), sort_keys=True,
+                                                  separators=(",", ":"))}
         entries = plan.entries()
         outputs.before_writing(out, planned_bytes(entries))
         with atomic_output(out, force=force) as tmp:

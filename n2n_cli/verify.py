@@ -146,3 +146,13 @@ def compare_outputs(teacher: torch.Tensor, student: torch.Tensor, *, atol: float
         agree = float((teacher.argmax(1) == student.argmax(1)).to(torch.float64).mean())
     return Comparison(passed, probes, seed, atol, rtol, max_abs, rel, ref, agree, str(device),
                       str(dtype).removeprefix("torch."))
+
+
+def verification_facts(v: dict) -> dict:
+    """What goes into a written checkpoint's metadata: deterministic facts only (what was checked,
+    passed or not, probes, seed, tolerances, dtype, device), never float measurements, whose last
+    digits depend on the thread count: the same inputs and seed give the same bytes. The measured
+    errors are in the JSON report and on stdout."""
+    measured = {"max_abs_error", "max_rel_error", "max_abs_teacher", "argmax_agreement"}
+    return {k: ({kk: vv for kk, vv in x.items() if kk not in measured} if isinstance(x, dict) else x)
+            for k, x in v.items()}

@@ -300,6 +300,7 @@ def growth_summary(arm: str, noise: float, report: dict) -> dict:
     deviation = v.get("deviation") or {}
     return {"steps": growth_steps(arm, noise), "summary": [s["summary"] for s in report["plan"]["steps"]],
             "function_preserving": report["plan"]["function_preserving"], "verification_passed": v["passed"],
+            "exact_counterpart_passed": (v.get("exact_counterpart") or {}).get("passed"),
             "checked": v.get("checked"), "student_max_abs_deviation": deviation.get("max_abs_error")}
 
 
