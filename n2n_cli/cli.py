@@ -42,6 +42,8 @@ class _Group(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except N2NError as e:
+            if ctx.invoked_subcommand in ("widen", "deepen") and hasattr(e, "for_cli"):
+                e.for_cli()  # the step came from flags: name --allow-approximate, not allow_approximate: true
             _write_failure_report(ctx, e)
             err.print(f"error: {e.render()}", markup=False)
             if isinstance(e, VerificationFailed) and e.report and not ctx.obj.get("quiet"):

@@ -3,7 +3,9 @@
 Seeded random token ids at several lengths, half of the sequences right-padded with an
 attention mask; compare logits (causal LMs) or hidden states (encoders; when the hidden
 size grew r-fold the student's states must be the teacher's tiled r times) at the
-positions the mask keeps.
+positions the mask keeps. Where a config declares an attention window (``sliding_window``) that
+the position limit lets a sequence exceed, one extra sequence per padding pattern goes past it,
+so that a grown model whose windows sit on other layers cannot pass.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ from .verify import Comparison, compare_outputs, full_precision
 
 INSTALL_HINT = "Install it with: pip install 'n2n-cli[hf]' (or pip install transformers)."
 LENGTHS = (5, 16, 33)
+# config attributes (as transformers' config classes expose them) that bound how far attention looks
+WINDOW_FIELDS = ("sliding_window", "attention_window", "attention_chunk_size", "local_window_size")
+POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+PAST_WINDOW = 16  # the long probes run this many tokens past the largest window
+LONG_TAIL = 48  # positions of each long probe compared (the last ones: those past the window)
 
 
 def require_transformers():
@@ -65,6 +72,33 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     return model.to(device).eval(), causal
 
 
+def _ints(v) -> list[int]:
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    return [x for x in vals if isinstance(x, int) and not isinstance(x, bool) and x > 0]
+
+
+def long_probe_length(*configs) -> int | None:
+    """A length past every attention window the configs declare, within every position limit;
+    None when no declared window can be exceeded (or none is declared)."""
+    windows = [w for c in configs for f in WINDOW_FIELDS for w in _ints(getattr(c, f, None))]
+    limits = [n for c in configs for f in POSITION_FIELDS for n in _ints(getattr(c, f, None))]
+    if not windows:
+        return None
+    limit = min(limits) if limits else max(windows) + PAST_WINDOW
+    n = min(max(windows) + PAST_WINDOW, limit)
+    return n if n > max(windows) + 1 else None
+
+
+def long_batches(vocab: int, length: int, seed: int):
+    """Two sequences of ``length`` tokens, one unpadded and one with its last 4 tokens padded,
+    each its own batch (long attention is quadratic in memory)."""
+    gen = generator(seed, "hf-long-probes", length)
+    ids = torch.randint(0, vocab, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length - 4:] = 0
+    return [(ids[i:i + 1], mask[i:i + 1]) for i in range(2)]
+
+
 def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
     """(input_ids, attention_mask) batches: ``probes`` sequences over a few lengths."""
     lengths = [n for n in LENGTHS if n <= max_len] or [max_len]
@@ -79,15 +113,19 @@ def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
     return batches
 
 
-def outputs(model, causal: bool, batches, device) -> torch.Tensor:
-    """Outputs at the kept positions of every batch, concatenated: [positions, features]."""
+def outputs(model, causal: bool, batches, device, tail: int | None = None) -> torch.Tensor:
+    """Outputs at the kept positions of every batch, concatenated: [positions, features]
+    (with ``tail``: only the last ``tail`` positions of each sequence, then the kept ones)."""
     out = []
     with torch.no_grad(), full_precision():
         for ids, mask in batches:
             res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             y = (getattr(res, "logits", None) if getattr(res, "logits", None) is not None
                  else res.prediction_logits) if causal else res.last_hidden_state
-            out.append(y[mask.to(device).bool()].to("cpu", torch.float64))
+            keep = mask.to(device).bool()
+            if tail is not None:
+                y, keep = y[:, -tail:], keep[:, -tail:]
+            out.append(y[keep].to("cpu", torch.float64))
     return torch.cat(out)
 
 
@@ -96,15 +134,19 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
     """Logits of models with a head (causal or masked LM) must match; hidden states of base
     models must be the teacher's tiled r times, then zeros where the stream was padded (LEMON)."""
     batches = probe_batches(vocab, max_len, probes, seed)
+    transformers = require_transformers()
+    long_len = long_probe_length(transformers.AutoConfig.from_pretrained(str(teacher)),
+                                 transformers.AutoConfig.from_pretrained(str(student)))
+    long = long_batches(vocab, long_len, seed) if long_len else []
     t_model, causal = load_model(teacher, dtype, device)
-    t_out = outputs(t_model, causal, batches, device)
+    t_out = torch.cat([outputs(t_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     del t_model
     s_model, _ = load_model(student, dtype, device)
-    s_out = outputs(s_model, causal, batches, device)
+    s_out = torch.cat([outputs(s_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     if not causal and s_out.shape[-1] != t_out.shape[-1]:
         r, pad = divmod(s_out.shape[-1], t_out.shape[-1])
         t_out = torch.cat([t_out.repeat(1, r), t_out.new_zeros(t_out.shape[0], pad)], dim=1)
-    c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches), seed=seed,
+    c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches + long), seed=seed,
                         device=device, dtype=dtype)
     if not causal:
         c.argmax_agreement = None  # an argmax over hidden features means nothing
