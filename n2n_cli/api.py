@@ -199,6 +199,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         check_finite(source, header, progress)
         seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
                                              verify_dtype=verify_dtype)
+        hf_verify.check_config(source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         hf_verify.check_config(plan.new_config())
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
@@ -229,7 +230,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
                 c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
                                            probes=probes, seed=seed, atol=atol, rtol=rtol,
-                                           device=resolve_device(device), dtype=dtype)
+                                           device=resolve_device(device), dtype=dtype, grown=True)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:

@@ -330,7 +330,9 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     vocab = get("vocab")
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
-    intermediate = get("intermediate") or (_default_intermediate(fam, hidden) if _is_int(hidden) else None)
+    intermediate = get("intermediate")  # null (GPT-2's n_inner): the family's default; 0 is not null
+    if intermediate is None and _is_int(hidden):
+        intermediate = _default_intermediate(fam, hidden)
     kv_heads = get("kv_heads") or heads
     tied = get("tie", fam.defaults.get("tie", False))
     for name, v in ((c["hidden"], hidden), (c["layers"], layers), (c["heads"], heads), (c["vocab"], vocab),
@@ -367,7 +369,7 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         raise CheckpointError(f"no '{fam.anchor}' tensor (with any of the prefixes "
                               f"{', '.join(repr(p) for p in fam.prefixes)}): not a {fam.name} checkpoint", where=where)
     found = _layer_indices(keys, prefix, fam.layer)
-    if found != set(range(layers)):
+    if len(found) != layers or found != set(range(layers)):  # the length first: never build a huge range
         held = f"{len(found)} blocks" + (f" ({min(found)}..{max(found)})" if found else "")
         raise CheckpointError(f"config.json: '{c['layers']}' is {layers}, but the checkpoint holds {held}",
                               where=where, hint=f"Set '{c['layers']}' to the number of blocks the weights hold, "

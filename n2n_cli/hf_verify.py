@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError, UserError
+from .errors import CheckpointError, StepError, UserError
 from .transforms import generator
 from .verify import Comparison, compare_outputs, full_precision
 
@@ -37,9 +37,10 @@ def require_transformers():
     return transformers
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, *, grown: bool = True, where: str | None = None) -> None:
     """When transformers is installed, make sure it accepts the grown config.json (its config
-    classes validate e.g. that LLaMA's hidden_size is a multiple of num_attention_heads)."""
+    classes validate e.g. that LLaMA's hidden_size is a multiple of num_attention_heads), or, with
+    ``grown=False``, the input's (a field of the wrong type that n2n itself does not read)."""
     try:
         import transformers
     except ImportError:
@@ -50,16 +51,25 @@ def check_config(config: dict) -> None:
         transformers.AutoConfig.for_model(config["model_type"], **cfg)
     except Exception as e:  # transformers raises ValueError or its own validation errors
         cause = str(e).strip().splitlines()[-1].strip()
+        if not grown:
+            raise CheckpointError(f"transformers {transformers.__version__} rejects its config.json: {cause}",
+                                  where=where, hint="Fix config.json (or use the one saved with these weights); "
+                                  "n2n grows only models that transformers can load.") from None
         raise StepError(f"transformers {transformers.__version__} rejects the grown config.json: {cause}",
                         hint="Choose sizes that the model family's config accepts (e.g. heads dividing "
                              "hidden_size for LLaMA).") from None
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, user_input: bool = True):
     transformers = require_transformers()
     transformers.logging.set_verbosity_error()  # n2n reports its own progress; no loading bars or warnings
     transformers.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers' validation errors have many types; none is a bug of n2n
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise CheckpointError(f"transformers {transformers.__version__} cannot read its config.json: {cause}",
+                              where=str(path)) from None
     archs = config.architectures or []
     heads = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
              "ForMaskedLM": "AutoModelForMaskedLM", "ForPreTraining": "AutoModelForPreTraining"}
@@ -68,7 +78,15 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     cls = getattr(transformers, auto)
     major = int(transformers.__version__.split(".")[0])
     kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-    model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
+    try:
+        model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
+    except Exception as e:
+        if not user_input:
+            raise  # n2n wrote it: a failure to load is n2n's bug
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise CheckpointError(f"transformers {transformers.__version__} cannot load it: {cause}", where=str(path),
+                              hint="Check that config.json matches the weights (transformers builds the model "
+                                   "from config.json).") from None
     return model.to(device).eval(), causal
 
 
@@ -130,7 +148,8 @@ def outputs(model, causal: bool, batches, device, tail: int | None = None) -> to
 
 
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int,
-                 seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype) -> Comparison:
+                 seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype,
+                 grown: bool = False) -> Comparison:
     """Logits of models with a head (causal or masked LM) must match; hidden states of base
     models must be the teacher's tiled r times, then zeros where the stream was padded (LEMON)."""
     batches = probe_batches(vocab, max_len, probes, seed)
@@ -141,7 +160,7 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
     t_model, causal = load_model(teacher, dtype, device)
     t_out = torch.cat([outputs(t_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     del t_model
-    s_model, _ = load_model(student, dtype, device)
+    s_model, _ = load_model(student, dtype, device, user_input=not grown)
     s_out = torch.cat([outputs(s_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     if not causal and s_out.shape[-1] != t_out.shape[-1]:
         r, pad = divmod(s_out.shape[-1], t_out.shape[-1])

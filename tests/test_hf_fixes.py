@@ -132,3 +132,77 @@ def test_derived_layer_types_match_transformers(tmp_path, layer_types, mwl):
     edit_config(src, layer_types=layer_types if layer_types else ...)
     with api._open_hf(src) as (_, arch, _h):
         assert arch.per_layer["layer_types"] == transformers.AutoConfig.from_pretrained(src).layer_types
+
+
+# ----------------------------------------------------------------------------- crashes and limits
+
+
+@pytest.mark.parametrize("family,field,value,message", [
+    ("llama", "model_type", ["llama"], "'model_type' must be a string naming the model family, got [\"llama\"]"),
+    ("llama", "model_type", {"a": 1}, "'model_type' must be a string naming the model family, got {\"a\": 1}"),
+    ("llama", "architectures", 5, "'architectures' must be a list of class names (strings), got 5"),
+    ("llama", "architectures", [5], "'architectures' must be a list of class names (strings), got [5]"),
+    ("llama", "quantization_config", {"quant_method": "bitsandbytes", "load_in_4bit": True},
+     "quantized checkpoints cannot be grown exactly"),
+    ("llama", "num_hidden_layers", 1000000, "'num_hidden_layers' is 1000000, but the checkpoint holds 2 blocks (0..1)"),
+    ("llama", "num_hidden_layers", 10 ** 12, "the checkpoint holds 2 blocks"),
+    ("llama", "hidden_size", "32", "'hidden_size' must be a positive integer, got \"32\""),
+    ("llama", "head_dim", -8, "'head_dim' must be a positive integer or null, got -8"),
+    ("llama", "tie_word_embeddings", "false", "'tie_word_embeddings' must be true or false, got \"false\""),
+    ("llama", "rms_norm_eps", "1e-6", "'rms_norm_eps' must be a positive number, got \"1e-6\""),
+    ("llama", "rms_norm_eps", 5, "rejects its config.json"),  # transformers wants a float: exit 2, not 1
+    ("llama", "layer_types", ["full_attention", 5], "'layer_types' must be a list of 2 strings"),
+    ("qwen2", "use_sliding_window", "yes", "'use_sliding_window' must be true or false, got \"yes\""),
+    ("qwen2", "max_window_layers", None, "'max_window_layers' must be a non-negative integer, got null"),
+    ("qwen2", "sliding_window", 1.5, "'sliding_window' must be a positive integer or null, got 1.5"),
+    ("gpt2", "n_inner", 0, "'n_inner' must be a positive integer, got 0"),
+    ("gpt2", "n_positions", [64], "'n_positions' must be a positive integer, got [64]"),
+    ("bert", "type_vocab_size", None, "'type_vocab_size' must be a positive integer, got null"),
+])
+def test_config_fields_of_the_wrong_type_exit_2_naming_the_field(tmp_path, cli, family, field, value, message):
+    src = make_hf_model(tmp_path, family)
+    edit_config(src, **{field: value}, **({"layer_types": ...} if family == "qwen2" else {}))  # old Qwen2 configs
+    for args in (["inspect", src], ["deepen", src, tmp_path / "o", "--layers", "3"],
+                 ["widen", src, tmp_path / "o", "--dim", "intermediate_size", "--factor", "2"]):
+        if args[0] == "inspect" and "rejects" in message:
+            continue  # inspect reads the header only; transformers' own checks come with grow and validate
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert message in r.stderr, (args, r.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+def test_deeply_nested_config_json_exit_2(tmp_path, cli):
+    src = make_hf_model(tmp_path, "llama")
+    (src / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * 100000 + "]" * 100000 + "}")
+    r = cli("inspect", src)
+    assert r.exit_code == 2 and "config.json is not valid JSON" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("how", ["cli", "spec"])
+def test_absurd_depth_is_refused_at_once_with_the_planned_size(tmp_path, cli, how):
+    src = make_hf_model(tmp_path, "llama")
+    t = time.monotonic()
+    if how == "cli":
+        r = cli("deepen", src, tmp_path / "o", "--layers", "1000000000")
+    else:
+        spec = tmp_path / "s.yaml"
+        spec.write_text("steps:\n  - deepen: {layers: 1000000000}\n")
+        r = cli("grow", spec, src, tmp_path / "o")
+    assert time.monotonic() - t < 10
+    assert r.exit_code == 2, r.output
+    assert "1,000,000,000 layers would make a checkpoint of about" in r.stderr
+    assert "TB" in r.stderr and "n2n plans at most 10,000 layers" in r.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_absurd_width_is_refused_before_any_tensor_is_made(tmp_path, cli, monkeypatch):
+    src = make_hf_model(tmp_path, "llama")
+    r = cli("widen", src, tmp_path / "o", "--dim", "intermediate_size", "--to", str(10 ** 12))
+    assert r.exit_code == 2 and "the new intermediate_size 1,000,000,000,000 is beyond" in r.stderr, r.output
+    from n2n_cli import hf
+    monkeypatch.setattr(hf, "MAX_PLANNED_BYTES", 10 ** 6)  # the real bound (16 TiB) needs a real model
+    r = cli("widen", src, tmp_path / "o", "--dim", "hidden_size", "--to", "4096", "--dry-run")
+    assert r.exit_code == 2, r.output
+    assert "the planned output is about 10.3 MB (10,338,304 bytes)" in r.stderr and "beyond the 1.0 MB n2n writes" in r.stderr
+    assert not (tmp_path / "o").exists()
