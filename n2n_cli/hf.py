@@ -159,6 +159,7 @@ class Arch:
     per_layer: dict[str, list] = field(default_factory=dict)
     eps: float | None = None
     has_head: bool = True  # False for base models (LlamaModel, GPT2Model): no lm_head, tied or not
+    dropped: tuple[str, ...] = ()  # tensors of an old checkpoint that transformers ignores (family's ``dropped``)
 
     # -- tensors
 
@@ -394,13 +395,8 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     else:
         has_head = bool(head_keys) and (prefix != "" or any(k.rstrip("?") in keys for k in head_keys))
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
-                get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head)
-
-
-def dropped_tensors(keys, arch: Arch) -> list[str]:
-    """Tensors of an old checkpoint that transformers ignores on load (the family's ``dropped``
-    name endings, e.g. LLaMA's per-layer ``rotary_emb.inv_freq`` buffers): not written."""
-    return sorted(k for k in keys if k.endswith(arch.family.dropped) and k not in arch.tensors())
+                get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head,
+                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))))
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -414,7 +410,7 @@ def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tupl
             problems.append(f"tensor '{key}' has shape {list(source.shape(key))}, config.json implies {list(spec.shape)}")
     for key in sorted(keys - set(expected)):
         if key.endswith(arch.family.dropped):
-            continue  # transformers ignores these on load (see dropped_tensors); so does n2n
+            continue  # transformers ignores these on load (Arch.dropped); so does n2n
         problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}), not part of the "
                         f"{arch.family.name} layout")
     if problems:
@@ -487,7 +483,7 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
         if not collect:
             raise err
         plan.problems.append((numbers[-1] if numbers else len(steps) - 1, err.message))
-    dropped = dropped_tensors(header, arch)
+    dropped = arch.dropped
     if dropped:
         plan.notes.append(f"dropped {len(dropped)} tensor(s) that transformers ignores on load "
                           f"({', '.join(sorted({k.rsplit('.', 2)[-2] + '.' + k.rsplit('.', 1)[-1] for k in dropped}))}"
@@ -537,7 +533,8 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
             raise StepError(
                 f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
                 "mean over a zero-padded stream would change, so n2n widens its residual stream exactly only by "
-                "tiling it an integer number of times", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.")
+                "tiling it an integer number of times", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.",
+                short="integer multiples only" + (": LayerNorm" if fam.norm_kind == "layer" else ""))
         if pad:
             # LEMON: stream [x, .., x, 0]; mean square shrinks by s = r*D/D', so RMSNorm's gamma
             # gets sqrt(s) and its eps gets s: exact

@@ -162,7 +162,8 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
         except StepError as e:
             n = numbers[i] if numbers else i
             if not collect:
-                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short) from None
+                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short,
+                                flags=e.flags) from None
             plan.problems.append((n, f"steps[{n}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else "")))
     return plan
 

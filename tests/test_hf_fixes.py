@@ -13,7 +13,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import VOCAB, make_hf_model  # noqa: E402
+from helpers import CNN_YAML, VOCAB, make_hf_model  # noqa: E402
 from n2n_cli import hf_verify  # noqa: E402
 
 transformers.logging.set_verbosity_error()
@@ -206,3 +206,102 @@ def test_absurd_width_is_refused_before_any_tensor_is_made(tmp_path, cli, monkey
     assert r.exit_code == 2, r.output
     assert "the planned output is about 10.3 MB (10,338,304 bytes)" in r.stderr and "beyond the 1.0 MB n2n writes" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- wording, validate, dry run
+
+
+def test_allow_approximate_is_named_as_the_flag_the_user_typed(tmp_path, cli):
+    src = make_hf_model(tmp_path, "bert")
+    r = cli("deepen", src, tmp_path / "o", "--layers", "3")
+    assert r.exit_code == 2 and "Add --allow-approximate to grow anyway" in r.stderr, r.output
+    assert "allow_approximate: true" not in r.stderr
+    spec = tmp_path / "s.yaml"
+    spec.write_text("steps:\n  - deepen: {layers: 3}\n")
+    r = cli("grow", spec, src, tmp_path / "o")
+    assert r.exit_code == 2 and "Add allow_approximate: true to the step to grow anyway" in r.stderr, r.output
+
+
+def test_a_factor_too_small_to_grow_reads_well(tmp_path, cli, cnn_teacher):
+    src = make_hf_model(tmp_path, "llama")
+    r = cli("widen", src, tmp_path / "o", "--dim", "num_key_value_heads", "--factor", "1.01")
+    assert r.exit_code == 2, r.output
+    assert ("--factor 1.01 rounds 2 to 2, which is not larger than the current num_key_value_heads 2" in r.stderr
+            and "Use a factor of at least 1.5, or --to 3 or more." in r.stderr), r.stderr
+    spec = tmp_path / "s.yaml"
+    spec.write_text("steps:\n  - widen: {dim: intermediate_size, factor: 1.01}\n")
+    r = cli("grow", spec, src, tmp_path / "o")
+    assert r.exit_code == 2, r.output
+    assert ("factor: 1.01 rounds 40 to 40, which is not larger than the current intermediate_size 40" in r.stderr
+            and "Use a factor of at least 1.025, or to: 41 or more." in r.stderr), r.stderr
+    # MLP/CNN: the same wording (plan.py)
+    r = cli("widen", cnn_teacher, tmp_path / "o.safetensors", "--model", CNN_YAML, "--layer", "fc1", "--factor", "1.005")
+    assert r.exit_code == 2, r.output
+    assert "--factor 1.005 rounds 64 to 64, which is not larger than the current width 64 of 'fc1'" in r.stderr, r.stderr
+    assert "Use a factor of at least 1.016, or --to 65 or more." in r.stderr
+
+
+def test_validate_runs_the_transformers_checks_of_grow(tmp_path, cli):
+    src = make_hf_model(tmp_path, "llama")
+    spec = tmp_path / "s.yaml"
+    spec.write_text("steps:\n  - widen: {dim: num_attention_heads, to: 6}\n  - widen: {dim: hidden_size, to: 64}\n")
+    r = cli("validate", spec, "--checkpoint", src)
+    assert r.exit_code == 2, r.output
+    assert "rejects the grown config.json" in r.stderr and "line 3:" in r.stderr, r.stderr
+    r = cli("grow", spec, src, tmp_path / "o", "--dry-run")
+    assert r.exit_code == 2 and "rejects the grown config.json" in r.stderr, r.output
+    edit_config(src, rms_norm_eps=5)  # a field n2n does not type itself but transformers refuses
+    spec.write_text("steps:\n  - widen: {dim: intermediate_size, to: 64}\n")
+    r = cli("validate", spec, "--checkpoint", src)
+    assert r.exit_code == 2 and "rejects its config.json" in r.stderr, r.output
+
+
+@pytest.mark.parametrize("kind", ["hf", "cnn"])
+def test_dry_run_warns_about_an_existing_output(tmp_path, cli, cnn_teacher, kind):
+    if kind == "hf":
+        src, out = make_hf_model(tmp_path, "llama"), tmp_path / "o"
+        out.mkdir()
+        args = ["widen", src, out, "--dim", "intermediate_size", "--to", "64", "--dry-run"]
+    else:
+        src, out = cnn_teacher, tmp_path / "o.safetensors"
+        out.write_bytes(b"x")
+        args = ["widen", src, out, "--model", CNN_YAML, "--layer", "fc1", "--to", "96", "--dry-run"]
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    assert "warning: a real run would refuse the output:" in r.stderr and "already exists" in r.stderr, r.stderr
+    assert "Pass --force to replace it." in r.stderr
+    report = json.loads(cli(*args, "--json").stdout)
+    assert "already exists" in report["warnings"][0]
+    r = cli(*args, "--force")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
+
+
+# ----------------------------------------------------------------------------- inspect, old checkpoints
+
+
+@pytest.mark.parametrize("family,expected", [("gpt2", "yes (integer multiples only: LayerNorm)"),
+                                             ("bert", "yes (integer multiples only: LayerNorm)"),
+                                             ("llama", "yes")])
+def test_inspect_says_layernorm_families_grow_hidden_by_multiples_only(tmp_path, cli, family, expected):
+    src = make_hf_model(tmp_path, family)
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["growth"]["hidden_size"] == expected
+
+
+def test_old_llama_rotary_buffers_are_dropped_with_a_note(tmp_path, cli):
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path, "llama")
+    sd = load_file(str(src / "model.safetensors"))
+    for i in range(2):  # as transformers < 4.31 saved them
+        sd[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, 8, 2).float() / 8)
+    save_file(sd, str(src / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "o"
+    r = cli("deepen", src, out, "--layers", "3", "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["verification"]["passed"] is True
+    assert any("dropped 2 tensor(s) that transformers ignores on load (rotary_emb.inv_freq" in n
+               for n in report["plan"]["notes"]), report["plan"]
+    assert not any("inv_freq" in k for k in load_file(str(out / "model.safetensors")))
