@@ -233,8 +233,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                         verify_dtype=verify_dtype, progress=progress)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
-    if not dry_run:
-        check_output_path(out_path, [src], force)
+    warnings = _output_warnings(lambda: check_output_path(out_path, [src], force), dry_run)
     with open_checkpoint(src) as source, _hashing(source, not dry_run) as teacher_sha256:
         desc = resolve_model(source, model, spec_model)
         previous = read_lineage(source.metadata, str(src)) or []
@@ -246,7 +245,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                                                  verify_dtype=verify_dtype)
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
-                  "verified_against": DESCRIPTION_NOTE}
+                  "verified_against": DESCRIPTION_NOTE, **({"warnings": warnings} if warnings else {})}
         if dry_run:
             return report
         outputs.before_writing(out_path, hf_io.planned_bytes(plan.entries()))
@@ -282,19 +281,19 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
              max_shard_size, verify_dtype, progress) -> dict:
-    if not dry_run:
-        hf_io.check_output_dir(out, src, force)
+    warnings = _output_warnings(lambda: hf_io.check_output_dir(out, src, force), dry_run)
     shard_bytes = hf_io.parse_size(max_shard_size)
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
         previous = read_lineage(source.metadata, str(src)) or []
         check_finite(source, header, progress)
         seed = spec.seed if seed is None else seed
+        hf_verify.check_config(source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         hf_verify.check_config(plan.new_config())
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
-                  "plan": plan.to_dict(), "written": False}
+                  "plan": plan.to_dict(), "written": False, **({"warnings": warnings} if warnings else {})}
         if dry_run:
             return report
         do_verify = spec.verify.enabled if verify is None else verify
@@ -322,7 +321,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
                 c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
                                            probes=probes, seed=seed, atol=atol, rtol=rtol,
-                                           device=resolve_device(device), dtype=dtype)
+                                           device=resolve_device(device), dtype=dtype, grown=True)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:
@@ -343,6 +342,19 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             hf_io.move_into_place(staged, out, replace=force)
         report["written"] = True
         return report
+
+
+def _output_warnings(check: Callable[[], object], dry_run: bool) -> list[str]:
+    """Run the output check: a real run raises; a dry run reports what the real run would refuse
+    (e.g. an existing OUT without --force) as a warning and goes on planning."""
+    if not dry_run:
+        check()
+        return []
+    try:
+        check()
+    except UserError as e:
+        return [f"a real run would refuse the output: {e.render()}"]
+    return []
 
 
 def _failed_comparison(v: dict) -> dict:
@@ -642,6 +654,12 @@ def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
         try:
             build_hf_plan(config, arch, header, [HFStepEntry.model_validate(step)], 0)
             out[name] = "yes"
+            if name == "hidden_size":  # any width, or only multiples? (LayerNorm families)
+                try:
+                    build_hf_plan(config, arch, header, [HFStepEntry.model_validate(
+                        {"widen": {"dim": "hidden_size", "to": arch.hidden + 1}})], 0)
+                except StepError as e:
+                    out[name] = f"yes ({e.short})"
         except StepError as e:
             out[name] = "no: " + e.message.split(": ", 1)[-1]
     return out
@@ -747,7 +765,13 @@ def _step_problems(spec_path, entries, numbers, desc, checkpoint, node, seed, re
         if checkpoint is None:
             return ([], None) if return_plan else []
         with _open_hf(checkpoint) as (source, arch, header):
+            hf_verify.check_config(source.config, grown=False, where=str(Path(checkpoint) / "config.json"))
             plan = build_hf_plan(source.config, arch, header, entries, seed, collect=True, numbers=numbers)
+            if not plan.problems:  # as grow does: transformers must accept the grown config.json
+                try:
+                    hf_verify.check_config(plan.new_config())
+                except StepError as e:
+                    plan.problems.append((numbers[-1], e.message + (f" {e.hint}" if e.hint else "")))
     else:
         header = None
         if checkpoint is not None:

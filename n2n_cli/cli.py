@@ -26,7 +26,7 @@ from . import __version__
 from .errors import EXIT_UNEXPECTED, N2NError, OutputError, UserError, VerificationFailed
 from .fsutil import atomic_write_text, dir_writable
 
-MAX_PROBES = 65536  # the spec's verify.probes has the same bound
+from .limits import MAX_FACTOR, MAX_PROBES, MAX_WIDTH
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -88,6 +88,8 @@ class _Group(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except N2NError as e:
+            if ctx.invoked_subcommand in ("widen", "deepen") and hasattr(e, "for_cli"):
+                e.for_cli()  # the step came from flags: name --allow-approximate, not allow_approximate: true
             _write_failure_report(ctx, e)
             err.print(f"error: {e.render()}", markup=False)
             if isinstance(e, VerificationFailed) and e.report and not ctx.obj.get("quiet"):
@@ -320,6 +322,8 @@ def _print_grow(report: dict) -> None:
     plan = report["plan"]
     if report["dry_run"]:
         _print_plan(plan)
+        for w in report.get("warnings", []):
+            err.print(f"warning: {w}", markup=False)
         out.print("dry run: nothing written", markup=False)
         return
     for s in plan["steps"]:
@@ -400,8 +404,8 @@ def widen(
                                                  "(it must have a downstream linear/conv2d consumer).")] = None,
     dim: Annotated[Optional[HFDim], typer.Option("--dim", help="Hugging Face: the dimension to widen in every "
                                                  "layer.")] = None,
-    to: Annotated[Optional[int], typer.Option("--to", min=1, help="New width (units, channels or size).")] = None,
-    factor: Annotated[Optional[float], typer.Option("--factor", help="Multiply the width (> 1) instead of --to.")] = None,
+    to: Annotated[Optional[int], typer.Option("--to", min=1, max=MAX_WIDTH, help="New width (units, channels or size).")] = None,
+    factor: Annotated[Optional[float], typer.Option("--factor", max=MAX_FACTOR, help="Multiply the width (> 1) instead of --to.")] = None,
     method: Annotated[WidenMethod, typer.Option("--method", help="net2wider (function-preserving) or random-pad "
                                                 "(the seed's baseline).")] = WidenMethod.net2wider,
     noise: Annotated[float, typer.Option("--noise", min=0, help="Symmetry-breaking noise std, relative to the "

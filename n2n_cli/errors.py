@@ -56,9 +56,21 @@ class CheckpointError(UserError):
 class StepError(UserError):
     """A growth step cannot be applied (unknown layer, not exact, unsupported)."""
 
-    def __init__(self, message: str, *, short: str | None = None, **kw):
+    def __init__(self, message: str, *, short: str | None = None, flags: dict[str, str] | None = None, **kw):
         self.short = short or message  # a few words, for tables (``n2n inspect``)
+        # spec wording -> command-line wording ("allow_approximate: true to the step" -> "--allow-approximate"),
+        # applied by for_cli() when the step came from `n2n widen` / `n2n deepen` flags rather than a spec
+        self.flags = dict(flags or {})
         super().__init__(message, **kw)
+
+    def for_cli(self) -> "StepError":
+        """Reword the message and hint in terms of the command-line flags the user typed."""
+        for spec_form, flag in self.flags.items():
+            self.message = self.message.replace(spec_form, flag)
+            self.hint = self.hint.replace(spec_form, flag) if self.hint else self.hint
+        self.flags = {}
+        self.args = (self.render(),)
+        return self
 
 
 class OutputError(UserError):

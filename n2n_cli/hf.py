@@ -8,7 +8,9 @@ labelled with that space is transformed by the same generic code as for MLP/CNNs
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
@@ -19,6 +21,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from .errors import CheckpointError, ModelError, StepError
+from .limits import MAX_LAYERS, MAX_PLANNED_BYTES, MAX_WIDTH as MAX_SIZE
 from .layers import Axis
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
 from .spec import Factor, OneStep, VerifySpec, Width
@@ -101,6 +104,8 @@ class Family:
     head: dict[str, list[str]]
     head_architectures: tuple[str, ...]
     block_outputs: tuple[str, ...]
+    derived_layer_types: dict[str, dict[str, str]] = field(default_factory=dict)
+    dropped: tuple[str, ...] = ()
 
 
 @lru_cache(maxsize=None)
@@ -112,7 +117,7 @@ def families() -> dict[str, Family]:
         fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
                      bool(d["head_dim_from_hidden"]), d["norm"], d["norm_kind"], tuple(d["prefixes"]), d["anchor"], d["layer"],
                      d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d.get("head_architectures") or ()),
-                     tuple(d["block_outputs"]))
+                     tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()))
         for mt in fam.model_types:
             out[mt] = fam
     return out
@@ -152,6 +157,7 @@ class Arch:
     per_layer: dict[str, list] = field(default_factory=dict)
     eps: float | None = None
     has_head: bool = True  # False for base models (LlamaModel, GPT2Model): no lm_head, tied or not
+    dropped: tuple[str, ...] = ()  # tensors of an old checkpoint that transformers ignores (family's ``dropped``)
 
     # -- tensors
 
@@ -226,6 +232,15 @@ class Arch:
             cfg[c["head_dim"]] = self.head_dim
         for name, values in self.per_layer.items():
             cfg[name] = values
+        rule = fam.derived_layer_types.get(original.get("model_type"))
+        types = self.per_layer.get("layer_types")
+        if rule and types and cfg.get(rule["enabled"]):
+            # transformers before layer_types (< 4.53) assigns windows by from_layer alone: keep it
+            # telling the same story where the list is full_attention for layers < k, sliding after
+            k = next((i for i, t in enumerate(types) if t != "full_attention"), len(types))
+            if all(t == "sliding_attention" for t in types[k:]):
+                old = cfg.get(rule["from_layer"], (rule.get("defaults") or {}).get(rule["from_layer"]))
+                cfg[rule["from_layer"]] = k if k < len(types) else max(old if isinstance(old, int) else 0, k)
         if self.eps is not None:
             cfg[c["eps"]] = self.eps
         return cfg
@@ -236,13 +251,69 @@ def _default_intermediate(fam: Family, hidden: int) -> int | None:
     return f * hidden if f else None
 
 
+def _show(v) -> str:
+    """A config value for a message: short, whatever its type."""
+    try:
+        text = json.dumps(v)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(type(v).__name__)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _layer_indices(keys: set[str], prefix: str, layer: str) -> set[int]:
+    """The block indices present among ``keys`` (one regex pass over the names, no tensor data)."""
+    head, tail = (prefix + layer).split("{i}")
+    pat = re.compile(re.escape(head) + r"(\d+)" + re.escape(tail))
+    return {int(m.group(1)) for k in keys if (m := pat.match(k))}
+
+
+def derive_layer_types(config: dict, fam: Family, layers: int, problems: list[str]) -> list[str] | None:
+    """``layer_types`` as transformers derives it for a config.json without one (see the family's
+    ``derived_layer_types``); None where the family has no such rule."""
+    rule = fam.derived_layer_types.get(config.get("model_type"))
+    if not rule:
+        return None
+    d = rule.get("defaults") or {}
+    enabled, window, first = (config.get(rule[k], d.get(rule[k])) for k in ("enabled", "window", "from_layer"))
+    if not isinstance(enabled, bool):
+        problems.append(f"'{rule['enabled']}' must be true or false, got {_show(enabled)}")
+    if window is not None and not (_is_int(window) and window > 0):
+        problems.append(f"'{rule['window']}' must be a positive integer or null, got {_show(window)}")
+    if not (_is_int(first) and first >= 0):
+        problems.append(f"'{rule['from_layer']}' must be a non-negative integer, got {_show(first)}")
+    if problems:
+        return None
+    return ["sliding_attention" if enabled and window is not None and i >= first else "full_attention"
+            for i in range(layers)]
+
+
 def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
-    """Resolve a config.json (and the checkpoint's keys, for the prefix) into an ``Arch``."""
+    """Resolve a config.json (and the checkpoint's keys, for the prefix) into an ``Arch``.
+
+    Every field n2n reads is type-checked here (a ModelError naming the field), and the layer
+    count is checked against the blocks the checkpoint holds before anything per layer is built.
+    """
     mt = config.get("model_type")
     fams = families()
+    if not isinstance(mt, str):
+        raise ModelError(f"config.json: 'model_type' must be a string naming the model family, got {_show(mt)}",
+                         where=where, hint=f"Supported model types: {', '.join(supported_model_types())}.")
     if mt not in fams:
         raise ModelError(f"config.json: model_type {mt!r} is not supported", where=where,
                          hint=f"Supported model types: {', '.join(supported_model_types())}.")
+    if config.get("quantization_config") is not None:
+        raise ModelError("config.json has a 'quantization_config': quantized checkpoints cannot be grown exactly "
+                         "(their weights are stored as codes and scales, not values); dequantize first",
+                         where=where, hint="Load the model with transformers, dequantize it (e.g. "
+                         "model.dequantize()), save_pretrained() it, and grow that directory.")
     fam = fams[mt]
     c = fam.config
     problems = []
@@ -258,45 +329,72 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     vocab = get("vocab")
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
-    intermediate = get("intermediate") or _default_intermediate(fam, hidden)
+    intermediate = get("intermediate")  # null (GPT-2's n_inner): the family's default; 0 is not null
+    if intermediate is None and _is_int(hidden):
+        intermediate = _default_intermediate(fam, hidden)
     kv_heads = get("kv_heads") or heads
-    tied = bool(get("tie", fam.defaults.get("tie", False)))
+    tied = get("tie", fam.defaults.get("tie", False))
     for name, v in ((c["hidden"], hidden), (c["layers"], layers), (c["heads"], heads), (c["vocab"], vocab),
                     (c["intermediate"], intermediate), (c.get("kv_heads", "kv heads"), kv_heads)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            problems.append(f"'{name}' must be a positive integer, got {v!r}")
+        if not _is_int(v) or v < 1:
+            problems.append(f"'{name}' must be a positive integer, got {_show(v)}")
+    if not isinstance(tied, bool):
+        problems.append(f"'{c['tie']}' must be true or false, got {_show(tied)}")
+    head_dim = get("head_dim")
+    if head_dim is not None and not (_is_int(head_dim) and head_dim > 0):
+        problems.append(f"'{c['head_dim']}' must be a positive integer or null, got {_show(head_dim)}")
+    for q in ("positions", "types"):
+        v = get(q, 0)
+        if not (_is_int(v) and v >= 0):
+            problems.append(f"'{c[q]}' must be a positive integer, got {_show(v)}")
+    eps = config.get(c["eps"]) if "eps" in c else None
+    if eps is not None and not (_is_number(eps) and eps > 0):
+        problems.append(f"'{c['eps']}' must be a positive number, got {_show(eps)}")
+    archs = config.get("architectures")
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        problems.append(f"'architectures' must be a list of class names (strings), got {_show(archs)}")
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
-    head_dim = get("head_dim")
     if fam.head_dim_from_hidden or head_dim is None:
         if hidden % heads:
             problems.append(f"'{c['hidden']}' ({hidden}) is not divisible by '{c['heads']}' ({heads})")
         head_dim = hidden // heads
     if heads % kv_heads:
         problems.append(f"'{c['heads']}' ({heads}) is not divisible by '{c['kv_heads']}' ({kv_heads})")
-    per_layer = {}
-    for name in c.get("per_layer") or []:
-        v = config.get(name)
-        if v is not None:
-            if not isinstance(v, list) or len(v) != layers:
-                problems.append(f"'{name}' must be a list of {layers} entries (one per layer)")
-            per_layer[name] = list(v)
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
     prefix = next((p for p in fam.prefixes if p + fam.anchor in keys), None)
     if prefix is None:
         raise CheckpointError(f"no '{fam.anchor}' tensor (with any of the prefixes "
                               f"{', '.join(repr(p) for p in fam.prefixes)}): not a {fam.name} checkpoint", where=where)
-    eps = config.get(c["eps"]) if "eps" in c else None
-    archs = config.get("architectures") or []
+    found = _layer_indices(keys, prefix, fam.layer)
+    if len(found) != layers or found != set(range(layers)):  # the length first: never build a huge range
+        held = f"{len(found)} blocks" + (f" ({min(found)}..{max(found)})" if found else "")
+        raise CheckpointError(f"config.json: '{c['layers']}' is {layers}, but the checkpoint holds {held}",
+                              where=where, hint=f"Set '{c['layers']}' to the number of blocks the weights hold, "
+                              "or use the config.json saved with these weights.")
+    per_layer = {}
+    for name in c.get("per_layer") or []:
+        v = config.get(name)
+        if v is not None:
+            if not isinstance(v, list) or len(v) != layers or not all(isinstance(x, str) for x in v):
+                problems.append(f"'{name}' must be a list of {layers} strings (one per layer), got {_show(v)}")
+            else:
+                per_layer[name] = list(v)
+    if "layer_types" not in per_layer:
+        derived = derive_layer_types(config, fam, layers, problems)
+        if derived is not None:
+            per_layer["layer_types"] = derived
+    if problems:
+        raise ModelError("inconsistent config", where=where, problems=problems)
     head_keys = set(fam.head)
     if archs:  # what transformers will build decides whether a (possibly tied) head reads the stream
         has_head = bool(head_keys) and any(a.endswith(fam.head_architectures) for a in archs)
     else:
         has_head = bool(head_keys) and (prefix != "" or any(k.rstrip("?") in keys for k in head_keys))
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
-                int(get("positions", 0) or 0), int(get("types", 0) or 0), per_layer,
-                float(eps) if isinstance(eps, (int, float)) else None, has_head)
+                get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head,
+                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))))
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -309,6 +407,8 @@ def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tupl
         elif spec.shape is not None and source.shape(key) != spec.shape:
             problems.append(f"tensor '{key}' has shape {list(source.shape(key))}, config.json implies {list(spec.shape)}")
     for key in sorted(keys - set(expected)):
+        if key.endswith(arch.family.dropped):
+            continue  # transformers ignores these on load (Arch.dropped); so does n2n
         problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}), not part of the "
                         f"{arch.family.name} layout")
     if problems:
@@ -332,6 +432,7 @@ class HFPlan:
     shapes: dict[str, tuple[int, ...]]
     present_before: set[str]
     problems: list[tuple[int, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def params_before(self) -> int:
@@ -355,7 +456,7 @@ class HFPlan:
         return {"seed": self.seed, "family": self.arch_before.family.name, "params_before": self.params_before,
                 "params_after": self.params_after, "function_preserving": self.function_preserving,
                 "config_changes": {k: v for k, v in self.new_config().items() if self.config.get(k) != v},
-                "steps": [s.to_dict() for s in self.steps]}
+                "steps": [s.to_dict() for s in self.steps], **({"notes": self.notes} if self.notes else {})}
 
 
 def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntry], seed: int, *,
@@ -371,9 +472,36 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
             n = numbers[i] if numbers else i
             msg = f"steps[{n}] ({entry.kind} {_label(entry)}): {e.message}"
             if not collect:
-                raise StepError(msg, hint=e.hint, short=e.short) from None
+                raise StepError(msg, hint=e.hint, short=e.short, flags=e.flags) from None
             plan.problems.append((n, msg + (f" {e.hint}" if e.hint else "")))
+    total = plan_bytes(plan)
+    if total > MAX_PLANNED_BYTES and not plan.problems:
+        err = StepError(f"the planned output is about {human_bytes(total)} ({total:,} bytes), beyond the "
+                        f"{human_bytes(MAX_PLANNED_BYTES)} n2n writes", hint="Choose smaller sizes.")
+        if not collect:
+            raise err
+        plan.problems.append((numbers[-1] if numbers else len(steps) - 1, err.message))
+    dropped = arch.dropped
+    if dropped:
+        plan.notes.append(f"dropped {len(dropped)} tensor(s) that transformers ignores on load "
+                          f"({', '.join(sorted({k.rsplit('.', 2)[-2] + '.' + k.rsplit('.', 1)[-1] for k in dropped}))}"
+                          f", e.g. '{dropped[0]}'): not part of the grown checkpoint")
+    if "layer_types" in arch.per_layer and "layer_types" not in config:
+        plan.notes.append("config.json has no layer_types: writing the per-layer attention types transformers "
+                          "derives for the teacher, so the grown model keeps its attention windows")
     return plan
+
+
+def plan_bytes(plan: HFPlan) -> int:
+    """Bytes of tensor data the plan writes (safetensors headers aside)."""
+    return sum(math.prod(plan.shapes[k]) * plan.dtypes[k].itemsize for k in plan.recipes)
+
+
+def human_bytes(n: int) -> str:
+    for unit, size in (("TB", 10 ** 12), ("GB", 10 ** 9), ("MB", 10 ** 6), ("KB", 10 ** 3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _label(entry: HFStepEntry) -> str:
@@ -390,20 +518,21 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     mappings: dict[str, Mapping] = {}
     if step.dim == "intermediate_size":
         new = step.new_size(a.intermediate)
-        _check_larger(new, a.intermediate, cname["intermediate"])
+        _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
         for i in range(a.layers):
             mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
         after = replace(a, intermediate=new)
         summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP)"
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
-        _check_larger(new, a.hidden, cname["hidden"])
+        _check_larger(new, a.hidden, cname["hidden"], step.factor)
         r, pad = divmod(new, a.hidden)
         if pad and (fam.norm_kind != "rms" or fam.head_dim_from_hidden or a.eps is None):
             raise StepError(
                 f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
                 "mean over a zero-padded stream would change, so n2n widens its residual stream exactly only by "
-                "tiling it an integer number of times", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.")
+                "tiling it an integer number of times", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.",
+                short="integer multiples only" + (": LayerNorm" if fam.norm_kind == "layer" else ""))
         if pad:
             # LEMON: stream [x, .., x, 0]; mean square shrinks by s = r*D/D', so RMSNorm's gamma
             # gets sqrt(s) and its eps gets s: exact
@@ -432,7 +561,7 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
                 hint="Widen hidden_size by an integer factor instead: it adds heads by the same factor and keeps "
                      "head_dim.")
         new = step.new_size(a.heads)
-        _check_larger(new, a.heads, cname["heads"])
+        _check_larger(new, a.heads, cname["heads"], step.factor)
         g = a.heads // a.kv_heads
         if new % g:
             raise StepError(f"to: {new} is not a multiple of the query group size {g} ({cname['heads']} "
@@ -450,7 +579,7 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         if "kv_heads" not in cname:
             raise StepError(f"{fam.name} has no separate key/value heads", hint="Use num_attention_heads.")
         new = step.new_size(a.kv_heads)
-        _check_larger(new, a.kv_heads, cname["kv_heads"])
+        _check_larger(new, a.kv_heads, cname["kv_heads"], step.factor)
         if new % a.kv_heads or a.heads % new:
             raise StepError(f"to: {new} must be a multiple of the current {a.kv_heads} key/value heads and divide "
                             f"{cname['heads']} {a.heads}, so that every query head keeps reading a copy of its "
@@ -478,9 +607,35 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     plan.arch_after = after
 
 
-def _check_larger(new: int, old: int, name: str) -> None:
+def _check_larger(new: int, old: int, name: str, factor: float | None = None) -> None:
     if new <= old:
-        raise StepError(f"to: {new} is not larger than the current {name} {old}", hint=f"Use a value above {old}.")
+        if factor is None:
+            raise StepError(f"to: {new} is not larger than the current {name} {old}", hint=f"Use a value above {old}.",
+                            flags={"to: ": "--to "})
+        least = (old + 1) / old
+        raise StepError(f"factor: {factor:g} rounds {old} to {new}, which is not larger than the current {name} {old}",
+                        hint=f"Use a factor of at least {math.ceil(least * 1000) / 1000:g}, or to: {old + 1} "
+                             "or more.", flags={"factor: ": "--factor ", "to: ": "--to "})
+    if new > MAX_SIZE:
+        raise StepError(f"{'to' if factor is None else 'factor'}: the new {name} {new:,} is beyond the "
+                        f"{MAX_SIZE:,} n2n plans for", hint="Choose a realistic size.")
+
+
+def _block_bytes(plan: HFPlan, layer: int) -> int:
+    head = plan.arch_after.prefix + plan.arch_after.family.layer.format(i=layer)
+    return sum(math.prod(plan.shapes[k]) * plan.dtypes[k].itemsize for k in plan.recipes if k.startswith(head))
+
+
+def _check_depth(plan: HFPlan, layers: int) -> None:
+    """Refuse absurd depths before any per-layer list is built, saying the planned output size."""
+    if layers <= MAX_LAYERS:
+        return
+    a = plan.arch_after
+    per_block = max(_block_bytes(plan, i) for i in range(a.layers))
+    total = plan_bytes(plan) + (layers - a.layers) * per_block
+    raise StepError(f"{layers:,} layers would make a checkpoint of about {human_bytes(total)} ({total:,} bytes: "
+                    f"{human_bytes(per_block)} per block); n2n plans at most {MAX_LAYERS:,} layers",
+                    hint="Choose a realistic number of layers.", short="too many layers")
 
 
 def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
@@ -492,12 +647,8 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         raise StepError(
             f"{fam.name} is post-LN (LayerNorm after each residual add), so a block with zeroed output "
             "projections computes LayerNorm(h + 0), not h: deepening cannot be exact",
-            hint="Add allow_approximate: true to the step to grow anyway; the deviation is measured and reported.")
-    mwl = plan.config.get("max_window_layers")
-    if plan.config.get("use_sliding_window") and "layer_types" not in a.per_layer and isinstance(mwl, int) and mwl < L:
-        raise StepError("sliding-window attention is assigned by layer index (max_window_layers) and config.json "
-                        "has no layer_types, so inserting blocks would move the window to other layers",
-                        hint="Add layer_types to config.json (one entry per layer), then deepen.")
+            hint="Add allow_approximate: true to the step to grow anyway; the deviation is measured and reported.",
+            flags={"allow_approximate: true to the step": "--allow-approximate"})
     if plan.config.get("scale_attn_by_inverse_layer_idx"):
         raise StepError("scale_attn_by_inverse_layer_idx is set: attention scales depend on the layer index, so "
                         "inserting blocks would change the layers after them")
@@ -505,11 +656,13 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         bad = [i for i in step.after if not 0 <= i < L]
         if bad:
             raise StepError(f"after: layer indices {bad} are out of range 0..{L - 1}")
+        _check_depth(plan, L + len(step.after))
         after = sorted(step.after)
     else:
         if step.layers <= L:
             raise StepError(f"layers: {step.layers} is not larger than the current {L} layers",
                             hint=f"Use a value above {L}.")
+        _check_depth(plan, step.layers)
         m = step.layers - L
         # interleave: layer i gets floor((i+1)m/L) - floor(im/L) new blocks after it, i.e. one after
         # every L/m layers (LLaMA Pro); several after each layer when m > L

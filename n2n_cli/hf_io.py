@@ -149,6 +149,9 @@ def open_hf_dir(path: str | os.PathLike) -> HFDirSource:
 def _read_json(file: Path, what: str) -> dict[str, Any]:
     try:
         obj = json.loads(file.read_text(encoding="utf-8"))
+    except RecursionError:
+        raise CheckpointError(f"{what} is not valid JSON (nested too deeply)", where=str(file),
+                              hint="The file is corrupt; re-download or re-save it.") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{what} is not valid JSON ({e})", where=str(file),
                               hint="The file is truncated or corrupt; re-download or re-save it.") from None

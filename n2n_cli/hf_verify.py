@@ -3,7 +3,9 @@
 Seeded random token ids at several lengths, half of the sequences right-padded with an
 attention mask; compare logits (causal LMs) or hidden states (encoders; when the hidden
 size grew r-fold the student's states must be the teacher's tiled r times) at the
-positions the mask keeps.
+positions the mask keeps. Where a config declares an attention window (``sliding_window``) that
+the position limit lets a sequence exceed, one extra sequence per padding pattern goes past it,
+so that a grown model whose windows sit on other layers cannot pass.
 """
 
 from __future__ import annotations
@@ -12,12 +14,17 @@ from pathlib import Path
 
 import torch
 
-from .errors import StepError, UserError
+from .errors import CheckpointError, StepError, UserError
 from .transforms import generator
 from .verify import Comparison, compare_outputs, full_precision
 
 INSTALL_HINT = "Install it with: pip install 'n2n-cli[hf]' (or pip install transformers)."
 LENGTHS = (5, 16, 33)
+# config attributes (as transformers' config classes expose them) that bound how far attention looks
+WINDOW_FIELDS = ("sliding_window", "attention_window", "attention_chunk_size", "local_window_size")
+POSITION_FIELDS = ("max_position_embeddings", "n_positions")
+PAST_WINDOW = 16  # the long probes run this many tokens past the largest window
+LONG_TAIL = 48  # positions of each long probe compared (the last ones: those past the window)
 
 
 def require_transformers():
@@ -30,9 +37,10 @@ def require_transformers():
     return transformers
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict, *, grown: bool = True, where: str | None = None) -> None:
     """When transformers is installed, make sure it accepts the grown config.json (its config
-    classes validate e.g. that LLaMA's hidden_size is a multiple of num_attention_heads)."""
+    classes validate e.g. that LLaMA's hidden_size is a multiple of num_attention_heads), or, with
+    ``grown=False``, the input's (a field of the wrong type that n2n itself does not read)."""
     try:
         import transformers
     except ImportError:
@@ -43,16 +51,25 @@ def check_config(config: dict) -> None:
         transformers.AutoConfig.for_model(config["model_type"], **cfg)
     except Exception as e:  # transformers raises ValueError or its own validation errors
         cause = str(e).strip().splitlines()[-1].strip()
+        if not grown:
+            raise CheckpointError(f"transformers {transformers.__version__} rejects its config.json: {cause}",
+                                  where=where, hint="Fix config.json (or use the one saved with these weights); "
+                                  "n2n grows only models that transformers can load.") from None
         raise StepError(f"transformers {transformers.__version__} rejects the grown config.json: {cause}",
                         hint="Choose sizes that the model family's config accepts (e.g. heads dividing "
                              "hidden_size for LLaMA).") from None
 
 
-def load_model(path: Path, dtype: torch.dtype, device: torch.device):
+def load_model(path: Path, dtype: torch.dtype, device: torch.device, user_input: bool = True):
     transformers = require_transformers()
     transformers.logging.set_verbosity_error()  # n2n reports its own progress; no loading bars or warnings
     transformers.logging.disable_progress_bar()
-    config = transformers.AutoConfig.from_pretrained(str(path))
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path))
+    except Exception as e:  # transformers' validation errors have many types; none is a bug of n2n
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise CheckpointError(f"transformers {transformers.__version__} cannot read its config.json: {cause}",
+                              where=str(path)) from None
     archs = config.architectures or []
     heads = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
              "ForMaskedLM": "AutoModelForMaskedLM", "ForPreTraining": "AutoModelForPreTraining"}
@@ -61,8 +78,43 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device):
     cls = getattr(transformers, auto)
     major = int(transformers.__version__.split(".")[0])
     kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
-    model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
+    try:
+        model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
+    except Exception as e:
+        if not user_input:
+            raise  # n2n wrote it: a failure to load is n2n's bug
+        cause = (str(e).strip().splitlines() or [type(e).__name__])[-1].strip()
+        raise CheckpointError(f"transformers {transformers.__version__} cannot load it: {cause}", where=str(path),
+                              hint="Check that config.json matches the weights (transformers builds the model "
+                                   "from config.json).") from None
     return model.to(device).eval(), causal
+
+
+def _ints(v) -> list[int]:
+    vals = v if isinstance(v, (list, tuple)) else [v]
+    return [x for x in vals if isinstance(x, int) and not isinstance(x, bool) and x > 0]
+
+
+def long_probe_length(*configs) -> int | None:
+    """A length past every attention window the configs declare, within every position limit;
+    None when no declared window can be exceeded (or none is declared)."""
+    windows = [w for c in configs for f in WINDOW_FIELDS for w in _ints(getattr(c, f, None))]
+    limits = [n for c in configs for f in POSITION_FIELDS for n in _ints(getattr(c, f, None))]
+    if not windows:
+        return None
+    limit = min(limits) if limits else max(windows) + PAST_WINDOW
+    n = min(max(windows) + PAST_WINDOW, limit)
+    return n if n > max(windows) + 1 else None
+
+
+def long_batches(vocab: int, length: int, seed: int):
+    """Two sequences of ``length`` tokens, one unpadded and one with its last 4 tokens padded,
+    each its own batch (long attention is quadratic in memory)."""
+    gen = generator(seed, "hf-long-probes", length)
+    ids = torch.randint(0, vocab, (2, length), generator=gen)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, length - 4:] = 0
+    return [(ids[i:i + 1], mask[i:i + 1]) for i in range(2)]
 
 
 def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
@@ -79,32 +131,41 @@ def probe_batches(vocab: int, max_len: int, probes: int, seed: int):
     return batches
 
 
-def outputs(model, causal: bool, batches, device) -> torch.Tensor:
-    """Outputs at the kept positions of every batch, concatenated: [positions, features]."""
+def outputs(model, causal: bool, batches, device, tail: int | None = None) -> torch.Tensor:
+    """Outputs at the kept positions of every batch, concatenated: [positions, features]
+    (with ``tail``: only the last ``tail`` positions of each sequence, then the kept ones)."""
     out = []
     with torch.no_grad(), full_precision():
         for ids, mask in batches:
             res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             y = (getattr(res, "logits", None) if getattr(res, "logits", None) is not None
                  else res.prediction_logits) if causal else res.last_hidden_state
-            out.append(y[mask.to(device).bool()].to("cpu", torch.float64))
+            keep = mask.to(device).bool()
+            if tail is not None:
+                y, keep = y[:, -tail:], keep[:, -tail:]
+            out.append(y[keep].to("cpu", torch.float64))
     return torch.cat(out)
 
 
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int,
-                 seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype) -> Comparison:
+                 seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype,
+                 grown: bool = False) -> Comparison:
     """Logits of models with a head (causal or masked LM) must match; hidden states of base
     models must be the teacher's tiled r times, then zeros where the stream was padded (LEMON)."""
     batches = probe_batches(vocab, max_len, probes, seed)
+    transformers = require_transformers()
+    long_len = long_probe_length(transformers.AutoConfig.from_pretrained(str(teacher)),
+                                 transformers.AutoConfig.from_pretrained(str(student)))
+    long = long_batches(vocab, long_len, seed) if long_len else []
     t_model, causal = load_model(teacher, dtype, device)
-    t_out = outputs(t_model, causal, batches, device)
+    t_out = torch.cat([outputs(t_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     del t_model
-    s_model, _ = load_model(student, dtype, device)
-    s_out = outputs(s_model, causal, batches, device)
+    s_model, _ = load_model(student, dtype, device, user_input=not grown)
+    s_out = torch.cat([outputs(s_model, causal, b, device, tail) for b, tail in ((batches, None), (long, LONG_TAIL)) if b])
     if not causal and s_out.shape[-1] != t_out.shape[-1]:
         r, pad = divmod(s_out.shape[-1], t_out.shape[-1])
         t_out = torch.cat([t_out.repeat(1, r), t_out.new_zeros(t_out.shape[0], pad)], dim=1)
-    c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches), seed=seed,
+    c = compare_outputs(t_out, s_out, atol=atol, rtol=rtol, probes=sum(len(b[0]) for b in batches + long), seed=seed,
                         device=device, dtype=dtype)
     if not causal:
         c.argmax_agreement = None  # an argmax over hidden features means nothing

@@ -163,7 +163,8 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
         except StepError as e:
             n = numbers[i] if numbers else i
             if not collect:
-                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short) from None
+                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short,
+                                flags=e.flags) from None
             plan.problems.append((n, f"steps[{n}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else "")))
     return plan
 
@@ -204,9 +205,13 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
     old = space.width
     new = step.new_width(old)
     if new <= old:
-        what = f"to: {step.to}" if step.to is not None else f"factor {step.factor} gives {new}"
-        raise StepError(f"{what} is not larger than the current width {old} of '{layer.name}'",
-                        hint=f"Use a width above {old}.")
+        if step.to is not None:
+            raise StepError(f"to: {step.to} is not larger than the current width {old} of '{layer.name}'",
+                            hint=f"Use a width above {old}.", flags={"to: ": "--to "})
+        least = math.ceil((old + 1) / old * 1000) / 1000  # the smallest factor (3 decimals) that grows old by one
+        raise StepError(f"factor: {step.factor:g} rounds {old} to {new}, which is not larger than the current width "
+                        f"{old} of '{layer.name}'", hint=f"Use a factor of at least {least:g}, or to: {old + 1} or more.",
+                        flags={"factor: ": "--factor ", "to: ": "--to "})
     field_name = "out_features" if layer.type == "linear" else "out_channels"
     layers = list(desc.layers)
     layers[i] = layer.model_copy(update={field_name: new})

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError,
 
 from . import fsutil, layers as L
 from .errors import ModelError, SpecError
+from .limits import MAX_FACTOR, MAX_PROBES, MAX_WIDTH
 from .model import ModelDescription
 
 WIDEN_METHODS = ("net2wider", "random-pad")
@@ -21,11 +22,9 @@ DEEPEN_METHODS = ("net2deeper", "random-init")
 NOISE_MODES = ("zero-sum", "independent")
 
 
-#: a width or factor of a widening step; the bounds only keep absurd values (``.inf``, 10**15)
-#: from reaching shape arithmetic: a real plan is bounded by the free disk space.
-MAX_WIDTH = 2**24
+#: a width or factor of a widening step (bounds: ``limits``)
 Width = Annotated[int, Field(ge=1, le=MAX_WIDTH)]
-Factor = Annotated[float, Field(gt=1, le=1024, allow_inf_nan=False)]
+Factor = Annotated[float, Field(gt=1, le=MAX_FACTOR, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -103,7 +102,7 @@ class StepEntry(OneStep):
 
 class VerifySpec(_Strict):
     enabled: bool = True
-    probes: int = Field(default=64, ge=1, le=65536)
+    probes: int = Field(default=64, ge=1, le=MAX_PROBES)
     atol: float | None = Field(default=None, ge=0)
     rtol: float | None = Field(default=None, ge=0)
 

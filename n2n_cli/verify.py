@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
+from .limits import MAX_PROBE_BYTES
 from .model import ModelDescription, forward
 from .transforms import generator
 
@@ -90,9 +91,6 @@ class Comparison:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-MAX_PROBE_BYTES = 2**30
 
 
 def probe_inputs(desc: ModelDescription, probes: int, seed: int) -> torch.Tensor:

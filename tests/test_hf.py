@@ -450,13 +450,16 @@ def test_verify_after_lemon_width_on_a_causal_lm(tmp_path, cli):
     assert r.exit_code == 0 and r.stdout.startswith("PASS")
 
 
-def test_deepening_refuses_index_assigned_sliding_windows(tmp_path):
+def test_deepening_keeps_index_assigned_sliding_windows(tmp_path):
+    """Once refused; now config.json gets the layer_types transformers derives for the teacher."""
     src = make_model(tmp_path, "qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1)
     cfg = json.loads((src / "config.json").read_text())
     cfg.pop("layer_types", None)
     (src / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(StepError, match="sliding-window attention is assigned by layer index"):
-        grow(src, tmp_path / "out", [{"deepen": {"layers": 3}}])
+    assert grow(src, tmp_path / "out", [{"deepen": {"layers": 3}}])["verification"]["passed"] is True
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert cfg["max_window_layers"] == 1
 
 
 def test_verify_in_bfloat16_to_halve_memory(tmp_path):
