@@ -19,6 +19,7 @@ from .checkpoints import atomic_output, check_output_path, open_checkpoint, writ
 from .errors import CheckpointError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
 from .graph import trace, trace_spaces
+from .graph_deepen import apply_edits
 from .graph_plan import GraphPlan, load_tensors, plan_graph, resize_module, run_model, widenable
 from .spec import GrowthSpec, StepEntry, load_spec
 from .transforms import generator
@@ -37,13 +38,17 @@ class ModelCode:
     ref: str
     args: dict = field(default_factory=dict)
     example_shape: list[int] | None = None
+    edits: list[dict] = field(default_factory=list)  # module insertions by deepen steps, in order
 
     def build(self) -> torch.nn.Module:
-        return build_model(self.ref, self.args)
+        """The user's module with the recorded insertions replayed (teacher sizes until resized)."""
+        return apply_edits(build_model(self.ref, self.args), self.edits)
 
     def to_json(self) -> str:
-        return json.dumps({"model_code": self.ref, "model_args": self.args,
-                           "example_input": {"shape": self.example_shape}}, sort_keys=True)
+        data = {"model_code": self.ref, "model_args": self.args, "example_input": {"shape": self.example_shape}}
+        if self.edits:
+            data["insertions"] = self.edits
+        return json.dumps(data, sort_keys=True)
 
 
 def _absolute(ref: str) -> str:
@@ -125,7 +130,20 @@ def example_for(model: torch.nn.Module, shape: list[int] | None) -> tuple[torch.
                     "example_input: {shape: [1, C, H, W]} in the spec).")
 
 
+def recorded_edits(source) -> list[dict]:
+    """The module insertions recorded in a checkpoint grown by n2n (none for a user's own checkpoint)."""
+    raw = source.metadata.get(META_MODEL_CODE)
+    if not raw:
+        return []
+    try:
+        edits = json.loads(raw).get("insertions", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"the '{META_MODEL_CODE}' metadata is not valid JSON", where=str(source.path)) from None
+    return edits if isinstance(edits, list) else []
+
+
 def _teacher(code: ModelCode, source) -> tuple[torch.nn.Module, dict]:
+    code.edits = recorded_edits(source)
     model = code.build()
     if META_MODEL_CODE in source.metadata:  # grown by n2n before: resize as recorded in its tensors
         expected = model.state_dict()
@@ -152,6 +170,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         seed = spec.seed if seed is None else seed
         work = resize_module(code.build(), {k: s for k, (_, s) in header.items()})
         plan = plan_graph(work, header, spec.steps, seed, x0)
+        code.edits = code.edits + plan.edits  # what the output records; the teacher keeps its own
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "model_code": json.loads(code.to_json()), "plan": plan.to_dict(), "written": False}
         if dry_run:
@@ -242,6 +261,7 @@ def load_grown(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Resize ``model`` (teacher-shaped, built by the user's code) to the grown checkpoint at
     ``path`` and load its weights strictly. Returns the module (modified in place)."""
     with open_checkpoint(path) as source:
+        apply_edits(model, recorded_edits(source))
         keys = list(source.keys())
         expected = set(model.state_dict())
         unknown = [k for k in keys if k not in expected]
