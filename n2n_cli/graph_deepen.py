@@ -371,9 +371,9 @@ def plan_block(model: nn.Module, gm: fx.GraphModule, name: str, *, method: str) 
                              "to insert an identity layer.", short="not a residual block")
     operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or x not in operands or operands[0] is operands[1]:
-        other = next((a for a in operands if a is not x), None)
-        raise StepError(f"after_block: the shortcut of '{name}' ({kind}) is not its input (it adds "
-                        f"{_what(other, modules)}): a copy placed after it would get other shapes or a projection, "
+        added = " and ".join(_what(a, modules) for a in operands) or "no tensors"
+        raise StepError(f"after_block: the shortcut of '{name}' ({kind}) is not its input (it adds {added}, "
+                        "neither of which is the block's input): a copy placed after it would get other shapes or a projection, "
                         "so it cannot be an identity", hint="Choose a block whose shortcut is its input (not the first "
                         "block of a stage with a downsample).", short="projection shortcut")
     zeroed = _zero_point(operands[1] if operands[0] is x else operands[0], modules, name)
