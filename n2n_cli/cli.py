@@ -458,11 +458,13 @@ def verify(
     probes: Annotated[int, typer.Option("--probes", min=1, max=MAX_PROBES, help="Number of random probe inputs.")] = 64,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
+    model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
-                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype)
+                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
+                        model_args=_model_args(model_args), example_input=example_input)
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

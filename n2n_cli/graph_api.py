@@ -275,3 +275,31 @@ def load_grown(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         resize_module(model, {k: tuple(source.shape(k)) for k in keys})
         load_strict(model, source.get, keys, source.shape, where=str(path))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(teacher: Path, student: Path, code: ModelCode, *, device="cpu", seed=0, probes=64, atol=None, rtol=None,
+           verify_dtype=None) -> dict:
+    """Run the user's module with TEACHER's weights against the same code with STUDENT's (each
+    replaying the insertions recorded in its own metadata, resized to its tensors)."""
+    from .api import _verification_failed
+
+    with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
+        t_model, t_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), t_src)
+        s_model, s_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), s_src)
+        _, code.example_shape = example_for(t_model, code.example_shape)
+        dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
+        dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
+        d_atol, d_rtol = default_tolerances(dtypes + [dtype])
+        atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+        x = torch.randn((probes, *code.example_shape[1:]), generator=generator(seed, "probes"))
+        c = compare_outputs(run_model(t_model, x, dev, dtype), run_model(s_model, x, dev, dtype), atol=atol,
+                            rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
+    report = {"teacher": str(teacher), "student": str(student), "model_code": json.loads(code.to_json()),
+              "passed": c.passed, **c.to_dict(), "params_teacher": sum(p.numel() for p in t_model.parameters()),
+              "params_student": sum(p.numel() for p in s_model.parameters())}
+    if not c.passed:
+        raise _verification_failed(c.to_dict(), student, report, grown=False)
+    return report

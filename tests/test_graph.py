@@ -342,3 +342,16 @@ def test_deepen_refusals_name_the_module_and_why(tmp_path, cli):
     assert not out.exists()
     r = cli(*base, "--after", "2")  # followed by ReLU: exact
     assert r.exit_code == 0 and "PASS" in r.output, r.output
+
+
+def test_verify_runs_the_users_module_on_both_sides(tmp_path, cli):
+    _, _, _ = grow(tmp_path, "resnet18", "", [{"deepen": {"after_block": "layer1.1"}},
+                                              {"widen": {"layer": "layer1.0.conv1", "factor": 2}}], [1, 3, 32, 32])
+    t, s = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
+    r = cli("verify", t, s, "--probes", "4", "--device", "cpu")  # the student's metadata names the code
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    r = cli("verify", t, s, "--probes", "4", "--device", "cpu", "--model-code", f"{ZOO}:resnet18")
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    _, other = teacher_file(tmp_path, Z.resnet18, name="other.safetensors", seed=5)
+    r = cli("verify", other, s, "--probes", "4", "--device", "cpu")
+    assert r.exit_code == 3 and "the student does not compute the teacher's function" in r.output
