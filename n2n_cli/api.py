@@ -460,12 +460,21 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
 def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
            probes: int = 64, atol: float | None = None, rtol: float | None = None,
-           verify_dtype: str | None = None, progress: Progress | None = None) -> dict:
+           verify_dtype: str | None = None, progress: Progress | None = None, model_code: str | None = None,
+           model_args: dict | None = None, example_input=None) -> dict:
     """Check that ``student`` is ``teacher`` grown: the certificate (when the student records its
     growth: every tensor recomputed from the teacher and compared bitwise) and the functional check
     on seeded probes. Raises VerificationFailed (exit 3) when either fails, TeacherMismatch (exit 2)
     when the teacher is not the one the student was grown from, ModelError (exit 2) when the
-    architectures cannot be teacher and grown student."""
+    architectures cannot be teacher and grown student. ``model_code`` (or the student's recorded
+    n2n_model_code): both run through the user's module."""
+    from . import graph_api
+
+    code, _ = graph_api.model_code_of(None, Path(student), model_code, model_args, example_input) \
+        if not Path(student).is_dir() else (None, None)
+    if code is not None:
+        return graph_api.verify(Path(teacher), Path(student), code, device=device, seed=seed, probes=probes,
+                                atol=atol, rtol=rtol, verify_dtype=verify_dtype)
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
                           verify_dtype=verify_dtype, progress=progress)

@@ -467,6 +467,8 @@ def deepen(
                                                  "blocks evenly (LLaMA Pro) or add them at the end.")] = Placement.interleave,
     allow_approximate: Annotated[bool, typer.Option("--allow-approximate", help="Hugging Face post-LN models (BERT): "
                                                     "deepen although it cannot be exact; the deviation is reported.")] = False,
+    after_block: Annotated[Optional[str], typer.Option("--after-block", help="--model-code: insert a copy of this "
+                                                       "residual block (x + f(x)) after it, its branch zeroed.")] = None,
     name: Annotated[Optional[str], typer.Option("--name", help="Name of the new layer (default <after>_deeper).")] = None,
     method: Annotated[DeepenMethod, typer.Option("--method", help="net2deeper (identity, function-preserving) or "
                                                  "random-init (baseline).")] = DeepenMethod.net2deeper,
@@ -495,9 +497,11 @@ def deepen(
         step = {"layers": layers, "after": indices, "placement": placement.value,
                 "allow_approximate": allow_approximate or None}
     else:
-        if after is None or layers is not None:
-            raise UserError("choose where to deepen with --after LAYER (--layers is for Hugging Face model directories)")
-        step = {"after": after, "name": name, "method": method.value, "kernel_size": kernel_size}
+        if (after is None) == (after_block is None) or layers is not None:
+            raise UserError("choose where to deepen with --after LAYER (--layers is for Hugging Face model directories), "
+                            "or --after-block BLOCK for a residual block of a --model-code model")
+        step = {"after": after, "after_block": after_block, "name": name, "method": method.value,
+                "kernel_size": kernel_size}
     spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
@@ -518,11 +522,13 @@ def verify(
     probes: Annotated[int, typer.Option("--probes", min=1, max=MAX_PROBES, help="Number of random probe inputs.")] = 64,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
+    model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
-                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype)
+                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
+                        model_args=_model_args(model_args), example_input=example_input)
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

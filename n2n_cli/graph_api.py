@@ -20,6 +20,7 @@ from .checkpoints import atomic_output, check_output_path, open_checkpoint, writ
 from .errors import CheckpointError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
 from .graph import trace, trace_spaces
+from .graph_deepen import apply_edits
 from .graph_plan import GraphPlan, load_tensors, plan_graph, resize_module, run_model, widenable
 from .spec import GrowthSpec, StepEntry, load_spec
 from .transforms import generator
@@ -38,13 +39,17 @@ class ModelCode:
     ref: str
     args: dict = field(default_factory=dict)
     example_shape: list[int] | None = None
+    edits: list[dict] = field(default_factory=list)  # module insertions by deepen steps, in order
 
     def build(self) -> torch.nn.Module:
-        return build_model(self.ref, self.args)
+        """The user's module with the recorded insertions replayed (teacher sizes until resized)."""
+        return apply_edits(build_model(self.ref, self.args), self.edits)
 
     def to_json(self) -> str:
-        return json.dumps({"model_code": self.ref, "model_args": self.args,
-                           "example_input": {"shape": self.example_shape}}, sort_keys=True)
+        data = {"model_code": self.ref, "model_args": self.args, "example_input": {"shape": self.example_shape}}
+        if self.edits:
+            data["insertions"] = self.edits
+        return json.dumps(data, sort_keys=True)
 
 
 def _absolute(ref: str) -> str:
@@ -126,7 +131,20 @@ def example_for(model: torch.nn.Module, shape: list[int] | None) -> tuple[torch.
                     "example_input: {shape: [1, C, H, W]} in the spec).")
 
 
+def recorded_edits(source) -> list[dict]:
+    """The module insertions recorded in a checkpoint grown by n2n (none for a user's own checkpoint)."""
+    raw = source.metadata.get(META_MODEL_CODE)
+    if not raw:
+        return []
+    try:
+        edits = json.loads(raw).get("insertions", [])
+    except (json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"the '{META_MODEL_CODE}' metadata is not valid JSON", where=str(source.path)) from None
+    return edits if isinstance(edits, list) else []
+
+
 def _teacher(code: ModelCode, source) -> tuple[torch.nn.Module, dict]:
+    code.edits = recorded_edits(source)
     model = code.build()
     if META_MODEL_CODE in source.metadata:  # grown by n2n before: resize as recorded in its tensors
         expected = model.state_dict()
@@ -153,6 +171,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         seed = spec.seed if seed is None else seed
         work = resize_module(code.build(), {k: s for k, (_, s) in header.items()})
         plan = plan_graph(work, header, spec.steps, seed, x0)
+        code.edits = code.edits + plan.edits  # what the output records; the teacher keeps its own
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "model_code": json.loads(code.to_json()), "plan": plan.to_dict(), "written": False}
         if dry_run:
@@ -245,6 +264,7 @@ def load_grown(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
     """Resize ``model`` (teacher-shaped, built by the user's code) to the grown checkpoint at
     ``path`` and load its weights strictly. Returns the module (modified in place)."""
     with open_checkpoint(path) as source:
+        apply_edits(model, recorded_edits(source))
         keys = list(source.keys())
         expected = set(model.state_dict())
         unknown = [k for k in keys if k not in expected]
@@ -258,3 +278,36 @@ def load_grown(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
         resize_module(model, {k: tuple(source.shape(k)) for k in keys})
         load_strict(model, source.get, keys, source.shape, where=str(path))
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+def verify(teacher: Path, student: Path, code: ModelCode, *, device="cpu", seed=0, probes=64, atol=None, rtol=None,
+           verify_dtype=None) -> dict:
+    """Run the user's module with TEACHER's weights against the same code with STUDENT's (each
+    replaying the insertions recorded in its own metadata, resized to its tensors)."""
+    from .api import _verification_failed
+
+    with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
+        t_model, t_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), t_src)
+        s_model, s_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), s_src)
+        _, code.example_shape = example_for(t_model, code.example_shape)
+        dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
+        dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
+        d_atol, d_rtol = default_tolerances(dtypes + [dtype])
+        atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
+        x = torch.randn((probes, *code.example_shape[1:]), generator=generator(seed, "probes"))
+        c = compare_outputs(run_model(t_model, x, dev, dtype), run_model(s_model, x, dev, dtype), atol=atol,
+                            rtol=rtol, probes=probes, seed=seed, device=dev, dtype=dtype)
+    from .certify import none as no_certificate
+
+    cert = no_certificate("models built by your code are not replayed yet: probe check only").to_dict()
+    report = {"teacher": str(teacher), "student": str(student), "model_code": json.loads(code.to_json()),
+              "passed": c.passed, **c.to_dict(), "params_teacher": sum(p.numel() for p in t_model.parameters()),
+              "params_student": sum(p.numel() for p in s_model.parameters()),
+              "verification": {"passed": c.passed, "exact_student": True, "checked": "probes only (your module on "
+                               "both sides)", "exact": c.to_dict(), "deviation": None, "certificate": cert}}
+    if not c.passed:
+        raise _verification_failed(c.to_dict(), student, report, grown=False)
+    return report

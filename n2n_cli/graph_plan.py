@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import StepError, UserError
 from .graph import SpaceGraph, trace, trace_spaces
-from .plan import Load, Mapping, Op, TensorChange, Widen
+from .plan import Create, Load, Mapping, Op, TensorChange, Widen
 from .spec import StepEntry
 
 
@@ -97,6 +97,7 @@ class GraphPlan:
     params_before: int = 0
     param_keys: frozenset = frozenset()  # parameters (not buffers such as running statistics)
     problems: list[tuple[int, str]] = field(default_factory=list)
+    edits: list[dict] = field(default_factory=list)  # module insertions (graph_deepen), replayed by load_grown
 
     @property
     def params_after(self) -> int:
@@ -156,9 +157,9 @@ def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int,
     for i, entry in enumerate(steps):
         try:
             if entry.widen is None:
-                raise StepError("deepening a model built by --model-code is not supported yet",
-                                hint="Widen only, for now (issue 7).")
-            _plan_widen(plan, i, entry, model, example)
+                _plan_deepen(plan, i, entry, model, example)
+            else:
+                _plan_widen(plan, i, entry, model, example)
         except StepError as e:
             msg = f"steps[{i}] ({_label(entry)}): {e.message}"
             if not collect:
@@ -168,7 +169,9 @@ def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int,
 
 
 def _label(entry: StepEntry) -> str:
-    return f"widen {entry.step.layer}" if entry.widen else f"deepen after {entry.step.after}"
+    s = entry.step
+    return f"widen {s.layer}" if entry.widen else (f"deepen after {s.after}" if s.after else
+                                                    f"deepen after_block {s.after_block}")
 
 
 def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:
@@ -211,6 +214,83 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     summary = f"widen {step.layer} {old} -> {new} ({step.method})" + (
         f"; coupled: {', '.join(coupled)}" if coupled else "")
     plan.steps.append(GraphStep(index, entry, summary, exact, changes, before, plan.params_after))
+
+
+def _plan_deepen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:
+    """Insert modules into ``model`` (in place) and plan every tensor of the new state dict: the
+    old tensors under their (maybe renumbered) names, the new ones as Create ops or copies."""
+    from .graph_deepen import apply_edit, plan_after, plan_block
+
+    step = entry.deepen
+    if step.name is not None:
+        raise StepError("name: inserted modules of a --model-code model are named by their position (nn.Sequential "
+                        "numbering, or '<after>.1')", hint="Drop name.")
+    gm = trace(model, example)
+    if step.after_block is not None:
+        if step.kernel_size is not None:
+            raise StepError("kernel_size: after_block copies the block as it is", hint="Drop kernel_size.")
+        ins = plan_block(model, gm, step.after_block, method=step.method)
+    else:
+        ins, _ = plan_after(model, gm, step.after, method=step.method, kernel_size=step.kernel_size)
+    before = plan.params_after
+    old_names = {id(m): n for n, m in model.named_modules()}
+    created = apply_edit(model, ins.edit)
+    names = {id(m): n for n, m in model.named_modules()}
+    origin: dict[str, tuple] = {}  # new module name -> ("old", old name) | ("new", k, relative name)
+    for n, m in model.named_modules():
+        if id(m) in old_names:
+            origin[n] = ("old", old_names[id(m)])
+    for k, root in enumerate(created):
+        for rel, sub in root.named_modules():
+            origin[f"{names[id(root)]}.{rel}" if rel else names[id(root)]] = ("new", k, rel)
+    anchor = step.after_block or step.after
+    float_dtype = next((plan.dtypes[k] for k in plan.recipes if k.startswith(anchor + ".")
+                        and plan.dtypes[k].is_floating_point), None) or \
+        next(d for d in plan.dtypes.values() if d.is_floating_point)
+    recipes, dtypes, shapes, changes = {}, {}, {}, []
+    for key, t in model.state_dict(keep_vars=True).items():
+        owner, _, attr = key.rpartition(".")
+        o = origin[owner]
+        if o[0] == "old":
+            old_key = f"{o[1]}.{attr}" if o[1] else attr
+            recipes[key], dtypes[key], shapes[key] = plan.recipes[old_key], plan.dtypes[old_key], plan.shapes[old_key]
+            if old_key != key:
+                changes.append(TensorChange(key, shapes[key], shapes[key], f"renamed from {old_key}"))
+            continue
+        _, k, rel = o
+        shape = tuple(t.shape)
+        if ins.copy_of is not None:
+            rel_key = f"{rel}.{attr}" if rel else attr
+            src = f"{ins.copy_of}.{rel_key}"
+            dtypes[key], shapes[key] = plan.dtypes[src], plan.shapes[src]
+            if rel_key in ins.zeroed:
+                recipes[key] = [Create(index, shapes[key], "const", 0.0)]
+                how = f"zero (the copy of {src}: the branch adds 0)"
+            else:
+                recipes[key] = list(plan.recipes[src])
+                how = f"copy of {src}"
+        else:
+            mod = created[k]
+            dtypes[key] = float_dtype if t.is_floating_point() else torch.int64
+            shapes[key] = shape
+            if isinstance(mod, (nn.Conv2d, nn.Linear)):
+                if step.method == "net2deeper":
+                    op = Create(index, shape, "identity" if attr == "weight" else "const", 0.0)
+                else:
+                    op = Create(index, shape, "default", fan_in=int(t[0].numel()) if attr == "weight" else
+                                int(mod.weight[0].numel()))
+            else:  # BatchNorm: the identity in eval mode (running 0 / 1, gamma sqrt(1 + eps), beta 0)
+                exact = step.method == "net2deeper"
+                value = {"weight": (1 + mod.eps) ** 0.5 if exact else 1.0, "bias": 0.0, "running_mean": 0.0,
+                         "running_var": 1.0, "num_batches_tracked": 0.0}[attr]
+                op = Create(index, shape, "const", value)
+            recipes[key] = [op]
+            how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
+        changes.append(TensorChange(key, None, shapes[key], how))
+    plan.recipes, plan.dtypes, plan.shapes = recipes, dtypes, shapes
+    plan.param_keys = frozenset(k for k, _ in model.named_parameters())
+    plan.edits.append(ins.edit)
+    plan.steps.append(GraphStep(index, entry, ins.summary, ins.exact, changes, before, plan.params_after))
 
 
 # ----------------------------------------------------------------------------- running the user's module

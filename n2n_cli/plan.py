@@ -171,7 +171,7 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
 
 def _label(entry: StepEntry) -> str:
     s = entry.step
-    return f"widen {s.layer}" if entry.widen else f"deepen after {s.after}"
+    return f"widen {s.layer}" if entry.widen else f"deepen after {s.after or s.after_block}"
 
 
 def _producer_names(desc: ModelDescription) -> list[str]:
@@ -293,6 +293,9 @@ def _renumber(desc: ModelDescription, i: int, j: int, layers: list, count: int) 
 def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
     step: DeepenStep = entry.deepen
     desc = plan.model_after
+    if step.after is None:
+        raise StepError("after_block: a description's layers have no residual blocks",
+                        hint="after_block is for models built by --model-code; use after: LAYER here.")
     i, layer = _find_producer(desc, step.after, "after")
     j = i + 1
     norm = desc.layers[j] if j < len(desc.layers) and desc.layers[j].type in NORMS else None

@@ -57,12 +57,20 @@ class WidenStep(_Strict):
 
 
 class DeepenStep(_Strict):
-    """Insert a new layer (identity-initialised by net2deeper) after a linear/conv2d layer."""
+    """Insert a new layer (identity-initialised by net2deeper) after a linear/conv2d layer, or (models
+    built by --model-code) a zeroed copy of residual block ``after_block`` after it."""
 
-    after: L.LayerName
+    after: L.LayerName | None = None
+    after_block: L.LayerName | None = None
     method: Literal["net2deeper", "random-init"] = "net2deeper"
     name: L.LayerName | None = None
     kernel_size: PositiveInt | None = None
+
+    @model_validator(mode="after")
+    def _where(self):
+        if (self.after is None) == (self.after_block is None):
+            raise ValueError("give exactly one of 'after' (a layer) or 'after_block' (a residual block)")
+        return self
 
     @field_validator("name")
     @classmethod

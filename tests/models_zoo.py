@@ -248,3 +248,30 @@ class FunctionalNet(nn.Module):
         n = z.shape[0]
         h = F.relu(self.fc1(z.view(n, -1)))
         return self.fc2(torch.cat([h, z.flatten(1)], dim=1))
+
+
+# ----------------------------------------------------------------------------- U-Net
+
+
+class UNet(nn.Module):
+    """Encoder convs whose outputs are both skipped and downsampled; ConvTranspose2d upsampling;
+    decoder convs reading torch.cat([upsampled, skip])."""
+
+    def __init__(self, c=4, num_classes=3):
+        super().__init__()
+        self.enc1 = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.enc2 = nn.Sequential(nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(2 * c, 4 * c, 3, padding=1), nn.BatchNorm2d(4 * c), nn.ReLU())
+        self.up2 = nn.ConvTranspose2d(4 * c, 2 * c, 2, stride=2)
+        self.dec2 = nn.Sequential(nn.Conv2d(4 * c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c), nn.ReLU())
+        self.up1 = nn.ConvTranspose2d(2 * c, c, 2, stride=2)
+        self.dec1 = nn.Sequential(nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.head = nn.Conv2d(c, num_classes, 1)
+
+    def forward(self, x):
+        s1 = self.enc1(x)
+        s2 = self.enc2(F.max_pool2d(s1, 2))
+        m = self.mid(F.max_pool2d(s2, 2))
+        d2 = self.dec2(torch.cat([self.up2(m), s2], 1))
+        d1 = self.dec1(torch.cat([self.up1(d2), s1], 1))
+        return self.head(d1)

@@ -14,6 +14,7 @@ import models_zoo as Z
 import n2n_cli
 from n2n_cli import api
 from n2n_cli.errors import StepError
+from n2n_cli.usercode import build_model
 
 ZOO = Path(__file__).resolve().parent / "models_zoo.py"
 
@@ -56,6 +57,9 @@ CASES = [
     ("MobileNetV2", "expansion (depthwise follows), residual output, stem",
      [{"widen": {"layer": m, "factor": 2}} for m in ("features.1.conv.0", "features.3.conv.6", "features.0.0")],
      [1, 3, 16, 16]),
+    ("UNet", "encoder convs (skipped and downsampled), ConvTranspose2d, decoder convs reading a concat",
+     [{"widen": {"layer": m, "factor": 2}} for m in ("enc1.0", "enc2.0", "mid.0", "up2", "dec2.0", "up1")],
+     [1, 3, 16, 12]),
     ("sequential_cnn", "numeric names, flatten with H != W",
      [{"widen": {"layer": m, "factor": 2}} for m in ("0", "4", "9")], [1, 3, 16, 8]),
     ("FunctionalNet", "F.relu, x + y, torch.cat, view(n, -1), flatten(1)",
@@ -242,8 +246,112 @@ def test_ops_n2n_cannot_see_through_are_refused(tmp_path, cli):
     assert "Data-dependent control flow" in r.output
 
 
-def test_deepen_is_refused_for_now(tmp_path):
+DEEPEN = [
+    ("resnet18", "zeroed copies of BasicBlocks (first block of a stage, and a later one)",
+     [{"deepen": {"after_block": "layer1.0"}}, {"deepen": {"after_block": "layer3.1"}}], [1, 3, 32, 32],
+     lambda s: len(s.layer1) == 3 and len(s.layer3) == 3 and not s.layer1[1].bn2.weight.any()),
+    ("resnet18", "identity conv after a conv used by a hand-written forward (wrapped)",
+     [{"deepen": {"after": "layer2.1.conv1"}}], [1, 3, 32, 32],
+     lambda s: isinstance(s.layer2[1].conv1, torch.nn.Sequential) and s.layer2[1].conv1[1].kernel_size == (3, 3)),
+    ("InceptionNet", "every tower deepened by an identity ConvBN-ReLU (the paper's experiment)",
+     [{"deepen": {"after": t}} for t in ("inc1.b1", "inc1.b2.1", "inc1.b3.2", "inc1.b4.1")], [1, 3, 16, 16],
+     lambda s: len(s.inc1.b2) == 5 and len(s.inc1.b1) == 4 and len(s.inc1.b4) == 5),
+    ("sequential_cnn", "nn.Sequential: inserted and renumbered, then widened by the new numbers",
+     [{"deepen": {"after": "0"}}, {"deepen": {"after": "12"}}, {"widen": {"layer": "7", "factor": 2}}], [1, 3, 16, 8],
+     lambda s: [type(m).__name__ for m in s][:8] == ["Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "BatchNorm2d",
+                                                    "ReLU", "MaxPool2d", "Conv2d"] and s[7].out_channels == 24),
+    ("UNet", "identity ConvBN-ReLU after an encoder stage (skipped and downsampled) and a decoder stage",
+     [{"deepen": {"after": "enc2.0"}}, {"deepen": {"after": "dec1.0", "kernel_size": 1}}], [1, 3, 16, 12],
+     lambda s: len(s.enc2) == 6 and len(s.dec1) == 6 and s.dec1[3].kernel_size == (1, 1)),
+    ("MobileNetV2", "zeroed copies of inverted residuals (no activation after the add)",
+     [{"deepen": {"after_block": "features.1"}}, {"deepen": {"after_block": "features.4"}}], [1, 3, 16, 16],
+     lambda s: len(s.features) == 7),
+]
+
+
+@pytest.mark.parametrize("factory,what,steps,shape,check", DEEPEN, ids=[f"{c[0]}: {c[1]}" for c in DEEPEN])
+def test_deepen_is_exact_against_the_users_module(tmp_path, factory, what, steps, shape, check):
+    teacher, student, report = grow(tmp_path, factory, what, steps, shape)
+    assert report["verification"]["passed"] is True
+    assert report["plan"]["params_after"] > report["plan"]["params_before"]
+    assert rel_error(teacher, student, shape) <= 1e-5
+    assert check(student)  # load_grown replayed the insertions on the user's own module
+    assert sum(p.numel() for p in student.parameters()) == report["plan"]["params_after"]
+
+
+def test_widen_deepen_widen_chain_needs_no_model_code(tmp_path):
+    shape = [1, 3, 32, 32]
+    teacher, _, _ = grow(tmp_path, "resnet18", "", [{"widen": {"layer": "layer2.0.conv2", "to": 24}}], shape,
+                         out="a.safetensors")
+    steps = [[{"deepen": {"after_block": "layer2.1"}}],
+             [{"widen": {"layer": "layer2.2.conv1", "factor": 2}}, {"deepen": {"after": "layer2.2.conv1"}}],
+             [{"widen": {"layer": "layer2.0.conv2", "to": 30}}]]  # the stage again: the copies are coupled too
+    for i, s in enumerate(steps):
+        src, dst = (tmp_path / f"{'abcd'[k]}.safetensors" for k in (i, i + 1))
+        report = api.grow(api.spec_from_steps(s, seed=i), src, dst, probes=4)
+        assert report["verification"]["passed"] is True, report["plan"]
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f:
+        recorded = json.loads(f.metadata()["n2n_model_code"])
+    assert [e["op"] for e in recorded["insertions"]] == ["insert", "wrap"]
+    student = n2n_cli.load_grown(Z.resnet18(), tmp_path / "d.safetensors")
+    assert len(student.layer2) == 3 and student.layer2[2].conv1[0].out_channels == 32
+    assert student.layer2[2].bn2.num_features == 30 and student.layer3[0].conv1.in_channels == 30
+    assert rel_error(teacher, student, shape) <= 1e-5
+
+
+def test_deepen_random_init_is_measured_not_judged(tmp_path):
+    _, _, report = grow(tmp_path, "sequential_cnn", "", [{"deepen": {"after": "4", "method": "random-init"}}],
+                        [1, 3, 16, 8])
+    assert report["verification"]["passed"] is None and report["verification"]["deviation"]["max_abs_error"] > 0
+
+
+GELU_NET = """
+import torch.nn as nn
+
+def net():
+    return nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+"""
+
+
+def test_deepen_refusals_name_the_module_and_why(tmp_path, cli):
     _, path = teacher_file(tmp_path, Z.resnet18)
-    with pytest.raises(StepError, match="deepening a model built by --model-code is not supported yet"):
-        api.grow(api.spec_from_steps([{"deepen": {"after": "layer1.0.conv1"}}]), path, tmp_path / "o.safetensors",
-                 model_code=f"{ZOO}:resnet18")
+    out = tmp_path / "out.safetensors"
+    base = ["deepen", path, out, "--model-code", f"{ZOO}:resnet18"]
+    r = cli(*base, "--after", "fc")
+    assert r.exit_code == 2 and "the output of 'fc' is the network's output" in r.output
+    r = cli(*base, "--after-block", "layer2.0")
+    assert r.exit_code == 2 and "the shortcut of 'layer2.0' (BasicBlock) is not its input" in r.output
+    assert "module 'layer2.0.downsample.1' (BatchNorm2d)" in r.output
+    r = cli(*base, "--after-block", "layer2.0.conv1")
+    assert r.exit_code == 2 and "'layer2.0.conv1' (Conv2d) reads" not in r.output and "not a residual block" in r.output
+    r = cli(*base, "--after-block", "layer9")
+    assert r.exit_code == 2 and "the model has no module 'layer9'" in r.output
+    r = cli(*base, "--after", "layer1.0.conv1", "--kernel-size", "2")
+    assert r.exit_code == 2 and "2x2 is even" in r.output
+    _, ipath = teacher_file(tmp_path, Z.InceptionNet, name="inc.safetensors")
+    r = cli("deepen", ipath, out, "--model-code", f"{ZOO}:InceptionNet", "--after-block", "inc1")
+    assert r.exit_code == 2 and "'inc1' (InceptionModule) is not a residual block: its output is not x + f(x)" \
+        in r.output and "cat()" in r.output
+    assert not out.exists()
+    code = _write(tmp_path, "gelu_net.py", GELU_NET)
+    gelu = build_model(f"{code}:net")
+    save_file({k: v.contiguous() for k, v in Z.perturb(gelu).state_dict().items()}, str(tmp_path / "g.safetensors"))
+    base = ["deepen", tmp_path / "g.safetensors", out, "--model-code", f"{code}:net", "--device", "cpu"]
+    r = cli(*base, "--after", "0")
+    assert r.exit_code == 2 and "'0' is followed by GELU, which is not idempotent" in r.output
+    assert not out.exists()
+    r = cli(*base, "--after", "2")  # followed by ReLU: exact
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+
+
+def test_verify_runs_the_users_module_on_both_sides(tmp_path, cli):
+    _, _, _ = grow(tmp_path, "resnet18", "", [{"deepen": {"after_block": "layer1.1"}},
+                                              {"widen": {"layer": "layer1.0.conv1", "factor": 2}}], [1, 3, 32, 32])
+    t, s = tmp_path / "teacher.safetensors", tmp_path / "student.safetensors"
+    r = cli("verify", t, s, "--probes", "4", "--device", "cpu")  # the student's metadata names the code
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    r = cli("verify", t, s, "--probes", "4", "--device", "cpu", "--model-code", f"{ZOO}:resnet18")
+    assert r.exit_code == 0 and "PASS" in r.output, r.output
+    _, other = teacher_file(tmp_path, Z.resnet18, name="other.safetensors", seed=5)
+    r = cli("verify", other, s, "--probes", "4", "--device", "cpu")
+    assert r.exit_code == 3 and "the student does not compute the teacher's function" in r.output
