@@ -21,6 +21,7 @@ from . import __version__, hf_io, hf_verify
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
+from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
@@ -132,7 +133,7 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
     keys = list(keys)
     for n, key in enumerate(keys):
         t = source.get(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # one pass; count only when bad
+        if not all_finite(t):  # one aminmax pass; count only when bad
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             bad.append(f"'{key}': {nan} NaN, {inf} Inf")
         if progress:
