@@ -17,10 +17,11 @@ from typing import Callable
 import torch
 import yaml
 
-from . import __version__, hf_io, hf_verify
+from . import __version__, hf_io, hf_stream, hf_verify
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
+from .phases import PhaseClock
 from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
@@ -159,7 +160,8 @@ def _settings(spec: GrowthSpec, header, *, seed, probes, atol, rtol, verify_dtyp
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
-         max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None) -> dict:
+         max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None,
+         verify_mode: str = "auto") -> dict:
     """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
     Hugging Face model directory). Returns the report (a dict).
 
@@ -188,7 +190,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                             "deepen: {layers: N} (see the README).")
         return _grow_hf(spec, src, out_path, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
                         dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size,
-                        verify_dtype=verify_dtype, progress=progress)
+                        verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if not dry_run:
@@ -234,16 +236,19 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
 
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
-             max_shard_size, verify_dtype, progress) -> dict:
+             max_shard_size, verify_dtype, progress, verify_mode="auto") -> dict:
     if not dry_run:
         hf_io.check_output_dir(out, src, force)
     shard_bytes = hf_io.parse_size(max_shard_size)
+    clock = PhaseClock()
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
         check_finite(source, header, progress)
+        clock.mark("check")
         seed, probes, atol, rtol = _settings(spec, header, seed=seed, probes=probes, atol=atol, rtol=rtol,
                                              verify_dtype=verify_dtype)
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         hf_verify.check_config(plan.new_config())
+        clock.mark("plan")
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "plan": plan.to_dict(), "written": False}
         if dry_run:
@@ -255,6 +260,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         metadata = {"format": "pt", META_VERSION: __version__,
                     META_LINEAGE: json.dumps(_lineage(source, teacher_sha256.result(), spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
+        clock.mark("hash")
         entries = plan.entries()
         done = iter(range(1, len(entries) + 1))
         holder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".n2n-stage", dir=out.parent))
@@ -266,13 +272,14 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                                                                                 exclude_none=True),
                                                                             sort_keys=False)},
                                on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
+            clock.mark("write")
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)
                 dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
-                c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
-                                           probes=probes, seed=seed, atol=atol, rtol=rtol,
-                                           device=resolve_device(device), dtype=dtype)
+                c = hf_stream.compare(src, staged, mode=verify_mode, progress=progress, vocab=arch.vocab,
+                                      max_len=min(arch.positions or 64, 64), probes=probes, seed=seed, atol=atol,
+                                      rtol=rtol, device=resolve_device(device), dtype=dtype)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:
@@ -281,15 +288,19 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                     v = {"passed": None, "checked": "nothing exact", "exact": None, "deviation": c.to_dict(),
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
                 report["verification"] = v
+                clock.mark("verify")
+                report["timings"] = clock.seconds
                 if v["passed"] is False:
                     raise _verification_failed(v["exact"], src, report, grown=True)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
             (staged / "n2n_verification.json").write_text(json.dumps(report["verification"], indent=2, sort_keys=True) + "\n")
             hf_io.move_into_place(staged, out)
+            clock.mark("move")
         finally:
             shutil.rmtree(holder, ignore_errors=True)
         report["written"] = True
+        report["timings"] = clock.seconds
         return report
 
 
@@ -305,7 +316,9 @@ def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool) -> 
     return VerificationFailed(
         f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
         f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
-        + ("; nothing was written" if grown else ""), where=str(where), report=report, hint=hint)
+        + ("; nothing was written" if grown else "")
+        + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
+        hint=hint)
 
 
 @contextlib.contextmanager
@@ -377,11 +390,11 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
 def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
            probes: int = 64, atol: float | None = None, rtol: float | None = None,
-           verify_dtype: str | None = None) -> dict:
+           verify_dtype: str | None = None, verify_mode: str = "auto") -> dict:
     """Compare two checkpoints' functions on seeded probes. Raises VerificationFailed on mismatch."""
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                          verify_dtype=verify_dtype)
+                          verify_dtype=verify_dtype, verify_mode=verify_mode)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -409,7 +422,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
         return report
 
 
-def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype) -> dict:
+def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, verify_mode="auto") -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (_, t_arch, t_head), _open_hf(student) as (_, s_arch, s_head):
@@ -421,9 +434,9 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     dtype = compute_dtype(dtypes, verify_dtype)
     d_atol, d_rtol = default_tolerances(dtypes + [dtype])
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
-    c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
-                               probes=probes, seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
-                               dtype=dtype)
+    c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
+                          max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,
+                          device=resolve_device(device), dtype=dtype)
     report = {"teacher": str(teacher), "student": str(student), "passed": c.passed, **c.to_dict(),
               "params_teacher": t_arch.num_parameters(set(t_head)), "params_student": s_arch.num_parameters(set(s_head))}
     if not c.passed:

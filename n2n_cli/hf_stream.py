@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from . import hf_io
 from .hf import arch_from_config
+from . import hf_verify
 from .hf_verify import probe_batches, require_transformers
 from .verify import Comparison, compare_outputs, full_precision
 
@@ -235,3 +236,31 @@ def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,
             return torch.cat(out)
     finally:
         m.close()
+
+
+# --------------------------------------------------------------------------- choosing the mode
+
+VERIFY_MODES = ("auto", "streaming", "full")
+
+
+@dataclass
+class FullComparison(Comparison):
+    mode: str = "full"
+
+
+def compare(teacher: Path, student: Path, *, mode: str = "auto",
+            progress: Callable[[str, int, int], None] | None = None, **kw) -> Comparison:
+    """Verify ``student`` against ``teacher`` blockwise (``streaming``: one block in memory), by
+    loading both models whole with transformers (``full``), or (``auto``) blockwise whenever
+    both directories are of a family the streaming verifier supports, else whole."""
+    from .errors import UserError
+
+    if mode not in VERIFY_MODES:
+        raise UserError(f"verify mode '{mode}' is not one of {', '.join(VERIFY_MODES)}")
+    able = supports(teacher) and supports(student)
+    if mode == "streaming" and not able:
+        raise UserError(f"blockwise verification supports the model types {', '.join(STREAMING_TYPES)} only",
+                        where=str(student), hint="Use --verify-mode full (loads both models whole).")
+    if mode == "streaming" or (mode == "auto" and able):
+        return compare_dirs(teacher, student, progress=progress, **kw)
+    return FullComparison(**hf_verify.compare_dirs(teacher, student, **kw).to_dict())
