@@ -273,6 +273,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                                                             sort_keys=False)},
                                on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
             clock.mark("write")
+            source.close()  # unmap the input (reopened on demand): its pages would count in RSS while verifying
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)

@@ -88,7 +88,10 @@ class _Model:
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
-        return layer.to(self.device, self.dtype).eval()
+        layer = layer.to(self.device, self.dtype).eval()
+        del sd
+        self.source.close()  # unmap the files: pages read through the mapping count in the RSS until then
+        return layer
 
     def zero_output(self, i: int) -> bool:
         key = self.prefix + self.arch.family.layer.format(i=i)
