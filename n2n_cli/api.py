@@ -15,10 +15,12 @@ from typing import Callable
 import torch
 import yaml
 
-from . import __version__, fsutil, hf_io, hf_verify, outputs
+from . import __version__, fsutil, hf_io, hf_stream, hf_verify, outputs
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
+from .phases import PhaseClock
+from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
@@ -143,7 +145,7 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
     keys = list(keys)
     for n, key in enumerate(keys):
         t = source.get(key)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # one pass; count only when bad
+        if not all_finite(t):  # one aminmax pass; count only when bad
             nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
             bad.append(f"'{key}': {nan} NaN, {inf} Inf")
         if progress:
@@ -184,7 +186,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
          max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None,
-         model_code: str | None = None, model_args: dict | None = None, example_input=None) -> dict:
+         model_code: str | None = None, model_args: dict | None = None, example_input=None,
+         verify_mode: str = "auto") -> dict:
     """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
     Hugging Face model directory). Returns the report (a dict).
 
@@ -230,7 +233,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                             "deepen: {layers: N} (see the README).")
         return _grow_hf(spec, src, out_path, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
                         dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size,
-                        verify_dtype=verify_dtype, progress=progress)
+                        verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     warnings = _output_warnings(lambda: check_output_path(out_path, [src], force), dry_run)
@@ -280,18 +283,21 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
 
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
-             max_shard_size, verify_dtype, progress) -> dict:
+             max_shard_size, verify_dtype, progress, verify_mode="auto") -> dict:
     warnings = _output_warnings(lambda: hf_io.check_output_dir(out, src, force), dry_run)
     shard_bytes = hf_io.parse_size(max_shard_size)
+    clock = PhaseClock()
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
         previous = read_lineage(source.metadata, str(src)) or []
         check_finite(source, header, progress)
+        clock.mark("check")
         seed = spec.seed if seed is None else seed
         hf_verify.check_config(source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         hf_verify.check_config(plan.new_config())
+        clock.mark("plan")
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "plan": plan.to_dict(), "written": False, **({"warnings": warnings} if warnings else {})}
         if dry_run:
@@ -303,6 +309,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         metadata = {"format": "pt", META_VERSION: __version__,
                     META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
+        clock.mark("hash")
         entries = plan.entries()
         outputs.before_writing(out, hf_io.planned_bytes(entries, src))
         done = iter(range(1, len(entries) + 1))
@@ -315,13 +322,15 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                                                             sort_keys=False)},
                                on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
                                replace=False, name=out)
+            clock.mark("write")
+            source.close()  # unmap the input (reopened on demand): its pages would count in RSS while verifying
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)
                 dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
-                c = hf_verify.compare_dirs(src, staged, vocab=arch.vocab, max_len=min(arch.positions or 64, 64),
-                                           probes=probes, seed=seed, atol=atol, rtol=rtol,
-                                           device=resolve_device(device), dtype=dtype, grown=True)
+                c = hf_stream.compare(src, staged, mode=verify_mode, progress=progress, vocab=arch.vocab,
+                                      max_len=min(arch.positions or 64, 64), probes=probes, seed=seed, atol=atol,
+                                      rtol=rtol, device=resolve_device(device), dtype=dtype, grown=True)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:
@@ -332,6 +341,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                          "deviation": {**c.to_dict(), "passed": None},
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
                 report["verification"] = v
+                clock.mark("verify")
+                report["timings"] = clock.seconds
                 if v["passed"] is False:
                     raise _verification_failed(v["exact"], src, report, grown=True, user_tol=user_tol)
             else:
@@ -340,7 +351,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                              json.dumps(verification_facts(report["verification"]), indent=2, sort_keys=True) + "\n",
                              out)
             hf_io.move_into_place(staged, out, replace=force)
+            clock.mark("move")
         report["written"] = True
+        report["timings"] = clock.seconds
         return report
 
 
@@ -382,7 +395,9 @@ def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool,
     return VerificationFailed(
         f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
         f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
-        + ("; nothing was written" if grown else ""), where=str(where), report=report, hint=hint)
+        + ("; nothing was written" if grown else "")
+        + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
+        hint=hint)
 
 
 @contextlib.contextmanager
@@ -461,7 +476,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
            probes: int = 64, atol: float | None = None, rtol: float | None = None,
            verify_dtype: str | None = None, progress: Progress | None = None, model_code: str | None = None,
-           model_args: dict | None = None, example_input=None) -> dict:
+           model_args: dict | None = None, example_input=None, verify_mode: str = "auto") -> dict:
     """Check that ``student`` is ``teacher`` grown: the certificate (when the student records its
     growth: every tensor recomputed from the teacher and compared bitwise) and the functional check
     on seeded probes. Raises VerificationFailed (exit 3) when either fails, TeacherMismatch (exit 2)
@@ -477,7 +492,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
                                 atol=atol, rtol=rtol, verify_dtype=verify_dtype)
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                          verify_dtype=verify_dtype, progress=progress)
+                          verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -590,7 +605,8 @@ def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, 
     return report
 
 
-def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None) -> dict:
+def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None,
+               verify_mode="auto") -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (t_src, t_arch, t_head), _open_hf(student) as (s_src, s_arch, s_head):
@@ -612,9 +628,9 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     d_atol, d_rtol = default_tolerances([dtype, *rounding])
     user_tol = _user_tolerance(atol, rtol)
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
-    c = hf_verify.compare_dirs(teacher, student, vocab=t_arch.vocab, max_len=min(t_arch.positions or 64, 64),
-                               probes=probes, seed=seed, atol=atol, rtol=rtol, device=resolve_device(device),
-                               dtype=dtype)
+    c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
+                          max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,
+                          device=resolve_device(device), dtype=dtype)
     return _verify_result(teacher, student, c.to_dict(), cert, t_arch.num_parameters(set(t_head)),
                           s_arch.num_parameters(set(s_head)), user_tol)
 

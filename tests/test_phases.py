@@ -1,0 +1,54 @@
+"""Plain progress lines when stderr is not a TTY, phase timings in the report, --verify-mode."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from n2n_cli.phases import PhaseClock, line_progress
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import make_hf_model  # noqa: E402
+
+
+def test_line_progress_prints_a_line_per_phase_start_and_end():
+    buf = io.StringIO()
+    p = line_progress(buf)
+    for phase, n in (("checking weights", 3), ("writing", 2)):
+        for k in range(n + 1):
+            p(phase, k, n)
+    lines = buf.getvalue().splitlines()
+    assert [ln.split(":")[1].split("(")[0].strip() for ln in lines] == ["checking weights", "checking weights",
+                                                                         "writing", "writing"]
+    assert lines[0] == "n2n: checking weights (3)..." and lines[1].startswith("n2n: checking weights: done in ")
+
+
+def test_phase_clock_accumulates():
+    c = PhaseClock()
+    c.mark("a")
+    c.mark("b")
+    c.mark("a")
+    assert list(c.seconds) == ["a", "b"] and all(v >= 0 for v in c.seconds.values())
+
+
+def test_grow_reports_phases_timings_and_mode(tmp_path, cli):
+    src = make_hf_model(tmp_path, "llama")
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    r = cli("deepen", src, out, "--layers", "3", "--device", "cpu", "--report", rep)
+    assert r.exit_code == 0, r.output
+    for phase in ("checking weights", "writing", "verifying"):
+        assert f"n2n: {phase}" in r.stderr
+    report = json.loads(rep.read_text())
+    assert set(report["timings"]) >= {"check", "plan", "write", "verify"}
+    assert report["verification"]["exact"]["mode"] == "streaming"
+    r = cli("verify", src, out, "--verify-mode", "full", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "full"
+
+
+def test_streaming_mode_refused_for_unsupported_family(tmp_path, cli):
+    src = make_hf_model(tmp_path, "gpt2")
+    r = cli("verify", src, src, "--verify-mode", "streaming")
+    assert r.exit_code == 2 and "supports the model types llama, mistral, qwen2 only" in r.output
