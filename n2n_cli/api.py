@@ -32,7 +32,7 @@ from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoi
 from .spec import (GrowthSpec, StepEntry, lenient_steps, load_model_description, load_spec, parse_model_description,
                    spec_from_steps, step_line)
 from .verify import (compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run,
-                     verification_facts)
+                     verification_facts, verification_failed)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -260,7 +260,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                                                   dtype=compute_dtype([d for d, _ in header.values()], verify_dtype),
                                                   progress=progress)
             if report["verification"]["passed"] is False:
-                raise _verification_failed(_failed_comparison(report["verification"]), src, report, grown=True,
+                raise verification_failed(_failed_comparison(report["verification"]), src, report, grown=True,
                                            user_tol=user_tol)
         else:
             report["verification"] = {"passed": None, "skipped": True}
@@ -344,7 +344,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 clock.mark("verify")
                 report["timings"] = clock.seconds
                 if v["passed"] is False:
-                    raise _verification_failed(v["exact"], src, report, grown=True, user_tol=user_tol)
+                    raise verification_failed(v["exact"], src, report, grown=True, user_tol=user_tol)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
             hf_io.write_text(staged / "n2n_verification.json",
@@ -376,28 +376,6 @@ def _failed_comparison(v: dict) -> dict:
         if isinstance(v.get(key), dict) and v[key].get("passed") is False:
             return v[key]
     return v.get("exact") or v.get("exact_counterpart") or v["deviation"]
-
-
-def _verification_failed(c: dict, where: Path, report: dict, *, grown: bool,
-                         user_tol: str | None = None) -> VerificationFailed:
-    """The one message for a failed comparison (``c`` is a ``Comparison.to_dict()``)."""
-    what = "the grown network" if grown else "the student"
-    if c["dtype"] in ("bfloat16", "float16"):
-        hint = (f"Verification ran in {c['dtype']}, whose rounding alone can exceed these tolerances: use "
-                "--verify-dtype float32, or looser --atol/--rtol." + (f" (The tolerance is yours: {user_tol}.)"
-                                                                      if user_tol else ""))
-    elif user_tol:
-        hint = (f"The tolerance is yours ({user_tol}) and is tighter than this comparison's rounding: loosen it, "
-                "or drop it for the defaults by dtype. This is not a bug in n2n.")
-    else:
-        hint = "This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown \
-            else None
-    return VerificationFailed(
-        f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
-        f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
-        + ("; nothing was written" if grown else "")
-        + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
-        hint=hint)
 
 
 @contextlib.contextmanager
@@ -601,7 +579,7 @@ def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, 
             f"{c['max_abs_error']:.3g}, max rel error {c['max_rel_error']:.3g}", where=str(student), report=report,
             hint="Expected for a baseline (random-pad, random-init, independent noise); nothing is wrong with the file.")
     if not c["passed"]:
-        raise _verification_failed(c, student, report, grown=False, user_tol=user_tol)
+        raise verification_failed(c, student, report, grown=False, user_tol=user_tol)
     return report
 
 

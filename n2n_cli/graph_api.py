@@ -17,15 +17,16 @@ import torch
 from . import __version__, outputs
 from .hf_io import planned_bytes
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
-from .errors import CheckpointError, SpecError, StepError, UserError, VerificationFailed
+from .errors import CheckpointError, SpecError, UserError
 from .execute import Materializer
 from .graph import trace, trace_spaces
 from .graph_deepen import apply_edits
-from .graph_plan import GraphPlan, load_tensors, plan_graph, resize_module, run_model, widenable
-from .spec import GrowthSpec, StepEntry, load_spec
+from .graph_plan import load_tensors, plan_graph, resize_module, run_model, widenable
+from .spec import GrowthSpec, load_spec
 from .transforms import generator
 from .usercode import build_model, load_strict
-from .verify import compare_outputs, compute_dtype, default_tolerances, resolve_device, verification_facts
+from .verify import (compare_outputs, compute_dtype, default_tolerances, resolve_device, verification_facts,
+                     verification_failed)
 
 META_MODEL_CODE = "n2n_model_code"
 META_LINEAGE = "n2n_lineage"
@@ -195,17 +196,14 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
                 v = {"passed": c["passed"], "checked": "student (the user's module, resized)", "exact": c,
                      "deviation": None}
             else:
-                v = {"passed": None, "checked": "nothing exact", "exact": None, "deviation": c,
+                v = {"passed": None, "exact_student": False, "checked": "nothing exact", "exact": None,
+                     "deviation": {**c, "passed": None},
                      "note": "inexact noise or a baseline method: the deviation is measured, not judged"}
             report["verification"] = v
             if progress:
                 progress("verifying", 1, 1)
             if v["passed"] is False:
-                raise VerificationFailed(
-                    f"the grown network does not compute the teacher's function: max abs error "
-                    f"{c['max_abs_error']:.3g} > atol {atol:g} + rtol {rtol:g} * max|teacher| "
-                    f"{c['max_abs_teacher']:.3g}; nothing was written", where=str(src), report=report,
-                    hint="This is a bug in n2n or a numerically extreme checkpoint; please report it with --report.")
+                raise verification_failed(c, src, report, grown=True)
         else:
             report["verification"] = {"passed": None, "skipped": True}
         try:
@@ -287,8 +285,6 @@ def verify(teacher: Path, student: Path, code: ModelCode, *, device="cpu", seed=
            verify_dtype=None) -> dict:
     """Run the user's module with TEACHER's weights against the same code with STUDENT's (each
     replaying the insertions recorded in its own metadata, resized to its tensors)."""
-    from .api import _verification_failed
-
     with open_checkpoint(teacher) as t_src, open_checkpoint(student) as s_src:
         t_model, t_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), t_src)
         s_model, s_head = _teacher(ModelCode(code.ref, code.args, code.example_shape), s_src)
@@ -309,5 +305,5 @@ def verify(teacher: Path, student: Path, code: ModelCode, *, device="cpu", seed=
               "verification": {"passed": c.passed, "exact_student": True, "checked": "probes only (your module on "
                                "both sides)", "exact": c.to_dict(), "deviation": None, "certificate": cert}}
     if not c.passed:
-        raise _verification_failed(c.to_dict(), student, report, grown=False)
+        raise verification_failed(c.to_dict(), student, report, grown=False)
     return report

@@ -14,74 +14,18 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from .errors import CheckpointError, ModelError, StepError
 from .limits import MAX_LAYERS, MAX_PLANNED_BYTES, MAX_WIDTH as MAX_SIZE
 from .layers import Axis
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
-from .spec import Factor, OneStep, VerifySpec, Width
+from .spec import HFDeepenStep, HFGrowthSpec, HFStepEntry, HFWidenStep  # noqa: F401 (the steps' schema)
 
 FAMILY_DIR = Path(__file__).parent / "families"
 HF_DIMS = ("intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads")
-
-
-# ----------------------------------------------------------------------------- steps (spec schema)
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class HFWidenStep(_Strict):
-    """Widen one dimension of every layer of a transformer."""
-
-    dim: Literal["intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
-    to: Width | None = None
-    factor: Factor | None = None
-    noise: float = Field(default=0.0, ge=0)  # zero-sum symmetry-breaking noise: still exact
-
-    @model_validator(mode="after")
-    def _check(self):
-        if (self.to is None) == (self.factor is None):
-            raise ValueError("give exactly one of 'to' (new size) or 'factor' (> 1)")
-        return self
-
-    def new_size(self, old: int) -> int:
-        return self.to if self.to is not None else int(round(old * self.factor))
-
-
-class HFDeepenStep(_Strict):
-    """Insert transformer blocks, each a copy of the block before it with zeroed output projections."""
-
-    layers: PositiveInt | None = None
-    placement: Literal["interleave", "end"] = "interleave"
-    after: list[int] | None = None
-    allow_approximate: bool = False
-
-    @model_validator(mode="after")
-    def _check(self):
-        if (self.layers is None) == (self.after is None):
-            raise ValueError("give exactly one of 'layers' (the new total number of layers) or 'after' "
-                             "(a list of layer indices)")
-        return self
-
-
-class HFStepEntry(OneStep):
-    widen: HFWidenStep | None = None
-    deepen: HFDeepenStep | None = None
-
-
-class HFGrowthSpec(_Strict):
-    """A growth spec for a Hugging Face directory (steps name dimensions, not layers)."""
-
-    seed: int = 0
-    steps: list[HFStepEntry] = Field(min_length=1)
-    verify: VerifySpec = VerifySpec()
 
 
 # ----------------------------------------------------------------------------- families

@@ -132,6 +132,57 @@ class GrowthSpec(_Strict):
         return self
 
 
+# --------------------------------------------------------------------------- Hugging Face steps
+# (dimensions and layer counts of a transformer; planned by ``n2n_cli.hf``)
+
+
+class HFWidenStep(_Strict):
+    """Widen one dimension of every layer of a transformer."""
+
+    dim: Literal["intermediate_size", "hidden_size", "num_attention_heads", "num_key_value_heads"]
+    to: Width | None = None
+    factor: Factor | None = None
+    noise: float = Field(default=0.0, ge=0)  # zero-sum symmetry-breaking noise: still exact
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.to is None) == (self.factor is None):
+            raise ValueError("give exactly one of 'to' (new size) or 'factor' (> 1)")
+        return self
+
+    def new_size(self, old: int) -> int:
+        return self.to if self.to is not None else int(round(old * self.factor))
+
+
+class HFDeepenStep(_Strict):
+    """Insert transformer blocks, each a copy of the block before it with zeroed output projections."""
+
+    layers: PositiveInt | None = None
+    placement: Literal["interleave", "end"] = "interleave"
+    after: list[int] | None = None
+    allow_approximate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if (self.layers is None) == (self.after is None):
+            raise ValueError("give exactly one of 'layers' (the new total number of layers) or 'after' "
+                             "(a list of layer indices)")
+        return self
+
+
+class HFStepEntry(OneStep):
+    widen: HFWidenStep | None = None
+    deepen: HFDeepenStep | None = None
+
+
+class HFGrowthSpec(_Strict):
+    """A growth spec for a Hugging Face directory (steps name dimensions, not layers)."""
+
+    seed: int = 0
+    steps: list[HFStepEntry] = Field(min_length=1)
+    verify: VerifySpec = VerifySpec()
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -248,11 +299,9 @@ def _context_class(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
             cls = VerifySpec
         elif cls is StepEntry and part in ("widen", "deepen"):
             cls = WidenStep if part == "widen" else DeepenStep
-        elif cls.__name__ == "HFGrowthSpec" and part in ("steps", "verify"):
-            from .hf import HFStepEntry
+        elif cls is HFGrowthSpec and part in ("steps", "verify"):
             cls, i = (HFStepEntry, i + 1) if part == "steps" else (VerifySpec, i)
-        elif cls.__name__ == "HFStepEntry" and part in ("widen", "deepen"):
-            from .hf import HFDeepenStep, HFWidenStep
+        elif cls is HFStepEntry and part in ("widen", "deepen"):
             cls = HFWidenStep if part == "widen" else HFDeepenStep
         elif cls is ModelDescription and part == "layers":
             i += 1
@@ -337,7 +386,6 @@ def load_spec(path: str | Path) -> tuple[GrowthSpec, ModelDescription | None]:
     path = Path(path)
     data, node = _read_yaml(path, SpecError)
     if is_hf_spec(data):
-        from .hf import HFGrowthSpec
         try:
             return HFGrowthSpec.model_validate(data), None
         except ValidationError as e:
@@ -385,7 +433,7 @@ def lenient_steps(path: str | Path) -> tuple[list[int], list, ModelDescription |
     data, node = _read_yaml(path, SpecError)
     hf = is_hf_spec(data)
     if hf:
-        from .hf import HFStepEntry as entry_cls
+        entry_cls = HFStepEntry
     else:
         entry_cls = StepEntry
     numbers, entries = [], []
@@ -427,7 +475,7 @@ def spec_from_steps(steps: list[dict], *, seed: int = 0, **verify) -> GrowthSpec
     data = {"seed": seed, "steps": steps, "verify": {k: v for k, v in verify.items() if v is not None}}
     cls = GrowthSpec
     if is_hf_spec(data):
-        from .hf import HFGrowthSpec as cls
+        cls = HFGrowthSpec
     try:
         return cls.model_validate(data)
     except ValidationError as e:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, VerificationFailed
 from .limits import MAX_PROBE_BYTES
 from .model import ModelDescription, forward
 from .transforms import generator
@@ -154,3 +154,25 @@ def verification_facts(v: dict) -> dict:
     measured = {"max_abs_error", "max_rel_error", "max_abs_teacher", "argmax_agreement"}
     return {k: ({kk: vv for kk, vv in x.items() if kk not in measured} if isinstance(x, dict) else x)
             for k, x in v.items()}
+
+
+def verification_failed(c: dict, where, report: dict, *, grown: bool,
+                         user_tol: str | None = None) -> VerificationFailed:
+    """The one message for a failed comparison (``c`` is a ``Comparison.to_dict()``)."""
+    what = "the grown network" if grown else "the student"
+    if c["dtype"] in ("bfloat16", "float16"):
+        hint = (f"Verification ran in {c['dtype']}, whose rounding alone can exceed these tolerances: use "
+                "--verify-dtype float32, or looser --atol/--rtol." + (f" (The tolerance is yours: {user_tol}.)"
+                                                                      if user_tol else ""))
+    elif user_tol:
+        hint = (f"The tolerance is yours ({user_tol}) and is tighter than this comparison's rounding: loosen it, "
+                "or drop it for the defaults by dtype. This is not a bug in n2n.")
+    else:
+        hint = "This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown \
+            else None
+    return VerificationFailed(
+        f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
+        f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
+        + ("; nothing was written" if grown else "")
+        + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
+        hint=hint)

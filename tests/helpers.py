@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from n2n_cli.model import ModelDescription, to_torch_module
-from n2n_cli.spec import load_model_description
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

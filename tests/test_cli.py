@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
-import shutil
 
 import pytest
 import torch

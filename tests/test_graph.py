@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 import models_zoo as Z
 import n2n_cli
 from n2n_cli import api
-from n2n_cli.errors import StepError
 from n2n_cli.usercode import build_model
 
 ZOO = Path(__file__).resolve().parent / "models_zoo.py"

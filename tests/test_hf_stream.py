@@ -4,7 +4,6 @@ supports; it passes exact growth, and locates a mismatch at the block where it s
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
