@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import StepError, UserError
 from .graph import SpaceGraph, trace, trace_spaces
-from .plan import Create, Load, Mapping, Op, TensorChange, Widen
+from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
 from .spec import StepEntry
 
 
@@ -70,27 +70,11 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
 
 
 @dataclass
-class GraphStep:
-    index: int
-    entry: StepEntry
-    summary: str
-    function_preserving: bool
-    changes: list[TensorChange]
-    params_before: int
-    params_after: int
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, **self.entry.to_dict(), "summary": self.summary,
-                "function_preserving": self.function_preserving, "params_before": self.params_before,
-                "params_after": self.params_after, "tensors": [c.to_dict() for c in self.changes]}
-
-
-@dataclass
 class GraphPlan:
     """Duck-compatible with ``plan.Plan`` for the Materializer and the writer."""
 
     seed: int
-    steps: list[GraphStep]
+    steps: list[PlannedStep]
     recipes: dict[str, list[Op]]
     dtypes: dict[str, torch.dtype]
     shapes: dict[str, tuple[int, ...]]
@@ -213,7 +197,7 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     coupled = [p for p in space.producers if p != step.layer]
     summary = f"widen {step.layer} {old} -> {new} ({step.method})" + (
         f"; coupled: {', '.join(coupled)}" if coupled else "")
-    plan.steps.append(GraphStep(index, entry, summary, exact, changes, before, plan.params_after))
+    plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before, plan.params_after))
 
 
 def _plan_deepen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:
@@ -290,7 +274,7 @@ def _plan_deepen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module
     plan.recipes, plan.dtypes, plan.shapes = recipes, dtypes, shapes
     plan.param_keys = frozenset(k for k, _ in model.named_parameters())
     plan.edits.append(ins.edit)
-    plan.steps.append(GraphStep(index, entry, ins.summary, ins.exact, changes, before, plan.params_after))
+    plan.steps.append(PlannedStep(index, entry, ins.summary, ins.exact, changes, before, plan.params_after))
 
 
 # ----------------------------------------------------------------------------- running the user's module

@@ -200,3 +200,18 @@ def test_grow_says_what_was_verified(tmp_path, cli):
     assert json.loads(r.stdout)["verified_against"].startswith("the network the model description describes")
     r = cli("grow", "--help")
     assert "not your own nn.Module" in " ".join(r.stdout.replace("│", " ").split())
+
+
+def test_a_shard_name_longer_than_the_file_system_allows(tmp_path, cli):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=100)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m", max_shard_size="20KB")
+    index = tmp_path / "m" / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"][next(iter(data["weight_map"]))] = "x" * 300 + ".safetensors"
+    index.write_text(json.dumps(data))
+    for args in (("inspect", tmp_path / "m"), ("deepen", tmp_path / "m", tmp_path / "o", "--layers", "3")):
+        r = cli(*args)
+        assert r.exit_code == 2, r.output
+        assert "1 shard file(s) listed in the index are missing" in r.stderr
