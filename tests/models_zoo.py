@@ -367,3 +367,44 @@ def vit_split():
 
 def vit_torch():
     return ViT(dim=24, num_heads=3, head_dim=8, attn="torch")
+
+
+# ----------------------------------------------------------------------------- random graphs (property tests)
+
+
+class Towers(nn.Module):
+    """Two conv-bn-relu towers, concatenated on channels."""
+
+    def __init__(self, cin, a, b):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, a, 1), nn.BatchNorm2d(a), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(cin, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class RandomGraph(nn.Module):
+    """Built from ``arch``: a list of [kind, widths...]: ["cbr", w] conv-bn-relu, ["res"] a BasicBlock
+    (residual add), ["cat", a, b] concatenated towers; then flatten and a linear head."""
+
+    def __init__(self, arch, c=4, hw=6, hidden=0, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        mods, ch = [], c
+        for kind, *w in arch:
+            if kind == "cbr":
+                mods.append(nn.Sequential(nn.Conv2d(ch, w[0], 3, padding=1), nn.BatchNorm2d(w[0]), nn.ReLU()))
+                ch = w[0]
+            elif kind == "res":
+                mods.append(BasicBlock(ch, ch))
+            else:
+                mods.append(Towers(ch, w[0], w[1]))
+                ch = w[0] + w[1]
+        self.blocks = nn.Sequential(*mods)
+        feats = ch * hw * hw
+        self.fc = nn.Sequential(nn.Linear(feats, hidden), nn.ReLU(), nn.Linear(hidden, classes)) if hidden \
+            else nn.Linear(feats, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.blocks(self.stem(x)), 1))
