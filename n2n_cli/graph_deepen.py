@@ -407,9 +407,10 @@ def plan_block(model: nn.Module, gm: fx.GraphModule, name: str, *, method: str) 
     where, index = _where_to_insert(model, name)
     rels = [z[len(name) + 1:] for z in points]
     zkeys = tuple(f"{rel}.{k}" for z, rel in zip(points, rels) for k, _ in modules[z].named_parameters(recurse=False))
+    whose = "branches'" if len(points) > 1 else "branch's"
     what = " and ".join(f"{type(modules[z]).__name__} ({rel})" for z, rel in zip(points, rels))
     return Insertion(_edit(where, index, [{"copy": name}]),
-                     f"deepen after_block {name}: insert a copy of {kind} '{name}' whose branch"
-                     f"{'es' if len(points) > 1 else ''}' last {what} {'are' if len(points) > 1 else 'is'} zeroed, "
+                     f"deepen after_block {name}: insert a copy of {kind} '{name}' whose "
+                     f"{whose} last {what} {'are' if len(points) > 1 else 'is'} zeroed, "
                      f"so {'each adds' if len(points) > 1 else 'it adds'} 0 ({method})",
                      method == "net2deeper", copy_of=name, zeroed=zkeys)

@@ -428,3 +428,25 @@ def test_after_block_is_refused_for_hugging_face_directories(tmp_path, cli):
     (d / "config.json").write_text("{}")
     r = cli("deepen", d, tmp_path / "out", "--after-block", "3")
     assert r.exit_code == 2 and "--after-block is for models built by --model-code" in r.output
+
+
+def test_validate_a_model_code_spec_reports_every_step_problem_by_line(tmp_path, cli):
+    _, path = teacher_file(tmp_path, Z.ViT)
+    spec = tmp_path / "vit.yaml"
+    spec.write_text(f"""model_code: {ZOO}:ViT
+example_input: {{shape: [1, 3, 16, 16]}}
+steps:
+  - widen: {{layer: patch_embed, to: 36}}
+  - widen: {{layer: blocks.0.attn, to: 5}}
+  - widen: {{layer: blocks.0.mlp.9, factor: 2}}
+  - deepen: {{after_block: blocks.1}}
+""")
+    r = cli("validate", spec, "--checkpoint", path)
+    assert r.exit_code == 2 and "2 steps cannot be applied" in r.output, r.output
+    assert "line 4: steps[0] (widen patch_embed): to: 36 is not an integer multiple" in r.output
+    assert "line 6: steps[2] (widen blocks.0.mlp.9): layer: the model has no module 'blocks.0.mlp.9'" in r.output
+    assert "Did you mean" in r.output and "line 5" not in r.output
+    spec.write_text(spec.read_text().replace("to: 36", "factor: 2").replace("mlp.9", "mlp.0"))
+    r = cli("validate", spec, "--checkpoint", path, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["checked"] == "schema and steps (traced from your model code)"
