@@ -749,6 +749,17 @@ def validate(spec_path: str | Path, *, checkpoint: str | Path | None = None,
                         where=str(spec_path), problems=problems) from None
     numbers = list(range(len(spec.steps)))
     node = lenient_steps(spec_path)[3]
+    if checkpoint is not None and isinstance(spec, GrowthSpec) and spec.model_code is not None:  # the user's code
+        from . import graph_api
+
+        code, _ = graph_api.model_code_of(spec, Path(checkpoint), None, None, None)
+        found, plan = graph_api.plan_problems(spec, Path(checkpoint), code)
+        problems = [f"line {step_line(node, n)}: {msg}" if step_line(node, n) else msg for n, msg in found]
+        if problems:
+            raise SpecError(f"{len(problems)} step{'s' * (len(problems) > 1)} cannot be applied",
+                            where=str(spec_path), problems=_by_line(problems))
+        return {"spec": str(spec_path), "valid": True, "checked": "schema and steps (traced from your model code)",
+                "plan": plan.to_dict()}
     if checkpoint is None and (isinstance(spec, HFGrowthSpec) or (model or spec_model) is None):
         return {"spec": str(spec_path), "valid": True, "checked": "schema only",
                 "note": "pass --checkpoint (or, for MLP/CNN specs, --model) to check the steps too"}

@@ -505,6 +505,9 @@ def deepen(
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
     if src.is_dir():
+        if after_block is not None:
+            raise UserError("--after-block is for models built by --model-code; SRC is a Hugging Face model "
+                            "directory: use --layers N (the new total) or --after I,J (layer indices)")
         if (layers is None) == (after is None):
             raise UserError("SRC is a Hugging Face model directory: give exactly one of --layers N (the new total) "
                             "or --after I,J (layer indices)")

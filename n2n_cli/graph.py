@@ -41,7 +41,7 @@ CARRY_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, t
                    F.hardtanh, F.leaky_relu, F.elu, F.hardswish, F.mish, F.dropout, F.max_pool2d, F.avg_pool2d,
                    F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
                    F.interpolate, torch.clone, torch.abs}
-CARRY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "abs", "to"}
+CARRY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "abs", "to", "expand"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                     operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
@@ -58,12 +58,13 @@ class Use:
     block: int = 1
     offset: int = 0  # in elements along the axis
     span: int = 0  # elements; 0: the whole axis
+    segments: int = 1  # fused q|k|v: the axis holds 3 copies of the space
 
     def axis(self, space: str) -> Axis:
         pad = "normal" if self.role != "norm" else ("one" if self.key.endswith((".weight", ".running_var")) else "zero")
         if self.role == "out" and self.key.endswith(".bias"):
             pad = "bias"
-        return Axis(space, self.role, self.block, pad=pad, offset=self.offset, span=self.span)
+        return Axis(space, self.role, self.block, pad=pad, segments=self.segments, offset=self.offset, span=self.span)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class Space:
     followers: list[str] = field(default_factory=list)  # norms and depthwise convs
     uses: list[Use] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)  # why it cannot be widened
+    tile_only: list[str] = field(default_factory=list)  # why only integer factors (tiling) are exact: LayerNorm
+    ties: list[int] = field(default_factory=list)  # spaces that widen with it by the same integer factor
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,9 @@ class SpaceGraph:
         self.parent: dict[int, int] = {}
         self.module_out: dict[str, int] = {}  # producer module -> its output space
         self.producer_modules: dict[str, str] = {}  # module name -> type name
+        self.heads: dict[str, int] = {}  # attention module name -> its heads space (units: heads)
+        self.heads_refusal: dict[str, str] = {}  # attention module -> why its heads cannot be widened alone
+        self.tuple_outs: dict = {}  # fx node of nn.MultiheadAttention -> the features of its output [0]
 
     def new(self, width: int, producer: str | None = None, frozen: str | None = None) -> int:
         i = len(self.parent)
@@ -123,7 +129,7 @@ class SpaceGraph:
             a, b = b, a
         sa, sb = self.spaces[a], self.spaces.pop(b)
         self.parent[b] = a
-        for name in ("producers", "readers", "followers", "uses", "frozen"):
+        for name in ("producers", "readers", "followers", "uses", "frozen", "tile_only", "ties"):
             getattr(sa, name).extend(x for x in getattr(sb, name) if x not in getattr(sa, name))
 
     def freeze(self, feat: "Feat | None", why: str) -> None:
@@ -144,11 +150,63 @@ class SpaceGraph:
 # ----------------------------------------------------------------------------- tracing
 
 
+@dataclass(frozen=True)
+class AttentionParts:
+    """A multi-head attention module n2n knows the layout of (traced as one leaf).
+
+    kind ``mha``: ``nn.MultiheadAttention`` (packed ``in_proj_weight`` q|k|v, ``out_proj``; its
+    heads x head_dim is its embed_dim, so its heads only grow with the stream it reads).
+    kind ``fused``: a user module with an int ``num_heads`` and two Linear children, qkv
+    (out = 3 x inner, laid out (3, heads, head_dim)) and the output projection (in = inner).
+    kind ``split``: ``num_heads`` and four Linear children, q, k, v (out = inner, laid out
+    (heads, head_dim)) and the output projection.
+    """
+
+    kind: str
+    qkv: tuple[str, ...]  # relative names of the input projections ('' + in_proj_* for mha)
+    proj: str
+    heads: int
+    head_dim: int
+
+
+def attention_parts(mod: nn.Module) -> AttentionParts | None:
+    if isinstance(mod, nn.MultiheadAttention):
+        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn or mod.in_proj_weight is None:
+            return None
+        return AttentionParts("mha", ("",), "out_proj", mod.num_heads, mod.head_dim)
+    heads = getattr(mod, "num_heads", None)
+    if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
+        return None
+    kids = list(mod.named_children())
+    if not kids or not all(isinstance(m, nn.Linear) for _, m in kids):
+        return None
+    if len(kids) == 2:
+        (a, la), (b, lb) = kids
+        inner = lb.in_features
+        if la.out_features == 3 * inner and inner % heads == 0:
+            return AttentionParts("fused", (a,), b, heads, inner // heads)
+    if len(kids) == 4:
+        *qkv, (b, lb) = kids
+        inner = lb.in_features
+        if all(m.out_features == inner for _, m in qkv) and inner % heads == 0:
+            return AttentionParts("split", tuple(n for n, _ in qkv), b, heads, inner // heads)
+    return None
+
+
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer, with known attention modules kept as leaves."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return attention_parts(m) is not None or super().is_leaf_module(m, qualname)
+
+
 def trace(model: nn.Module, example: torch.Tensor) -> fx.GraphModule:
     """torch.fx symbolic trace plus shapes from one forward on ``example``."""
     model.eval()  # growth and verification are in eval mode (batchnorm running statistics, no dropout)
     try:
-        gm = fx.symbolic_trace(model)
+        tracer = _Tracer()
+        graph = tracer.trace(model)
+        gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:
         raise TraceError(f"torch.fx cannot trace the model: {type(e).__name__}: {str(e).splitlines()[0]}",
                          hint="Data-dependent control flow (if/for on tensor values) cannot be traced: move it into "
@@ -213,11 +271,16 @@ def trace_spaces(model: nn.Module, gm: fx.GraphModule) -> SpaceGraph:
         if node.op == "placeholder":
             feats[node] = Feat(1, (Seg(g.new(shape[1], frozen="these are the network's input channels")),)) \
                 if shape and len(shape) >= 2 else None
-        elif node.op == "get_attr":
+        elif node.op == "get_attr":  # a parameter read in forward (class token, position embedding, ...)
             feats[node] = None
+            if shape and shape[-1] > 1 and node.users and isinstance(_attr(model, node.target), nn.Parameter):
+                feats[node] = Feat(len(shape) - 1, (Seg(g.new(shape[-1])),))
+                record(node.target, len(shape) - 1, "out", feats[node], node.target)
         elif node.op == "output":
             for n in _nodes(args):
                 g.freeze(feats.get(n), "its output reaches the network output")
+        elif node.op == "call_module" and attention_parts(modules[node.target]) is not None:
+            feats[node] = _attention(g, node, modules[node.target], node.target, first, feats, record, what)
         elif node.op == "call_module":
             feats[node] = _module(g, node, modules[node.target], node.target, first, shape, record, what)
             for n in _nodes(args)[1:]:
@@ -225,6 +288,80 @@ def trace_spaces(model: nn.Module, gm: fx.GraphModule) -> SpaceGraph:
         else:
             feats[node] = _function(g, node, first, shape, feats, what)
     return g
+
+
+def _attr(model: nn.Module, target: str):
+    obj = model
+    for part in target.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def _attention(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, feats, record, what) -> Feat | None:
+    """A known attention leaf: reads the stream (q, k, v projections), has a heads space
+    (units: heads, blocks of head_dim) and writes a new space (the output projection)."""
+    parts = attention_parts(mod)
+    tensors = [n for n in _nodes(node.args) + _nodes(node.kwargs) if _shape(n) is not None or n in feats]
+    ins = [a for a in node.args if isinstance(a, fx.Node)] + [v for v in node.kwargs.values() if isinstance(v, fx.Node)]
+    self_attention = len(set(ins)) == 1
+    x = ins[0] if ins else None
+    in_shape = _shape(x)
+    if not self_attention or feat is None or in_shape is None or feat.dim != len(in_shape) - 1 or len(feat.segs) != 1:
+        why = (f"{what} is not self-attention on one input" if not self_attention else
+               f"{what} reads features n2n does not track on its last axis")
+        for n in tensors:
+            g.freeze(feats.get(n), why)
+        feat = None
+    heads = g.new(parts.heads)
+    g.heads[name] = heads
+    hd = parts.head_dim
+    if parts.kind == "mha":
+        if feat is not None:
+            record(f"{name}.in_proj_weight", 1, "in", feat, name)
+        sp = g.space(heads)
+        sp.uses.append(Use(f"{name}.in_proj_weight", 0, "out", hd, segments=3))
+        if mod.in_proj_bias is not None:
+            sp.uses.append(Use(f"{name}.in_proj_bias", 0, "out", hd, segments=3))
+        sp.uses.append(Use(f"{name}.out_proj.weight", 1, "in", hd))
+        sp.followers.append(name)
+        out = Feat(len(in_shape) - 1, (Seg(g.new(mod.out_proj.out_features, producer=f"{name}.out_proj")),))
+        record(f"{name}.out_proj.weight", 0, "out", out, f"{name}.out_proj")
+        if mod.out_proj.bias is not None:
+            record(f"{name}.out_proj.bias", 0, "out", out, f"{name}.out_proj")
+        g.module_out[f"{name}.out_proj"] = out.segs[0].space
+        g.producer_modules[f"{name}.out_proj"] = "Linear"
+        # embed_dim is the stream read, the heads x head_dim and the output: they grow together
+        for s in ([feat.segs[0].space] if feat is not None else []) + [out.segs[0].space]:
+            g.space(s).ties.append(heads)
+            sp.ties.append(s)
+        if feat is None:
+            sp.frozen.append(f"{what} reads features n2n does not track")
+            g.freeze(out, f"{what} reads features n2n does not track, and its embed_dim is its output's width")
+        g.heads_refusal[name] = (f"nn.MultiheadAttention '{name}' has heads x head_dim = embed_dim, the width of the "
+                                 "stream it reads and writes, so heads cannot be added alone")
+        g.tuple_outs[node] = out
+        return None
+    ndim = len(in_shape)
+    sp = g.space(heads)
+    for q in parts.qkv:
+        lin = getattr(mod, q)
+        if feat is not None:
+            record(f"{name}.{q}.weight", 1, "in", feat, f"{name}.{q}")
+        segs = 3 if parts.kind == "fused" else 1
+        sp.uses.append(Use(f"{name}.{q}.weight", 0, "out", hd, segments=segs))
+        if lin.bias is not None:
+            sp.uses.append(Use(f"{name}.{q}.bias", 0, "out", hd, segments=segs))
+    sp.uses.append(Use(f"{name}.{parts.proj}.weight", 1, "in", hd))
+    sp.producers.append(name)
+    sp.readers.append(f"{name}.{parts.proj}")
+    proj = getattr(mod, parts.proj)
+    out = Feat(ndim - 1, (Seg(g.new(proj.out_features, producer=f"{name}.{parts.proj}")),))
+    record(f"{name}.{parts.proj}.weight", 0, "out", out, f"{name}.{parts.proj}")
+    if proj.bias is not None:
+        record(f"{name}.{parts.proj}.bias", 0, "out", out, f"{name}.{parts.proj}")
+    g.module_out[f"{name}.{parts.proj}"] = out.segs[0].space
+    g.producer_modules[f"{name}.{parts.proj}"] = "Linear"
+    return out
 
 
 def _describe(node: fx.Node, modules) -> str:
@@ -310,6 +447,18 @@ def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, s
         return feat
     if isinstance(mod, nn.Flatten):
         return _flatten(g, feat, _shape(node.args[0]), mod.start_dim, mod.end_dim, what)
+    if isinstance(mod, nn.LayerNorm) and feat is not None and shape is not None and len(mod.normalized_shape) == 1 \
+            and feat.dim == len(shape) - 1 and len(feat.segs) == 1 and feat.segs[0].block == 1 \
+            and mod.elementwise_affine and mod.weight is not None:
+        for k in ("weight", "bias"):
+            if params.get(k) is not None:
+                record(f"{name}.{k}", 0, "norm", feat, name)
+        sp = g.space(feat.segs[0].space)
+        why = (f"{what} normalises over these features: its mean and variance stay the same only when every "
+               "feature is copied the same number of times (the stream tiled by an integer factor)")
+        if why not in sp.tile_only:
+            sp.tile_only.append(why)
+        return feat
     if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
         g.freeze(feat, f"{what} normalises over the widened features: exact only with whole-group tiling, "
                        "which n2n does not do yet")
@@ -352,6 +501,9 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
         if len(ops) == 2:
             a, b = feats.get(ops[0]), feats.get(ops[1])
             sa, sb = _shape(ops[0]), _shape(ops[1])
+            if a is not None and b is not None and len(sa) == len(sb) and a.dim == b.dim and \
+                    (sa[a.dim] == 1) != (sb[b.dim] == 1):  # one side broadcasts over the features
+                return a if sb[b.dim] == 1 else b
             if a is not None and b is None and (len(sb) < len(sa) - a.dim or sb[a.dim - len(sa)] == 1):
                 return a  # b broadcasts over the features (a scalar tensor, a per-sample gate)
             if b is not None and a is None and (len(sa) < len(sb) - b.dim or sa[b.dim - len(sb)] == 1):
@@ -414,6 +566,8 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
             g.freeze(first, f"{what} reduces over the features (a sum or mean over channels changes with copies)")
             return None
         return Feat(first.dim - (0 if keep else sum(1 for x in dims if x < first.dim)), first.segs)
+    if is_fn and t is operator.getitem and args[0] in g.tuple_outs:  # nn.MultiheadAttention(...)[0]
+        return g.tuple_outs[args[0]] if args[1] == 0 else None
     if is_fn and t is operator.getitem and first is not None:
         idx = args[1] if isinstance(args[1], tuple) else (args[1],)
         if Ellipsis not in idx and all(isinstance(i, (int, slice)) for i in idx):

@@ -158,6 +158,20 @@ def _teacher(code: ModelCode, source) -> tuple[torch.nn.Module, dict]:
     return model, header
 
 
+# ----------------------------------------------------------------------------- validate
+
+
+def plan_problems(spec: GrowthSpec, src: Path, code: ModelCode):
+    """Build the user's module, load SRC, trace and plan every step (collecting problems, as
+    ``n2n validate`` does for descriptions): (problems as (step index, message), plan)."""
+    with open_checkpoint(Path(src)) as source:
+        teacher, header = _teacher(code, source)
+        x0, code.example_shape = example_for(teacher, code.example_shape)
+        work = resize_module(code.build(), {k: s for k, (_, s) in header.items()})
+        plan = plan_graph(work, header, spec.steps, spec.seed, x0, collect=True)
+    return plan.problems, plan
+
+
 # ----------------------------------------------------------------------------- grow
 
 

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import StepError, UserError
+from .graph import attention_parts
 
 BN = nn.modules.batchnorm._BatchNorm
 IDEMPOTENT_MODULES = (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.Identity)
@@ -339,6 +340,14 @@ def _zero_point(node, modules: dict, block: str) -> str:
             if isinstance(m, (nn.Dropout, nn.Identity, nn.ReLU)):
                 node = node.args[0]
                 continue
+            parts = attention_parts(m)
+            if parts is not None:  # its output projection, zeroed, makes it output 0
+                return f"{node.target}.{parts.proj}"
+        elif node.op == "call_function" and node.target is operator.getitem and node.args[1] == 0 and \
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module" and \
+                isinstance(modules[node.args[0].target], nn.MultiheadAttention):
+            node = node.args[0]
+            continue
         elif node.op == "call_function" and node.target in (F.dropout, F.relu, torch.relu):
             node = node.args[0]
             continue
@@ -370,13 +379,21 @@ def plan_block(model: nn.Module, gm: fx.GraphModule, name: str, *, method: str) 
                         hint="Choose a block whose forward returns x + f(x) (or relu(x + f(x))), or use after: M "
                              "to insert an identity layer.", short="not a residual block")
     operands = [a for a in add.args[:2] if isinstance(a, fx.Node)]
+    branches = []  # a pre-norm transformer block adds twice: x1 = x + f(x); out = x1 + g(x1): zero f and g
+    while len(operands) == 2 and x not in operands and operands[0] is not operands[1]:
+        inner = [a for a in operands if a.op == "call_function" and a.target in ADDS and _inside(a, name)
+                 and len(a.users) >= 2]
+        if len(inner) != 1:
+            break
+        branches.append(operands[1] if operands[0] is inner[0] else operands[0])
+        operands = [a for a in inner[0].args[:2] if isinstance(a, fx.Node)]
     if len(operands) != 2 or x not in operands or operands[0] is operands[1]:
         added = " and ".join(_what(a, modules) for a in operands) or "no tensors"
         raise StepError(f"after_block: the shortcut of '{name}' ({kind}) is not its input (it adds {added}, "
                         "neither of which is the block's input): a copy placed after it would get other shapes or a projection, "
                         "so it cannot be an identity", hint="Choose a block whose shortcut is its input (not the first "
                         "block of a stage with a downsample).", short="projection shortcut")
-    zeroed = _zero_point(operands[1] if operands[0] is x else operands[0], modules, name)
+    points = [_zero_point(b, modules, name) for b in [operands[1] if operands[0] is x else operands[0], *branches]]
     if act_name is not None:
         if not ok:
             raise StepError(f"after_block: '{name}' ends in {act_name} after the add: {act_name}(x + 0) != x, so a "
@@ -388,9 +405,12 @@ def plan_block(model: nn.Module, gm: fx.GraphModule, name: str, *, method: str) 
                             "from x", hint="Blocks whose input comes from a ReLU (such as every block after the first "
                             "of a ResNet) are exact.", short=f"{act_name} after the add")
     where, index = _where_to_insert(model, name)
-    rel = zeroed[len(name) + 1:]
-    zkeys = tuple(f"{rel}.{k}" for k, _ in modules[zeroed].named_parameters(recurse=False))
+    rels = [z[len(name) + 1:] for z in points]
+    zkeys = tuple(f"{rel}.{k}" for z, rel in zip(points, rels) for k, _ in modules[z].named_parameters(recurse=False))
+    whose = "branches'" if len(points) > 1 else "branch's"
+    what = " and ".join(f"{type(modules[z]).__name__} ({rel})" for z, rel in zip(points, rels))
     return Insertion(_edit(where, index, [{"copy": name}]),
-                     f"deepen after_block {name}: insert a copy of {kind} '{name}' whose branch's last "
-                     f"{type(modules[zeroed]).__name__} ({rel}) is zeroed, so it adds 0 ({method})",
+                     f"deepen after_block {name}: insert a copy of {kind} '{name}' whose "
+                     f"{whose} last {what} {'are' if len(points) > 1 else 'is'} zeroed, "
+                     f"so {'each adds' if len(points) > 1 else 'it adds'} 0 ({method})",
                      method == "net2deeper", copy_of=name, zeroed=zkeys)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from .errors import StepError, UserError
-from .graph import SpaceGraph, trace, trace_spaces
+from .graph import SpaceGraph, attention_parts, trace, trace_spaces
 from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
 from .spec import StepEntry
 
@@ -38,6 +38,8 @@ def _set_sizes(mod: nn.Module) -> None:
         mod.out_features, mod.in_features = mod.weight.shape
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
         mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
+    elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+        mod.normalized_shape = (mod.weight.shape[0],)
 
 
 def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
@@ -45,6 +47,7 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
     zeros until a state dict is loaded. Raises UserError for a module n2n cannot resize."""
     modules = dict(model.named_modules())
     touched = {}
+    attention = {n: p for n, m in modules.items() if (p := attention_parts(m)) is not None}  # head_dim is kept
     for key, shape in shapes.items():
         owner, _, attr = key.rpartition(".")
         mod = modules.get(owner)
@@ -63,6 +66,14 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
         touched[owner] = mod
     for mod in touched.values():
         _set_sizes(mod)
+    for name, parts in attention.items():  # heads follow the resized projections, head_dim stays
+        mod = modules[name]
+        if parts.kind == "mha":
+            e = mod.in_proj_weight.shape[1]
+            mod.embed_dim = mod.kdim = mod.vdim = e
+            mod.num_heads = e // parts.head_dim
+        else:
+            mod.num_heads = getattr(mod, parts.proj).in_features // parts.head_dim
     return model
 
 
@@ -116,6 +127,13 @@ def widenable(g: SpaceGraph) -> dict[str, str]:
 
 
 def find_module_space(g: SpaceGraph, model: nn.Module, name: str, field_name: str = "layer"):
+    if name in g.heads:
+        if name in g.heads_refusal:
+            raise StepError(f"{field_name}: {g.heads_refusal[name]}",
+                            hint="Widen the stream it reads by an integer factor (layer: any module writing it, "
+                                 "e.g. the patch embedding, factor: 2): its heads are tiled with it, head_dim kept.",
+                            short="nn.MultiheadAttention heads follow embed_dim")
+        return g.space(g.heads[name])
     if name not in g.module_out:
         names = dict(model.named_modules())
         producers = sorted(g.module_out)
@@ -169,25 +187,45 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
                         short=space.frozen[0])
     old = space.width
     new = step.new_width(old)
+    heads = step.layer in g.heads
+    unit = "heads" if heads else "width"
     if new <= old:
-        raise StepError(f"the new width {new} is not larger than the current width {old} of '{step.layer}'",
-                        hint=f"Use a width above {old}.")
-    mapping = Mapping("random", old, new, (plan.seed, index))
+        raise StepError(f"the new {unit} {new} is not larger than the current {unit} {old} of '{step.layer}'",
+                        hint=f"Use a {unit} above {old}.")
+    group = _tied(g, space)
+    tile_why = [w for sp in group for w in sp.tile_only] + (
+        ["it is the embed_dim of nn.MultiheadAttention, whose heads (head_dim kept) are tiled with it"]
+        if len(group) > 1 else [])
+    for sp in group[1:]:
+        if sp.frozen:
+            raise StepError(f"'{step.layer}' cannot be widened exactly: a space that must grow with it cannot: "
+                            f"{sp.frozen[0]}", short=sp.frozen[0])
+    r = new // old
+    if tile_why and new % old:
+        raise StepError(f"to: {new} is not an integer multiple of the current width {old} of '{step.layer}': "
+                        f"{tile_why[0]}", hint=f"Use a multiple of {old} (e.g. factor: 2, to: {2 * old}).",
+                        short="integer multiples only: LayerNorm" if space.tile_only else "integer multiples only")
+    mappings = {space.id: Mapping("tile", old, new) if tile_why else Mapping("random", old, new, (plan.seed, index))}
+    for sp in group[1:]:
+        mappings[sp.id] = Mapping("tile", sp.width, sp.width * r)
     by_key: dict[str, list] = {}
-    for u in space.uses:
-        by_key.setdefault(u.key, []).append(u)
+    for sp in group:
+        for u in sp.uses:
+            by_key.setdefault(u.key, []).append((sp, u))
     before = plan.params_after
     changes = []
     for key in plan.recipes:
         if key not in by_key:
             continue
-        uses = sorted(by_key[key], key=lambda u: (u.ax, -u.offset))  # later regions first: offsets stay valid
+        pairs = sorted(by_key[key], key=lambda p: (p[1].ax, -p[1].offset))  # later regions first: offsets stay valid
+        uses = [u for _, u in pairs]
         old_shape = plan.shapes[key]
         new_shape = list(old_shape)
-        for u in uses:
-            new_shape[u.ax] += (new - old) * u.block
-        plan.recipes[key].append(Widen(index, tuple((u.ax, u.axis(f"space {space.id}"), mapping) for u in uses),
-                                       step.method, step.noise, step.noise_mode))
+        for sp, u in pairs:
+            m = mappings[sp.id]
+            new_shape[u.ax] += (m.new - m.old) * u.block * u.segments
+        plan.recipes[key].append(Widen(index, tuple((u.ax, u.axis(f"space {sp.id}"), mappings[sp.id])
+                                                    for sp, u in pairs), step.method, step.noise, step.noise_mode))
         plan.shapes[key] = tuple(new_shape)
         how = ", ".join(f"axis {u.ax}: {u.role}" + (f" (blocks of {u.block})" if u.block > 1 else "")
                         + (f" (channels {u.offset}..{u.offset + u.span - 1})" if u.span else "") for u in uses)
@@ -195,9 +233,26 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     resize_module(model, {k: plan.shapes[k] for k in by_key})
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
     coupled = [p for p in space.producers if p != step.layer]
-    summary = f"widen {step.layer} {old} -> {new} ({step.method})" + (
+    summary = f"widen {step.layer} {unit} {old} -> {new} ({step.method}" + (
+        ", whole heads copied, head_dim kept" if heads else "") + (f", tiled x{r}" if tile_why else "") + ")" + (
         f"; coupled: {', '.join(coupled)}" if coupled else "")
+    tied = [n for n, h in g.heads.items() if any(g.find(h) == sp.id for sp in group[1:])]
+    if tied:
+        summary += f"; heads tiled x{r} (head_dim kept) in {', '.join(tied)}"
     plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before, plan.params_after))
+
+
+def _tied(g: SpaceGraph, space) -> list:
+    """``space`` and every space that must grow with it by the same integer factor."""
+    out, todo, seen = [], [space.id], set()
+    while todo:
+        i = g.find(todo.pop(0))
+        if i in seen:
+            continue
+        seen.add(i)
+        out.append(g.spaces[i])
+        todo.extend(g.spaces[i].ties)
+    return out
 
 
 def _plan_deepen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:

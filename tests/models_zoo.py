@@ -275,3 +275,136 @@ class UNet(nn.Module):
         d2 = self.dec2(torch.cat([self.up2(m), s2], 1))
         d1 = self.dec1(torch.cat([self.up1(d2), s1], 1))
         return self.head(d1)
+
+
+# ----------------------------------------------------------------------------- ViT
+
+
+class Attention(nn.Module):
+    """Hand-written multi-head self-attention: one fused qkv Linear laid out (3, heads, head_dim)."""
+
+    def __init__(self, dim, num_heads, head_dim):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.qkv = nn.Linear(dim, 3 * num_heads * head_dim)
+        self.proj = nn.Linear(num_heads * head_dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        att = (q @ k.transpose(-2, -1)) * self.scale
+        out = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim)
+        return self.proj(out)
+
+
+class SplitAttention(nn.Module):
+    """Hand-written attention with separate q, k, v Linears and F.scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads, head_dim):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        inner = num_heads * head_dim
+        self.q, self.k, self.v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.out = nn.Linear(inner, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t(x).view(b, n, self.num_heads, self.head_dim).transpose(1, 2) for t in (self.q, self.k, self.v))
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+
+class TorchAttention(nn.Module):
+    """nn.MultiheadAttention (packed in_proj_weight q|k|v, out_proj), batch first."""
+
+    def __init__(self, dim, num_heads, head_dim):
+        super().__init__()
+        assert dim == num_heads * head_dim
+        self.mha = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=False)[0]
+
+
+class ViTBlock(nn.Module):
+    def __init__(self, dim, num_heads, head_dim, mlp, attn):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attn(dim, num_heads, head_dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    def __init__(self, image=16, patch=4, dim=24, depth=2, num_heads=3, head_dim=8, mlp=48, classes=5,
+                 attn="fused"):
+        super().__init__()
+        kind = {"fused": Attention, "split": SplitAttention, "torch": TorchAttention}[attn]
+        self.patch_embed = nn.Conv2d(3, dim, patch, patch)
+        n = (image // patch) ** 2
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, dim))
+        self.blocks = nn.Sequential(*[ViTBlock(dim, num_heads, head_dim, mlp, kind) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.blocks(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def vit_split():
+    return ViT(attn="split")
+
+
+def vit_torch():
+    return ViT(dim=24, num_heads=3, head_dim=8, attn="torch")
+
+
+# ----------------------------------------------------------------------------- random graphs (property tests)
+
+
+class Towers(nn.Module):
+    """Two conv-bn-relu towers, concatenated on channels."""
+
+    def __init__(self, cin, a, b):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(cin, a, 1), nn.BatchNorm2d(a), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(cin, b, 3, padding=1), nn.BatchNorm2d(b), nn.ReLU())
+
+    def forward(self, x):
+        return torch.cat([self.a(x), self.b(x)], 1)
+
+
+class RandomGraph(nn.Module):
+    """Built from ``arch``: a list of [kind, widths...]: ["cbr", w] conv-bn-relu, ["res"] a BasicBlock
+    (residual add), ["cat", a, b] concatenated towers; then flatten and a linear head."""
+
+    def __init__(self, arch, c=4, hw=6, hidden=0, classes=3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        mods, ch = [], c
+        for kind, *w in arch:
+            if kind == "cbr":
+                mods.append(nn.Sequential(nn.Conv2d(ch, w[0], 3, padding=1), nn.BatchNorm2d(w[0]), nn.ReLU()))
+                ch = w[0]
+            elif kind == "res":
+                mods.append(BasicBlock(ch, ch))
+            else:
+                mods.append(Towers(ch, w[0], w[1]))
+                ch = w[0] + w[1]
+        self.blocks = nn.Sequential(*mods)
+        feats = ch * hw * hw
+        self.fc = nn.Sequential(nn.Linear(feats, hidden), nn.ReLU(), nn.Linear(hidden, classes)) if hidden \
+            else nn.Linear(feats, classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.blocks(self.stem(x)), 1))

@@ -354,3 +354,99 @@ def test_verify_runs_the_users_module_on_both_sides(tmp_path, cli):
     _, other = teacher_file(tmp_path, Z.resnet18, name="other.safetensors", seed=5)
     r = cli("verify", other, s, "--probes", "4", "--device", "cpu")
     assert r.exit_code == 3 and "the student does not compute the teacher's function" in r.output
+
+
+# ----------------------------------------------------------------------------- ViT
+
+VIT = [
+    ("ViT", "MLP hidden of every block", [{"widen": {"layer": f"blocks.{i}.mlp.0", "factor": 2}} for i in (0, 1)]),
+    ("ViT", "MLP hidden of one block, non-multiple", [{"widen": {"layer": "blocks.1.mlp.0", "to": 61}}]),
+    ("ViT", "heads 3 -> 5 (fused qkv)", [{"widen": {"layer": "blocks.1.attn", "to": 5}}]),
+    ("ViT", "stream x2 (LayerNorm, class token, position embedding, head tiled)",
+     [{"widen": {"layer": "patch_embed", "factor": 2}}]),
+    ("vit_split", "heads (q, k, v Linears, sdpa) then stream x3",
+     [{"widen": {"layer": "blocks.0.attn", "to": 4}}, {"widen": {"layer": "patch_embed", "factor": 3}}]),
+    ("vit_torch", "nn.MultiheadAttention: MLP, then stream x2 tiles its heads",
+     [{"widen": {"layer": "blocks.0.mlp.0", "to": 50}}, {"widen": {"layer": "patch_embed", "factor": 2}}]),
+    ("ViT", "deepen with a zeroed pre-norm block copy, then heads and stream",
+     [{"deepen": {"after_block": "blocks.0"}}, {"widen": {"layer": "blocks.1.attn", "to": 4}},
+      {"widen": {"layer": "blocks.2.mlp.0", "factor": 2}}, {"widen": {"layer": "patch_embed", "factor": 2}}]),
+    ("vit_split", "deepen after the last block", [{"deepen": {"after_block": "blocks.1"}}]),
+    ("vit_torch", "stream x2, then a zeroed nn.MultiheadAttention block copy",
+     [{"widen": {"layer": "patch_embed", "factor": 2}}, {"deepen": {"after_block": "blocks.1"}}]),
+]
+
+
+@pytest.mark.parametrize("factory,what,steps", VIT, ids=[f"{c[0]}: {c[1]}" for c in VIT])
+def test_vit_growth_is_exact_against_the_users_module(tmp_path, factory, what, steps):
+    shape = [1, 3, 16, 16]
+    teacher, student, report = grow(tmp_path, factory, what, steps, shape)
+    assert report["verification"]["passed"] is True
+    assert rel_error(teacher, student, shape) <= 1e-5
+    assert sum(p.numel() for p in student.parameters()) == report["plan"]["params_after"] > \
+        report["plan"]["params_before"]
+    x = torch.randn(2, 3, 16, 16)
+    if any("attn" in s.get("widen", {}).get("layer", "") for s in steps):
+        attn = student.blocks[1 if factory == "ViT" else 0].attn
+        assert attn.num_heads in (4, 5) and attn.head_dim == 8  # heads added, head_dim kept
+    if any(s.get("widen", {}).get("layer") == "patch_embed" for s in steps):
+        assert student.cls_token.shape[-1] == student.norm.normalized_shape[0] == student.head.in_features >= 48
+        if factory == "vit_torch":
+            mha = student.blocks[0].attn.mha
+            assert mha.embed_dim == 48 and mha.num_heads == 6 and mha.head_dim == 8
+    if any("deepen" in s for s in steps):
+        assert len(student.blocks) == 3
+    with torch.no_grad():
+        assert student(x).shape == teacher(x).shape
+
+
+def test_vit_refusals_name_the_module_and_why(tmp_path, cli):
+    out = tmp_path / "out.safetensors"
+    _, path = teacher_file(tmp_path, Z.ViT)
+    base = ["widen", path, out, "--model-code", f"{ZOO}:ViT", "--example-input", "1,3,16,16"]
+    r = cli(*base, "--layer", "patch_embed", "--to", "36")
+    assert r.exit_code == 2 and "to: 36 is not an integer multiple of the current width 24 of 'patch_embed'" \
+        in r.output and "(LayerNorm) normalises over these features" in r.output, r.output
+    r = cli(*base, "--layer", "blocks.0.attn", "--to", "3")
+    assert r.exit_code == 2 and "the new heads 3 is not larger than the current heads 3" in r.output
+    r = cli(*base, "--layer", "head", "--factor", "2")
+    assert r.exit_code == 2 and "network output" in r.output
+    _, tpath = teacher_file(tmp_path, Z.vit_torch, name="t.safetensors")
+    r = cli("widen", tpath, out, "--model-code", f"{ZOO}:vit_torch", "--layer", "blocks.0.attn.mha", "--to", "4",
+            "--example-input", "1,3,16,16")
+    assert r.exit_code == 2 and "nn.MultiheadAttention 'blocks.0.attn.mha' has heads x head_dim = embed_dim" \
+        in r.output and "factor: 2" in r.output, r.output
+    r = cli("deepen", tpath, out, "--model-code", f"{ZOO}:vit_torch", "--after", "blocks.0.mlp.0",
+            "--example-input", "1,3,16,16")
+    assert r.exit_code == 2 and "GELU, which is not idempotent" in r.output
+    assert not out.exists()
+
+
+def test_after_block_is_refused_for_hugging_face_directories(tmp_path, cli):
+    d = tmp_path / "hf"
+    d.mkdir()
+    (d / "config.json").write_text("{}")
+    r = cli("deepen", d, tmp_path / "out", "--after-block", "3")
+    assert r.exit_code == 2 and "--after-block is for models built by --model-code" in r.output
+
+
+def test_validate_a_model_code_spec_reports_every_step_problem_by_line(tmp_path, cli):
+    _, path = teacher_file(tmp_path, Z.ViT)
+    spec = tmp_path / "vit.yaml"
+    spec.write_text(f"""model_code: {ZOO}:ViT
+example_input: {{shape: [1, 3, 16, 16]}}
+steps:
+  - widen: {{layer: patch_embed, to: 36}}
+  - widen: {{layer: blocks.0.attn, to: 5}}
+  - widen: {{layer: blocks.0.mlp.9, factor: 2}}
+  - deepen: {{after_block: blocks.1}}
+""")
+    r = cli("validate", spec, "--checkpoint", path)
+    assert r.exit_code == 2 and "2 steps cannot be applied" in r.output, r.output
+    assert "line 4: steps[0] (widen patch_embed): to: 36 is not an integer multiple" in r.output
+    assert "line 6: steps[2] (widen blocks.0.mlp.9): layer: the model has no module 'blocks.0.mlp.9'" in r.output
+    assert "Did you mean" in r.output and "line 5" not in r.output
+    spec.write_text(spec.read_text().replace("to: 36", "factor: 2").replace("mlp.9", "mlp.0"))
+    r = cli("validate", spec, "--checkpoint", path, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["checked"] == "schema and steps (traced from your model code)"
