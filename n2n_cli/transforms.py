@@ -99,8 +99,6 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if axis.role in ("in", "norm_in"):
         counts = torch.bincount(g, minlength=old).to(work)
         out.div_(counts[g].reshape(_bshape(out, u)))
-    if shift:
-        out.sub_(shift)
         if noise > 0 and axis.role == "in":
             std = float(t.std()) if t.numel() > 1 else 0.0
             eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
@@ -115,6 +113,8 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
             else:
                 raise ValueError(f"unknown noise mode {noise_mode!r}")
             out = out + eps
+    if shift:
+        out.sub_(shift)
     if pad:
         shape = list(out.shape)
         shape[u] = pad
