@@ -402,28 +402,24 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every missing, unexpected or mis-shaped tensor at once; returns the header."""
+    if arch.renamed:  # an old checkpoint's names (BERT's LayerNorm.gamma): read under today's names from here on
+        source.rename(arch.renamed)
     expected, keys, problems = arch.tensors(), set(source.keys()), []
-    old_names = arch.renamed  # new name: the old name the checkpoint holds it under
-    keys = (keys - set(old_names.values())) | set(old_names)
-
-    def shape(key):
-        return source.shape(old_names.get(key, key))
     for key, spec in expected.items():
         if key not in keys:
             if not spec.optional:
                 problems.append(f"missing tensor '{key}'" + (f" (expected shape {list(spec.shape)})" if spec.shape else ""))
-        elif spec.shape is not None and shape(key) != spec.shape:
-            problems.append(f"tensor '{old_names.get(key, key)}' has shape {list(shape(key))}, config.json implies "
-                            f"{list(spec.shape)}")
+        elif spec.shape is not None and source.shape(key) != spec.shape:
+            problems.append(f"tensor '{key}' has shape {list(source.shape(key))}, config.json implies {list(spec.shape)}")
     for key in sorted(keys - set(expected)):
         if key.endswith(arch.family.dropped):
             continue  # transformers ignores these on load (Arch.dropped); so does n2n
-        problems.append(f"unexpected tensor '{key}' (shape {list(shape(key))}), not part of the "
+        problems.append(f"unexpected tensor '{key}' (shape {list(source.shape(key))}), not part of the "
                         f"{arch.family.name} layout")
     if problems:
         raise CheckpointError(f"the checkpoint does not match its config.json ({len(problems)} problem"
                               f"{'s' * (len(problems) > 1)})", where=str(source.path), problems=problems[:50])
-    return {k: (source.dtype(old_names.get(k, k)), shape(k)) for k in expected if k in keys}
+    return {k: (source.dtype(k), source.shape(k)) for k in expected if k in keys}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -471,7 +467,7 @@ class HFPlan:
 def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntry], seed: int, *,
                   collect: bool = False, numbers: list[int] | None = None) -> HFPlan:
     specs = arch.tensors()
-    recipes = {k: [Load(arch.renamed.get(k, k))] for k in specs if k in header}
+    recipes = {k: [Load(k)] for k in specs if k in header}
     plan = HFPlan(seed, config, arch, arch, [], recipes, {k: header[k][0] for k in recipes},
                   {k: tuple(header[k][1]) for k in recipes}, set(recipes))
     for i, entry in enumerate(steps):

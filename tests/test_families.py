@@ -171,3 +171,98 @@ def test_phi3_fused_qkv_with_grouped_kv_heads(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["hidden_size"]) == (12, 6, 64)
     assert max_rel_error(src, out, length=20) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- encoders and task heads
+
+ENCODER_CASES = [
+    ("roberta", "RobertaForMaskedLM", [HID2, INTER]),
+    ("roberta", "RobertaModel", [HID2]),
+    ("xlm-roberta", "XLMRobertaForMaskedLM", [INTER, HID2]),
+    ("roberta", "RobertaForSequenceClassification", [HID2, INTER]),
+    ("xlm-roberta", "XLMRobertaForTokenClassification", [HID2]),
+    ("bert", "BertForSequenceClassification", [HID2, INTER]),
+    ("bert", "BertForTokenClassification", [INTER, HID2]),
+    ("llama", "LlamaForSequenceClassification", [HID2, INTER, HEADS, DEEP]),
+    ("llama", "LlamaForTokenClassification", [HID_PAD, INTER, KV, DEEP]),
+]
+
+
+@pytest.mark.parametrize("model_type,arch,steps", ENCODER_CASES, ids=[c[1] for c in ENCODER_CASES])
+def test_encoders_and_task_heads(tmp_path, model_type, arch, steps):
+    """The head reads the stream (widened as a reader); the labels never grow; logits compared."""
+    kw = {"num_labels": 3} if "Classification" in arch else {}
+    src = make(tmp_path, model_type, arch, **kw)
+    out = tmp_path / "student"
+    report = grow(src, out, steps)
+    assert report["verification"]["passed"] is True, report["verification"]
+    assert max_rel_error(src, out) <= 1e-5
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [arch] and len(cfg.get("id2label", {})) == (3 if kw else len(cfg.get("id2label", {})))
+
+
+def test_roberta_probes_stay_within_the_offset_positions(tmp_path):
+    """RoBERTa's positions start at padding_idx + 1: with max_position_embeddings 20 a sequence holds 18
+    tokens; n2n's probes must fit (longer ones raise an index error inside transformers)."""
+    src = make(tmp_path, "roberta", "RobertaForMaskedLM", max_position_embeddings=20)
+    report = grow(src, tmp_path / "out", [HID2])
+    assert report["verification"]["passed"] is True
+    assert max_rel_error(src, tmp_path / "out", length=18) <= 1e-5
+
+
+def test_roberta_deepening_is_refused_as_post_ln(tmp_path):
+    src = make(tmp_path, "roberta", "RobertaForMaskedLM")
+    with pytest.raises(StepError, match="post-LN"):
+        grow(src, tmp_path / "out", [DEEP])
+
+
+def test_old_bert_gamma_beta_names_are_read_and_written_modern(tmp_path):
+    """TF-era BERT checkpoints name LayerNorm parameters gamma/beta; transformers still loads them.
+    n2n reads them, writes weight/bias, and says so in the plan notes."""
+    from safetensors.torch import load_file, save_file
+    src = make(tmp_path, "bert", "BertForMaskedLM")
+    sd = load_file(src / "model.safetensors")
+    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+           for k, v in sd.items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in old)
+    save_file(old, src / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    report = grow(src, out, [HID2])
+    assert report["verification"]["passed"] is True
+    assert any("renamed" in n and "LayerNorm.gamma -> LayerNorm.weight" in n for n in report["plan"]["notes"])
+    keys = set(load_file(out / "model.safetensors"))
+    assert not any(k.endswith(("gamma", "beta")) for k in keys) and "bert.embeddings.LayerNorm.weight" in keys
+    assert max_rel_error(src, out) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,arch,growth,head", [
+    ("qwen3", "AutoModelForCausalLM", {"hidden_size": "yes (integer multiples only)", "num_attention_heads": "yes"}, None),
+    ("olmo2", "AutoModelForCausalLM", {"hidden_size": "yes (integer multiples only)",
+                                       "num_attention_heads": "yes (whole multiples only)"}, None),
+    ("gemma2", "AutoModelForCausalLM", {"hidden_size": "yes", "num_hidden_layers": "yes"}, None),
+    ("roberta", "RobertaForMaskedLM", {"num_hidden_layers": "no"}, None),
+    ("llama", "LlamaForSequenceClassification", {"hidden_size": "yes"}, {"kind": "ForSequenceClassification",
+                                                                         "labels": 3}),
+])
+def test_inspect_tells_what_each_family_can_grow(tmp_path, cli, model_type, arch, growth, head):
+    src = make(tmp_path, model_type, arch, **({"num_labels": 3} if head else {}))
+    r = cli("inspect", src, "--json")
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    for k, v in growth.items():
+        assert report["growth"][k].startswith(v) if v == "no" else report["growth"][k] == v, (k, report["growth"][k])
+    assert report.get("task_head") == head
+
+
+def test_smollm3_without_no_rope_layers_gets_the_derived_list_written(tmp_path):
+    """A config.json without no_rope_layers: transformers derives it from no_rope_layer_interval by layer
+    index; n2n writes the teacher's derived list extended by deepening, so no layer changes its RoPE."""
+    src = make(tmp_path, "smollm3", no_rope_layer_interval=2)
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg.pop("no_rope_layers") == [1, 0]
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    report = grow(src, out, [DEEP])
+    assert report["verification"]["passed"] is True
+    assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [1, 1, 0, 0]
+    assert max_rel_error(src, out) == 0.0
