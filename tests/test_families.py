@@ -266,3 +266,20 @@ def test_smollm3_without_no_rope_layers_gets_the_derived_list_written(tmp_path):
     assert report["verification"]["passed"] is True
     assert json.loads((out / "config.json").read_text())["no_rope_layers"] == [1, 1, 0, 0]
     assert max_rel_error(src, out) == 0.0
+
+
+@pytest.mark.parametrize("model_type,arch,steps", [
+    ("gemma", "AutoModelForCausalLM", [HID2, INTER, DEEP]),
+    ("phi3", "AutoModelForCausalLM", [HEADS, HID_PAD, DEEP]),
+    ("olmo2", "AutoModelForCausalLM", [HEADS, HID2, DEEP]),
+    ("bert", "BertForSequenceClassification", [HID2, INTER]),
+])
+def test_n2n_verify_certifies_the_growth_bitwise(tmp_path, model_type, arch, steps):
+    """n2n verify replays the recorded growth from the teacher and finds every tensor identical."""
+    src = make(tmp_path, model_type, arch)
+    out = tmp_path / "out"
+    grow(src, out, steps)
+    v = api.verify(src, out)["verification"]
+    assert v["passed"] is True, v
+    assert v["certificate"]["status"] == "pass", v["certificate"]
+    assert v["certificate"]["bitwise"] == v["certificate"]["tensors"] > 0
