@@ -359,8 +359,11 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     for name in c.get("per_layer") or []:
         v = config.get(name)
         if v is not None:
-            if not isinstance(v, list) or len(v) != layers or not all(isinstance(x, str) or _is_int(x) for x in v):
-                problems.append(f"'{name}' must be a list of {layers} values (one per layer), got {_show(v)}")
+            ints = name in fam.derived_per_layer  # SmolLM3's no_rope_layers holds 0/1 per layer
+            if not isinstance(v, list) or len(v) != layers or not all(_is_int(x) if ints else isinstance(x, str)
+                                                                      for x in v):
+                problems.append(f"'{name}' must be a list of {layers} {'integers' if ints else 'strings'} (one per "
+                                f"layer), got {_show(v)}")
             else:
                 per_layer[name] = list(v)
         elif name in fam.derived_per_layer:  # SmolLM3's no_rope_layers: 0 every `interval` layers, as transformers

@@ -283,3 +283,12 @@ def test_n2n_verify_certifies_the_growth_bitwise(tmp_path, model_type, arch, ste
     assert v["passed"] is True, v
     assert v["certificate"]["status"] == "pass", v["certificate"]
     assert v["certificate"]["bitwise"] == v["certificate"]["tensors"] > 0
+
+
+def test_smollm3_no_rope_layers_of_the_wrong_kind_are_named(tmp_path, cli):
+    src = make(tmp_path, "smollm3")
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "no_rope_layers": ["yes", "no"]}))
+    r = cli("inspect", src)
+    assert r.exit_code == 2, r.output
+    assert "'no_rope_layers' must be a list of 2 integers (one per layer)" in r.stderr
