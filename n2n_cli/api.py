@@ -663,6 +663,8 @@ def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
                         {"widen": {"dim": "hidden_size", "to": arch.hidden + 1}})], 0)
                 except StepError as e:
                     out[name] = f"yes ({e.short})"
+            if name == "num_attention_heads" and arch.family.projection_norms:  # OLMo 2: whole multiples
+                out[name] = "yes (whole multiples only)"
         except StepError as e:
             out[name] = "no: " + e.message.split(": ", 1)[-1]
     return out
@@ -680,6 +682,7 @@ def _inspect_hf(src: Path) -> dict:
                 "dtypes": sorted({str(d).removeprefix("torch.") for d, _ in header.values()}),
                 "weight_files": source.weight_files(),
                 "growth": hf_growth_options(source.config, arch, header),
+                **({"task_head": {"kind": arch.head_kind, "labels": arch.labels}} if arch.head_kind else {}),
                 "lineage": lineage}
 
 

@@ -203,7 +203,8 @@ def may_round(recipe, dtype: torch.dtype) -> bool:
             if op.method != "net2wider" or op.noise > 0:
                 return True
             for _, axis, mapping in op.axes:
-                if axis.role in ("in", "norm_in") or (axis.role == "norm" and mapping.norm_scale != 1.0):
+                if axis.role in ("in", "norm_in") or (axis.role == "norm" and mapping.norm_scale != 1.0) \
+                        or (axis.role == "embed" and mapping.embed_scale != 1.0):
                     return True
         elif isinstance(op, Create):
             if op.init == "default":

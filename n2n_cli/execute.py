@@ -37,7 +37,7 @@ class Materializer:
                 for ax, axis, mapping in op.axes:
                     t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
                                    noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
-                                   pad=mapping.pad, norm_scale=mapping.norm_scale,
+                                   pad=mapping.pad, norm_scale=mapping.norm_scale, embed_scale=mapping.embed_scale,
                                    work=work if t.is_floating_point() else None)
         assert t is not None
         return t.to(dtype)

@@ -50,6 +50,15 @@ class Family:
     block_outputs: tuple[str, ...]
     derived_layer_types: dict[str, dict[str, str]] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()
+    # issue 9: the mechanisms of the families beyond LLaMA/GPT-2/BERT (all optional in the YAML)
+    norm_offset: float = 0.0  # Gemma's RMSNorm scales by (1 + w): the stored weight is gamma - norm_offset
+    embed_scale: str | None = None  # "sqrt_hidden": embeddings are multiplied by sqrt(hidden_size) (Gemma)
+    pad_refused: str | None = None  # why hidden_size grows by integer multiples only (e.g. shared eps)
+    projection_norms: str | None = None  # why heads grow by whole multiples only (OLMo 2's q/k norms)
+    task_heads: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # architecture suffix: tensors
+    renamed: dict[str, str] = field(default_factory=dict)  # old tensor name ending: the name written instead
+    position_offset: int = 0  # RoBERTa: positions start at padding_idx + 1, so 2 positions are never probed
+    derived_per_layer: dict[str, dict] = field(default_factory=dict)  # per-layer int lists from an interval
 
 
 @lru_cache(maxsize=None)
@@ -57,13 +66,29 @@ def families() -> dict[str, Family]:
     """Every supported family, by config.json ``model_type``."""
     out = {}
     for path in sorted(FAMILY_DIR.glob("*.yaml")):
-        d = yaml.safe_load(path.read_text())
+        d = _family_data(path.stem)
         fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
                      bool(d["head_dim_from_hidden"]), d["norm"], d["norm_kind"], tuple(d["prefixes"]), d["anchor"], d["layer"],
                      d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d.get("head_architectures") or ()),
-                     tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()))
+                     tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()),
+                     float(d.get("norm_offset", 0.0)), d.get("embed_scale"), d.get("pad_refused"),
+                     d.get("projection_norms"), d.get("task_heads") or {}, d.get("renamed") or {},
+                     int(d.get("position_offset", 0)), d.get("derived_per_layer") or {})
         for mt in fam.model_types:
             out[mt] = fam
+    return out
+
+
+def _family_data(name: str) -> dict:
+    """A family's YAML; ``extends: other`` starts from that family's data, and ``<key>_extra`` adds
+    tensors to the base's ``<key>`` (globals, block, head...) instead of replacing it."""
+    d = yaml.safe_load((FAMILY_DIR / f"{name}.yaml").read_text())
+    if "extends" not in d:
+        return d
+    out = {**_family_data(d["extends"]), **{k: v for k, v in d.items() if not k.endswith("_extra")}}
+    for k, v in d.items():
+        if k.endswith("_extra"):
+            out[k[: -len("_extra")]] = {**(out.get(k[: -len("_extra")]) or {}), **v}
     return out
 
 
@@ -102,15 +127,25 @@ class Arch:
     eps: float | None = None
     has_head: bool = True  # False for base models (LlamaModel, GPT2Model): no lm_head, tied or not
     dropped: tuple[str, ...] = ()  # tensors of an old checkpoint that transformers ignores (family's ``dropped``)
+    labels: int = 0  # a task head's number of labels (never grows)
+    head_kind: str = ""  # the family's task head (``task_heads`` key: ForSequenceClassification...) in use
+    renamed: dict[str, str] = field(default_factory=dict)  # output key: the old name it is read from
 
     # -- tensors
 
     def size(self, space: str) -> int:
         return {"hidden": self.hidden, "mlp": self.intermediate, "heads": self.heads * self.head_dim,
                 "kv_heads": self.kv_heads * self.head_dim, "vocab": self.vocab, "positions": self.positions,
-                "types": self.types}[space]
+                "types": self.types, "head_dim": self.head_dim, "labels": self.labels}[space]
 
     def _axis(self, token: str, layer: int | None) -> tuple[int | None, Axis | None]:
+        if "+" in token:  # a fused axis of several spaces (Phi-3's q|k|v): each part at its offset
+            parts, offset = [], 0
+            for t in token.split("+"):
+                n, ax = self._axis(t, layer)
+                parts.append(replace(ax, offset=offset, span=n))
+                offset += n
+            return offset, Axis("fused", "fused", parts=tuple(parts))
         if token.isdigit():
             return int(token), None
         if ":" not in token:
@@ -123,10 +158,11 @@ class Arch:
         if role == "final_norm":  # a tied head reads the final norm: scale it by 1/r there instead
             role = "norm_in" if self.tied and self.has_head else "norm"
         elif role == "head":
-            role = "out" if self.tied else "in"
+            role = ("embed" if self.family.embed_scale else "out") if self.tied else "in"
         block = self.head_dim if space in ("heads", "kv_heads") else 1
         sid = space if space == "hidden" or layer is None else f"{space}@{layer}"
-        return self.size(space) * segments, Axis(sid, role, block, segments=segments)
+        shift = self.family.norm_offset if role in ("norm", "norm_in") else 0.0
+        return self.size(space) * segments, Axis(sid, role, block, segments=segments, norm_shift=shift)
 
     def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool) -> TensorSpec:
         dims = [self._axis(t, layer) for t in tokens]
@@ -154,6 +190,8 @@ class Arch:
         if self.has_head:  # a tied head's weight is the embedding: its own copy may be missing
             for name, tokens in fam.head.items():
                 add(name + ("?" if self.tied and "hidden:head" in tokens else ""), tokens, None, "")
+        for name, tokens in fam.task_heads.get(self.head_kind, {}).items():
+            add(name, tokens, None, "")
         return out
 
     def num_parameters(self, present: set[str] | None = None) -> int:
@@ -321,10 +359,20 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     for name in c.get("per_layer") or []:
         v = config.get(name)
         if v is not None:
-            if not isinstance(v, list) or len(v) != layers or not all(isinstance(x, str) for x in v):
-                problems.append(f"'{name}' must be a list of {layers} strings (one per layer), got {_show(v)}")
+            ints = name in fam.derived_per_layer  # SmolLM3's no_rope_layers holds 0/1 per layer
+            if not isinstance(v, list) or len(v) != layers or not all(_is_int(x) if ints else isinstance(x, str)
+                                                                      for x in v):
+                problems.append(f"'{name}' must be a list of {layers} {'integers' if ints else 'strings'} (one per "
+                                f"layer), got {_show(v)}")
             else:
                 per_layer[name] = list(v)
+        elif name in fam.derived_per_layer:  # SmolLM3's no_rope_layers: 0 every `interval` layers, as transformers
+            rule = fam.derived_per_layer[name]  # derives it; written out so that deepening keeps each layer's own
+            n = config.get(rule["interval"], rule["default"])
+            if not (_is_int(n) and n > 0):
+                problems.append(f"'{rule['interval']}' must be a positive integer, got {_show(n)}")
+            else:
+                per_layer[name] = [int((i + 1) % n != 0) for i in range(layers)]
     if "layer_types" not in per_layer:
         derived = derive_layer_types(config, fam, layers, problems)
         if derived is not None:
@@ -336,13 +384,29 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         has_head = bool(head_keys) and any(a.endswith(fam.head_architectures) for a in archs)
     else:
         has_head = bool(head_keys) and (prefix != "" or any(k.rstrip("?") in keys for k in head_keys))
+    head_kind = next((h for h in fam.task_heads if any(a.endswith(h) for a in archs or ())), "")
+    labels = 0
+    if head_kind:  # a task head: its rows are the labels (config.json's id2label, else num_labels, else 2)
+        id2label = config.get("id2label")
+        labels = len(id2label) if isinstance(id2label, dict) and id2label else config.get("num_labels", 2)
+        if not (_is_int(labels) and labels > 0):
+            raise ModelError("inconsistent config", where=where,
+                             problems=[f"'num_labels' must be a positive integer, got {_show(labels)}"])
+    renamed = {}  # old checkpoints (BERT's LayerNorm.gamma/beta): read under the old name, written under the new
+    for k in keys:
+        for old_end, new_end in fam.renamed.items():
+            if k.endswith(old_end):
+                renamed[k[: -len(old_end)] + new_end] = k
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
                 get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head,
-                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))))
+                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))), labels, head_kind,
+                renamed)
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """Every missing, unexpected or mis-shaped tensor at once; returns the header."""
+    if arch.renamed:  # an old checkpoint's names (BERT's LayerNorm.gamma): read under today's names from here on
+        source.rename(arch.renamed)
     expected, keys, problems = arch.tensors(), set(source.keys()), []
     for key, spec in expected.items():
         if key not in keys:
@@ -430,6 +494,11 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
         plan.notes.append(f"dropped {len(dropped)} tensor(s) that transformers ignores on load "
                           f"({', '.join(sorted({k.rsplit('.', 2)[-2] + '.' + k.rsplit('.', 1)[-1] for k in dropped}))}"
                           f", e.g. '{dropped[0]}'): not part of the grown checkpoint")
+    if arch.renamed:
+        new, old = min(arch.renamed.items())
+        plan.notes.append(f"renamed {len(arch.renamed)} tensor(s) of an old checkpoint to the names transformers "
+                          f"writes today ({', '.join(f'{o} -> {n}' for o, n in arch.family.renamed.items())}, e.g. "
+                          f"'{old}' -> '{new}')")
     if "layer_types" in arch.per_layer and "layer_types" not in config:
         plan.notes.append("config.json has no layer_types: writing the per-layer attention types transformers "
                           "derives for the teacher, so the grown model keeps its attention windows")
@@ -471,6 +540,9 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"], step.factor)
         r, pad = divmod(new, a.hidden)
+        if pad and fam.pad_refused:
+            raise StepError(f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.pad_refused}",
+                            hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.", short="integer multiples only")
         if pad and (fam.norm_kind != "rms" or fam.head_dim_from_hidden or a.eps is None):
             raise StepError(
                 f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
@@ -489,14 +561,19 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
             mappings["hidden"] = Mapping("tile", a.hidden, new)
             after = replace(a, hidden=new)
             summary = f"hidden_size {a.hidden} -> {new} (residual stream tiled x{r}"
+        c = math.sqrt(a.hidden / new) if fam.embed_scale == "sqrt_hidden" else 1.0
+        if c != 1.0:  # the model multiplies embeddings by sqrt(hidden_size): store them times sqrt(old/new)
+            mappings["hidden"] = replace(mappings["hidden"], embed_scale=c)
+            summary += f"; embeddings x sqrt({a.hidden}/{new}) against the sqrt(hidden_size) scale"
         if fam.head_dim_from_hidden:  # head_dim = hidden / heads: keep head_dim by tiling the heads too
             for i in range(a.layers):
                 mappings[f"heads@{i}"] = Mapping("tile", a.heads, a.heads * r)
             after = replace(after, heads=a.heads * r, kv_heads=a.kv_heads * r)
             summary += f"; {cname['heads']} {a.heads} -> {a.heads * r} to keep head_dim {a.head_dim}"
         summary += ")"
-        if a.tied:
-            summary += f"; tied embeddings: final norm scaled by 1/{r}"
+        if a.tied and a.has_head:
+            summary += f"; tied embeddings: final norm scaled by 1/{r}" + (f" and by sqrt({new}/{a.hidden})" if c != 1.0
+                                                                          else "")
     elif step.dim == "num_attention_heads":
         if fam.head_dim_from_hidden:
             raise StepError(
@@ -507,6 +584,9 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         new = step.new_size(a.heads)
         _check_larger(new, a.heads, cname["heads"], step.factor)
         g = a.heads // a.kv_heads
+        if fam.projection_norms and new % a.heads:
+            raise StepError(f"to: {new} is not a multiple of {cname['heads']} {a.heads}; {fam.projection_norms}",
+                            hint=f"Use a multiple of {a.heads}, e.g. {2 * a.heads}.", short="whole multiples only")
         if new % g:
             raise StepError(f"to: {new} is not a multiple of the query group size {g} ({cname['heads']} "
                             f"{a.heads} / {cname['kv_heads']} {a.kv_heads}); heads are added in whole groups so "
@@ -537,8 +617,9 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     for key, spec in a.tensors().items():
         if key not in plan.recipes:
             continue
-        axes = tuple((ax, axis, mappings[axis.space]) for ax, axis in enumerate(spec.axes)
-                     if axis is not None and axis.space in mappings)
+        # a fused axis widens part by part from its end, so that the earlier parts keep their offsets
+        axes = tuple((ax, part, mappings[part.space]) for ax, axis in enumerate(spec.axes) if axis is not None
+                     for part in (reversed(axis.parts) if axis.parts else (axis,)) if part.space in mappings)
         if not axes:
             continue
         old_shape = plan.shapes[key]

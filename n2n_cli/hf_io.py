@@ -56,6 +56,7 @@ class HFDirSource(TensorSource):
         self._where: dict[str, str] = {}  # key -> shard file name (relative to path)
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._open: dict[str, Any] = {}  # shard name -> safe_open handle or StateDictSource
+        self._stored: dict[str, str] = {}  # key -> the name the file stores it under, where renamed
         found = next((n for n in WEIGHT_CANDIDATES if os.path.lexists(self.path / n)), None)
         if found is not None:
             fsutil.require_regular_file(self.path / found, "weights file", CheckpointError)
@@ -105,6 +106,14 @@ class HFDirSource(TensorSource):
     def keys(self) -> list[str]:
         return list(self._where)
 
+    def rename(self, names: dict[str, str]) -> None:
+        """Serve the tensors stored under old names (values) under new ones (keys) from now on."""
+        for new, old in names.items():
+            if old not in self._where:
+                continue  # renamed already
+            self._where[new], self._info[new] = self._where.pop(old), self._info.pop(old)
+            self._stored[new] = self._stored.pop(old, old)
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self._info[key][0]
 
@@ -114,12 +123,13 @@ class HFDirSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         shard = self._where[key]
         handle = self._open.get(shard)
+        stored = self._stored.get(key, key)
         if isinstance(handle, StateDictSource):
-            return handle.get(key)
+            return handle.get(stored)
         try:
             if handle is None:
                 handle = self._open[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
-            return handle.get_tensor(key)
+            return handle.get_tensor(stored)
         except Exception as e:
             raise CheckpointError(f"cannot read tensor '{key}' ({e})", where=str(self.path / shard)) from None
 

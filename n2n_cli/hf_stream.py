@@ -55,7 +55,8 @@ def supports(path: str | Path) -> bool:
         config = hf_io._read_config(Path(path))
     except Exception:
         return False
-    return config.get("model_type") in STREAMING_TYPES
+    archs = config.get("architectures") or []  # a task head (score) is not streamed: full mode verifies it
+    return config.get("model_type") in STREAMING_TYPES and all(a.endswith(("ForCausalLM", "Model")) for a in archs)
 
 
 class _Model:

@@ -72,7 +72,9 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, user_input:
                               where=str(path)) from None
     archs = config.architectures or []
     heads = {"ForCausalLM": "AutoModelForCausalLM", "LMHeadModel": "AutoModelForCausalLM",
-             "ForMaskedLM": "AutoModelForMaskedLM", "ForPreTraining": "AutoModelForPreTraining"}
+             "ForMaskedLM": "AutoModelForMaskedLM", "ForPreTraining": "AutoModelForPreTraining",
+             "ForSequenceClassification": "AutoModelForSequenceClassification",
+             "ForTokenClassification": "AutoModelForTokenClassification"}
     auto = next((cls for suffix, cls in heads.items() if any(a.endswith(suffix) for a in archs)), "AutoModel")
     causal = auto != "AutoModel"  # a model with a head: compare its logits
     cls = getattr(transformers, auto)
@@ -140,6 +142,9 @@ def outputs(model, causal: bool, batches, device, tail: int | None = None) -> to
             res = model(input_ids=ids.to(device), attention_mask=mask.to(device))
             y = (getattr(res, "logits", None) if getattr(res, "logits", None) is not None
                  else res.prediction_logits) if causal else res.last_hidden_state
+            if y.dim() == 2:  # sequence classification: one row of logits per sequence
+                out.append(y.to("cpu", torch.float64))
+                continue
             keep = mask.to(device).bool()
             if tail is not None:
                 y, keep = y[:, -tail:], keep[:, -tail:]
@@ -147,13 +152,28 @@ def outputs(model, causal: bool, batches, device, tail: int | None = None) -> to
     return torch.cat(out)
 
 
+def _max_tokens(path: Path) -> int:
+    """How many tokens a sequence may hold: RoBERTa's positions start at padding_idx + 1 (the family's
+    ``position_offset``), so it holds max_position_embeddings - 2."""
+    from . import hf_io
+    from .hf import families
+
+    config = hf_io._read_config(Path(path))
+    fam = families().get(config.get("model_type"))
+    n = config.get("max_position_embeddings")
+    if fam is None or not fam.position_offset or not isinstance(n, int):
+        return 1 << 30
+    return max(1, n - fam.position_offset)
+
+
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int,
                  seed: int, atol: float, rtol: float, device: torch.device, dtype: torch.dtype,
                  grown: bool = False) -> Comparison:
     """Logits of models with a head (causal or masked LM) must match; hidden states of base
     models must be the teacher's tiled r times, then zeros where the stream was padded (LEMON)."""
-    batches = probe_batches(vocab, max_len, probes, seed)
     transformers = require_transformers()
+    max_len = min(max_len, _max_tokens(teacher))
+    batches = probe_batches(vocab, max_len, probes, seed)
     long_len = long_probe_length(transformers.AutoConfig.from_pretrained(str(teacher)),
                                  transformers.AutoConfig.from_pretrained(str(student)))
     long = long_batches(vocab, long_len, seed) if long_len else []

@@ -230,6 +230,8 @@ class Axis:
     segments: int = 1  # > 1 for fused tensors: GPT-2's c_attn holds q|k|v, each a copy of the space
     offset: int = 0  # with span: only elements [offset, offset + span) of the axis live in the space
     span: int = 0  # 0: the whole axis (a concatenation's consumer reads each tower at its offset)
+    norm_shift: float = 0.0  # a norm weight stored as gamma - norm_shift (Gemma's RMSNorm scales by 1 + w)
+    parts: tuple["Axis", ...] = ()  # a fused axis of several spaces (q|k|v of unequal sizes), each with offset/span
 
 
 @dataclass(frozen=True)

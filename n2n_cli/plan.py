@@ -37,6 +37,8 @@ class Mapping:
     ``pad`` trailing new units are zeros instead of copies (LEMON-style widths that are not a
     multiple: only ``new - pad`` units come from g), and norm parameters of the space are
     multiplied by ``norm_scale`` (sqrt(k*old/new) keeps RMSNorm exact over a padded stream).
+    ``embed_scale`` compensates a model that multiplies its embeddings by sqrt(hidden_size) (Gemma):
+    sqrt(old/new), so that the scaled embedding of the wider model is the tiled old one.
     """
 
     kind: str
@@ -47,6 +49,7 @@ class Mapping:
     base: "Mapping | None" = None
     pad: int = 0
     norm_scale: float = 1.0
+    embed_scale: float = 1.0  # embedding rows ("embed" axes) times this; a tied head's final norm divided by it
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,7 @@ def _bshape(t: torch.Tensor, ax: int) -> list[int]:
 
 def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
                noise_mode: str, rng: torch.Generator, pad: int = 0, norm_scale: float = 1.0,
-               work: torch.dtype | None = None) -> torch.Tensor:
+               work: torch.dtype | None = None, embed_scale: float = 1.0) -> torch.Tensor:
     """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g) + pad.
 
     The axis is viewed as (segments, units, block); units are what the space counts. Roles:
@@ -63,7 +63,8 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if axis.span:
         whole = dataclasses.replace(axis, offset=0, span=0)
         mid = widen_axis(t.narrow(ax, axis.offset, axis.span), ax, whole, g, method=method, noise=noise,
-                         noise_mode=noise_mode, rng=rng, pad=pad, norm_scale=norm_scale, work=work)
+                         noise_mode=noise_mode, rng=rng, pad=pad, norm_scale=norm_scale, work=work,
+                         embed_scale=embed_scale)
         rest = t.shape[ax] - axis.offset - axis.span
         return torch.cat([t.narrow(ax, 0, axis.offset).to(mid.dtype), mid,
                           t.narrow(ax, axis.offset + axis.span, rest).to(mid.dtype)], dim=ax)
@@ -83,10 +84,18 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
         raise ValueError(f"unknown widen method {method!r}")
     out = t.index_select(u, g)
     scaled = axis.role in ("norm", "norm_in") and norm_scale != 1.0
-    if scaled or axis.role in ("in", "norm_in"):
+    embed = axis.role == "embed" and embed_scale != 1.0
+    if scaled or embed or axis.role in ("in", "norm_in"):
         out = out.to(work)
+    shift = axis.norm_shift if (scaled or axis.role == "norm_in") else 0.0
+    if shift:
+        out.add_(shift)  # the scale multiplies gamma = w + shift (Gemma: 1 + w), not the stored w
     if scaled:
         out.mul_(norm_scale)
+    if embed:
+        out.mul_(embed_scale)
+    if axis.role == "norm_in" and embed_scale != 1.0:
+        out.div_(embed_scale)  # a tied head reads the embedding scaled by embed_scale: undo it on the logits
     if axis.role in ("in", "norm_in"):
         counts = torch.bincount(g, minlength=old).to(work)
         out.div_(counts[g].reshape(_bshape(out, u)))
@@ -104,6 +113,8 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
             else:
                 raise ValueError(f"unknown noise mode {noise_mode!r}")
             out = out + eps
+    if shift:
+        out.sub_(shift)
     if pad:
         shape = list(out.shape)
         shape[u] = pad
