@@ -50,6 +50,8 @@ class Family:
     block_outputs: tuple[str, ...]
     derived_layer_types: dict[str, dict[str, str]] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()
+    moe: dict = field(default_factory=dict)  # mixtures of experts: config names, router rule, upcycling (hf_moe)
+    eps_readers: tuple[str, ...] = ()  # norms over other axes (q_norm over head_dim) that read the stream norms' eps
 
 
 @lru_cache(maxsize=None)
@@ -61,7 +63,8 @@ def families() -> dict[str, Family]:
         fam = Family(d["family"], tuple(d["model_types"]), d["config"], d.get("defaults") or {},
                      bool(d["head_dim_from_hidden"]), d["norm"], d["norm_kind"], tuple(d["prefixes"]), d["anchor"], d["layer"],
                      d["globals"] or {}, d["block"] or {}, d["head"] or {}, tuple(d.get("head_architectures") or ()),
-                     tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()))
+                     tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()), d.get("moe") or {},
+                     tuple(d.get("eps_readers") or ()))
         for mt in fam.model_types:
             out[mt] = fam
     return out
@@ -102,15 +105,19 @@ class Arch:
     eps: float | None = None
     has_head: bool = True  # False for base models (LlamaModel, GPT2Model): no lm_head, tied or not
     dropped: tuple[str, ...] = ()  # tensors of an old checkpoint that transformers ignores (family's ``dropped``)
+    experts: int = 0  # mixtures of experts: routed experts per layer ("{e}" in a tensor name), top-k, the
+    top_k: int = 0  # shared expert's intermediate size (0: none)
+    shared: int = 0
 
     # -- tensors
 
     def size(self, space: str) -> int:
         return {"hidden": self.hidden, "mlp": self.intermediate, "heads": self.heads * self.head_dim,
                 "kv_heads": self.kv_heads * self.head_dim, "vocab": self.vocab, "positions": self.positions,
-                "types": self.types}[space]
+                "types": self.types, "head_dim": self.head_dim, "experts": self.experts,
+                "shared_mlp": self.shared}[space]
 
-    def _axis(self, token: str, layer: int | None) -> tuple[int | None, Axis | None]:
+    def _axis(self, token: str, layer: int | None, expert: int | None = None) -> tuple[int | None, Axis | None]:
         if token.isdigit():
             return int(token), None
         if ":" not in token:
@@ -126,10 +133,13 @@ class Arch:
             role = "out" if self.tied else "in"
         block = self.head_dim if space in ("heads", "kv_heads") else 1
         sid = space if space == "hidden" or layer is None else f"{space}@{layer}"
+        if expert is not None and space == "mlp":  # each expert's intermediate units are its own space
+            sid += f".{expert}"
         return self.size(space) * segments, Axis(sid, role, block, segments=segments)
 
-    def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool) -> TensorSpec:
-        dims = [self._axis(t, layer) for t in tokens]
+    def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool,
+              expert: int | None = None) -> TensorSpec:
+        dims = [self._axis(t, layer, expert) for t in tokens]
         shape = None if any(d is None for d, _ in dims) else tuple(d for d, _ in dims)
         return TensorSpec(key, shape, tuple(a for _, a in dims), optional)
 
@@ -139,8 +149,12 @@ class Arch:
         def add(name: str, tokens: list[str], layer: int | None, prefix: str):
             optional = name.endswith("?")
             name = name.rstrip("?")
-            key = prefix + (fam.layer.format(i=layer) if layer is not None else "") + name
-            out[key] = self._spec(key, tokens, layer, optional)
+            if fam.moe.get("shared_names") and name.startswith(fam.moe["shared_names"]) and not self.shared:
+                return  # no shared expert in this config
+            for e in range(self.experts) if "{e}" in name else [None]:
+                key = prefix + (fam.layer.format(i=layer) if layer is not None else "") + \
+                    (name.replace("{e}", str(e)) if e is not None else name)
+                out[key] = self._spec(key, tokens, layer, optional, e)
 
         for name, tokens in fam.globals.items():
             if not name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
@@ -155,6 +169,12 @@ class Arch:
             for name, tokens in fam.head.items():
                 add(name + ("?" if self.tied and "hidden:head" in tokens else ""), tokens, None, "")
         return out
+
+    def block_names(self, names) -> list[str]:
+        """Block tensor names (family templates, "?" stripped) with "{e}" expanded for every expert."""
+        names = [n.rstrip("?") for n in names]
+        return [n.replace("{e}", str(e)) if "{e}" in n else n
+                for n in names for e in (range(self.experts) if "{e}" in n else [0])]
 
     def num_parameters(self, present: set[str] | None = None) -> int:
         return sum(math.prod(t.shape) for k, t in self.tensors().items() if t.shape is not None
@@ -187,6 +207,13 @@ class Arch:
                 cfg[rule["from_layer"]] = k if k < len(types) else max(old if isinstance(old, int) else 0, k)
         if self.eps is not None:
             cfg[c["eps"]] = self.eps
+        moe = fam.moe
+        if moe:
+            names = moe["experts"]
+            cfg[next((n for n in names if n in original), names[0])] = self.experts
+            cfg[moe["top_k"]] = self.top_k
+            if moe.get("shared") and self.shared:
+                cfg[moe["shared"]] = self.shared
         return cfg
 
 
@@ -329,6 +356,7 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         derived = derive_layer_types(config, fam, layers, problems)
         if derived is not None:
             per_layer["layer_types"] = derived
+    experts, top_k, shared = moe_sizes(config, fam, problems) if fam.moe else (0, 0, 0)
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
     head_keys = set(fam.head)
@@ -338,7 +366,27 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         has_head = bool(head_keys) and (prefix != "" or any(k.rstrip("?") in keys for k in head_keys))
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
                 get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head,
-                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))))
+                tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))), experts, top_k, shared)
+
+
+def moe_sizes(config: dict, fam: Family, problems: list[str]) -> tuple[int, int, int]:
+    """(experts, top-k, shared expert size) of a mixture-of-experts config (family ``moe``)."""
+    moe = fam.moe
+    name = next((n for n in moe["experts"] if config.get(n) is not None), moe["experts"][0])
+    experts, top_k = config.get(name), config.get(moe["top_k"])
+    shared = config.get(moe["shared"], 0) if moe.get("shared") else 0
+    for n, v, least in ((name, experts, 1), (moe["top_k"], top_k, 1), (moe.get("shared"), shared, 0)):
+        if n and not (_is_int(v) and v >= least):
+            problems.append(f"'{n}' must be a {'positive' if least else 'non-negative'} integer, got {_show(v)}")
+    if not problems and top_k > experts:
+        problems.append(f"'{moe['top_k']}' ({top_k}) is larger than '{name}' ({experts})")
+    if not problems and experts > MAX_LAYERS:
+        problems.append(f"'{name}' ({experts}) is beyond the {MAX_LAYERS} experts n2n plans for")
+    for n, want in (moe.get("requires") or {}).items():
+        if config.get(n, want) != want:
+            problems.append(f"'{n}' is {_show(config.get(n))}: n2n grows {fam.name} models only with every layer a "
+                            f"mixture of experts ({', '.join(f'{k} {_show(v)}' for k, v in moe['requires'].items())})")
+    return (experts, top_k, shared) if not problems else (0, 0, 0)
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -465,12 +513,22 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
         for i in range(a.layers):
             mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
+            for e in range(a.experts):  # mixtures of experts: an independent mapping per expert
+                mappings[f"mlp@{i}.{e}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i, e))
         after = replace(a, intermediate=new)
-        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP)"
+        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every " + \
+            (f"expert's MLP, {a.experts} per layer, {cname['intermediate']}; routers unchanged)" if a.experts else "MLP)")
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"], step.factor)
         r, pad = divmod(new, a.hidden)
+        readers = sorted({k.rsplit(".", 2)[-2] for k in plan.recipes if fam.eps_readers and k.endswith(fam.eps_readers)})
+        if pad and readers:
+            raise StepError(
+                f"to: {new} is not an integer multiple of hidden_size {a.hidden}; a zero-padded stream needs RMSNorm's "
+                f"{cname['eps']} scaled, but {' and '.join(readers)} (over head_dim) read the same {cname['eps']}, so "
+                "padding cannot be exact", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.",
+                short="integer multiples only: per-head norms share the eps")
         if pad and (fam.norm_kind != "rms" or fam.head_dim_from_hidden or a.eps is None):
             raise StepError(
                 f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
@@ -623,8 +681,8 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     def block_key(i: int, name: str) -> str:
         return layer_key.format(i=i) + name
 
-    block_names = [n.rstrip("?") for n in fam.block]
-    zeroed = set(fam.block_outputs)
+    block_names = a.block_names(fam.block)
+    zeroed = set(a.block_names(fam.block_outputs))
     new_specs = new_arch.tensors()
     recipes, shapes, dtypes, changes = {}, {}, {}, []
     for key in new_specs:  # tensors outside the blocks keep their recipes
