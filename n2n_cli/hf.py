@@ -425,6 +425,7 @@ class HFPlan:
     present_before: set[str]
     problems: list[tuple[int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config_out: dict | None = None  # the config a step rewrote (an upcycle changes the model type), else None
 
     @property
     def params_before(self) -> int:
@@ -442,7 +443,7 @@ class HFPlan:
         return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
 
     def new_config(self) -> dict:
-        return self.arch_after.to_config(self.config)
+        return self.arch_after.to_config(self.config if self.config_out is None else self.config_out)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "family": self.arch_before.family.name, "params_before": self.params_before,
@@ -459,7 +460,12 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
                   {k: tuple(header[k][1]) for k in recipes}, set(recipes))
     for i, entry in enumerate(steps):
         try:
-            (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
+            if entry.upcycle:  # dense to mixture of experts
+                from .hf_moe import plan_upcycle
+
+                plan_upcycle(plan, i, entry)
+            else:
+                (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
         except StepError as e:
             n = numbers[i] if numbers else i
             msg = f"steps[{n}] ({entry.kind} {_label(entry)}): {e.message}"
@@ -498,6 +504,8 @@ def human_bytes(n: int) -> str:
 
 def _label(entry: HFStepEntry) -> str:
     s = entry.step
+    if entry.upcycle:
+        return f"to {s.experts} experts, top {s.top_k}"
     if entry.widen:
         return s.dim
     return f"to {s.layers} layers" if s.layers else f"after {s.after}"
