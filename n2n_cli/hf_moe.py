@@ -48,12 +48,11 @@ def plan_upcycle(plan, index: int, entry) -> None:
     cls = up["class"] if isinstance(up["class"], str) else up["class"][mt]
     E, k = step.experts, step.top_k
     with_shared = mt in (up.get("shared_from") or [])
-    set_fields = step.model_fields_set
-    if "shared_expert" in set_fields and not with_shared:
+    if step.shared_expert != "split" and not with_shared:  # (a recorded step holds every field: judge values)
         raise StepError(f"shared_expert: {new_mt} has no shared expert", hint="Drop shared_expert.",
                         flags={"shared_expert: ": "--shared-expert "})
     renorm_flag = moe.get("renormalize")
-    if renorm_flag == "always" and "norm_topk_prob" in set_fields and not step.norm_topk_prob:
+    if renorm_flag == "always" and not step.norm_topk_prob:
         raise StepError(f"norm_topk_prob: {new_mt} always renormalises the top-k weights", hint="Drop norm_topk_prob.",
                         flags={"norm_topk_prob: false": "--no-norm-topk-prob"})
     renorm = renorm_flag == "always" or step.norm_topk_prob
