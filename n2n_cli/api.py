@@ -592,10 +592,11 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
             raise ModelError(f"the student (hidden_size {s_arch.hidden}, vocab {s_arch.vocab}) cannot be a grown copy "
                              f"of the teacher (hidden_size {t_arch.hidden}, vocab {t_arch.vocab}): the architectures "
                              "differ", where=str(student))
-        if t_arch.family.name != s_arch.family.name:
+        lineage = read_lineage(s_src.metadata, str(student))
+        upcycled = any("upcycle" in step for e in lineage or [] for step in e.get("steps") or [] if isinstance(step, dict))
+        if t_arch.family.name != s_arch.family.name and not upcycled:  # an upcycle turns a dense model into a MoE
             raise ModelError(f"the architectures differ: the student is a {s_arch.family.name} model, the teacher a "
                              f"{t_arch.family.name} model", where=str(student))
-        lineage = read_lineage(s_src.metadata, str(student))
         if lineage:
             cert = certify_hf(t_src, t_arch, t_head, s_src, lineage, t_src.sha256(), progress)
         else:
@@ -652,6 +653,8 @@ def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
               "num_attention_heads": {"widen": {"dim": "num_attention_heads", "factor": 2}},
               "num_key_value_heads": {"widen": {"dim": "num_key_value_heads", "factor": 2}},
               "num_hidden_layers": {"deepen": {"layers": arch.layers + 1}}}
+    if not arch.experts:  # dense to mixture of experts
+        trials["upcycle"] = {"upcycle": {"experts": 8, "top_k": 2}}
     out = {}
     for name, step in trials.items():
         try:
@@ -670,6 +673,14 @@ def hf_growth_options(config: dict, arch, header) -> dict[str, str]:
     return out
 
 
+def moe_facts(config: dict, arch) -> dict:
+    """Experts, top-k and routing of a mixture-of-experts model (for ``inspect``)."""
+    renorm = arch.family.moe.get("renormalize")
+    return {"experts": arch.experts, "top_k": arch.top_k,
+            "top_k_renormalised": True if renorm == "always" else bool(config.get(renorm, False)),
+            **({"shared_expert_intermediate_size": arch.shared} if arch.shared else {})}
+
+
 def _inspect_hf(src: Path) -> dict:
     with _open_hf(src) as (source, arch, header):
         lineage = read_lineage(source.metadata, str(src))
@@ -683,6 +694,7 @@ def _inspect_hf(src: Path) -> dict:
                 "weight_files": source.weight_files(),
                 "growth": hf_growth_options(source.config, arch, header),
                 **({"task_head": {"kind": arch.head_kind, "labels": arch.labels}} if arch.head_kind else {}),
+                **({"moe": moe_facts(source.config, arch)} if arch.experts else {}),
                 "lineage": lineage}
 
 

@@ -16,6 +16,8 @@ The library returns a :class:`Certificate`; ``api.verify`` puts it in the report
 
 from __future__ import annotations
 
+import math
+
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -25,7 +27,7 @@ import torch
 from .checkpoints import TensorSource
 from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
-from .plan import Create, Widen
+from .plan import Create, Scale, Widen
 
 META_LINEAGE = "n2n_lineage"
 
@@ -189,7 +191,7 @@ def inexact_methods(plan) -> list[str]:
 
 
 def _noisy(recipe) -> bool:
-    return any(isinstance(op, Widen) and op.noise > 0 for op in recipe)
+    return any(isinstance(op, (Widen, Scale)) and op.noise > 0 for op in recipe)
 
 
 def may_round(recipe, dtype: torch.dtype) -> bool:
@@ -206,8 +208,11 @@ def may_round(recipe, dtype: torch.dtype) -> bool:
                 if axis.role in ("in", "norm_in") or (axis.role == "norm" and mapping.norm_scale != 1.0) \
                         or (axis.role == "embed" and mapping.embed_scale != 1.0):
                     return True
+        elif isinstance(op, Scale):
+            if op.noise > 0 or math.frexp(op.factor)[0] != 0.5:  # noise, or a factor not a power of two
+                return True
         elif isinstance(op, Create):
-            if op.init == "default":
+            if op.init in ("default", "normal"):
                 return True
             if op.init == "const" and float(torch.tensor(op.value, dtype=dtype)) != op.value:
                 return True

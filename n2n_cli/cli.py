@@ -88,7 +88,7 @@ class _Group(typer.core.TyperGroup):
         try:
             return super().invoke(ctx)
         except N2NError as e:
-            if ctx.invoked_subcommand in ("widen", "deepen") and hasattr(e, "for_cli"):
+            if ctx.invoked_subcommand in ("widen", "deepen", "upcycle") and hasattr(e, "for_cli"):
                 e.for_cli()  # the step came from flags: name --allow-approximate, not allow_approximate: true
             _write_failure_report(ctx, e)
             err.print(f"error: {e.render()}", markup=False)
@@ -530,6 +530,64 @@ def deepen(
               example_input=example_input, verify_mode=verify_mode.value)
 
 
+class RouterInit(str, Enum):
+    zero = "zero"
+    small = "small"
+
+
+class SharedExpert(str, Enum):
+    split = "split"
+    zero = "zero"
+
+
+@app.command()
+def upcycle(
+    ctx: typer.Context, src: SrcArg, out_path: OutArg,
+    experts: Annotated[int, typer.Option("--experts", min=2, max=1024, help="Experts per layer, each a copy of the "
+                                         "dense MLP.", show_default=False)],
+    top_k: Annotated[int, typer.Option("--top-k", min=1, max=1024, help="Experts each token is routed to.",
+                                       show_default=False)],
+    router_init: Annotated[RouterInit, typer.Option("--router-init", help="zero (uniform softmax) or small "
+                                                    "(N(0, --router-std^2), seeded by --seed); exact either way.")]
+    = RouterInit.zero,
+    router_std: Annotated[float, typer.Option("--router-std", min=0, max=10, help="Std of a small router.")] = 0.02,
+    noise: Annotated[float, typer.Option("--noise", min=0, max=10, help="Zero-sum noise on the experts' down "
+                                         "projections, relative to their std: exact only with --top-k equal to "
+                                         "--experts and a zero router; otherwise needs --allow-approximate.")] = 0.0,
+    norm_topk_prob: Annotated[Optional[bool], typer.Option("--norm-topk-prob/--no-norm-topk-prob", help="Qwen-MoE: "
+                                                           "renormalise the top-k weights (default; exact).",
+                                                           show_default=False)] = None,
+    shared_expert: Annotated[Optional[SharedExpert], typer.Option("--shared-expert", help="Qwen2-MoE: split (the "
+                                                                  "shared expert holds half of the MLP) or zero.",
+                                                                  show_default=False)] = None,
+    allow_approximate: Annotated[bool, typer.Option("--allow-approximate", help="Upcycle although it cannot be "
+                                                    "exact; the deviation is measured and reported.")] = False,
+    device: DeviceOpt = "auto", seed: SeedOpt = None, probes: ProbesOpt = None,
+    atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
+    dry_run: DryRunOpt = False, force: ForceOpt = False, quiet: QuietOpt = False, no_verify: NoVerifyOpt = False,
+    max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
+    verify_mode: VerifyModeOpt = VerifyMode.auto,
+):
+    """Turn a dense Hugging Face model into a mixture of experts and write OUT (verified exact).
+
+    llama/mistral become mixtral, qwen2 becomes qwen2_moe (qwen3 becomes qwen3_moe): every
+    expert is a copy of the dense MLP and the top-k weights are renormalised, so the result
+    computes the dense model's function whatever the router picks; verification compares the
+    dense model's logits with the MoE's. Example: n2n upcycle llama-dir moe-dir --experts 8 --top-k 2
+    """
+    _setup(ctx, report=report, json_=json_, quiet=quiet)
+    if not src.is_dir():
+        raise UserError("SRC must be a Hugging Face model directory (config.json and safetensors weights)",
+                        where=str(src))
+    step = {"experts": experts, "top_k": top_k, "router_init": router_init.value, "noise": noise or None,
+            "router_std": router_std if router_init == RouterInit.small else None, "norm_topk_prob": norm_topk_prob,
+            "shared_expert": shared_expert.value if shared_expert else None, "allow_approximate": allow_approximate or None}
+    spec = _api().spec_from_steps([{"upcycle": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    _run_grow(ctx, spec, src, out_path, model=None, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
+              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
+              verify_dtype=verify_dtype, verify_mode=verify_mode.value)
+
+
 @app.command()
 def verify(
     ctx: typer.Context,
@@ -587,6 +645,14 @@ def inspect(
             for k, v in r["sizes"].items():
                 table.add_row(k, str(v), r["growth"].get(names.get(k, k), ""))
             out.print(table)
+            if r.get("moe"):
+                m = r["moe"]
+                out.print(f"mixture of experts: {m['experts']} experts per layer, top-{m['top_k']} "
+                          f"({'renormalised' if m['top_k_renormalised'] else 'not renormalised'})"
+                          + (f", shared expert of {m['shared_expert_intermediate_size']}"
+                             if m.get("shared_expert_intermediate_size") else ""), markup=False)
+            elif r["growth"].get("upcycle"):
+                out.print(f"upcycle to a mixture of experts (n2n upcycle): {r['growth']['upcycle']}", markup=False)
             return
         if r.get("model") is None:
             table = Table(title=f"{r['checkpoint']}: {len(r['tensors'])} tensors", title_justify="left")

@@ -7,7 +7,7 @@ from functools import lru_cache
 import torch
 
 from .checkpoints import TensorSource
-from .plan import Create, Load, Plan, Widen
+from .plan import Create, Load, Plan, Scale, Widen
 from .transforms import generator, init_tensor, make_mapping, widen_axis
 
 
@@ -39,6 +39,8 @@ class Materializer:
                                    noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
                                    pad=mapping.pad, norm_scale=mapping.norm_scale, embed_scale=mapping.embed_scale,
                                    work=work if t.is_floating_point() else None)
+            elif isinstance(op, Scale):
+                t = _scale(op, t, work, self.plan.seed)
         assert t is not None
         return t.to(dtype)
 
@@ -52,3 +54,21 @@ def _create(op: Create, dtype: torch.dtype, work: torch.dtype, rng: torch.Genera
     return init_tensor(op.init, op.shape, dtype=work if dtype.is_floating_point else dtype, value=op.value,
                        fan_in=op.fan_in, rng=rng)
 
+
+
+def _scale(op: Scale, t: torch.Tensor, work: torch.dtype, seed: int) -> torch.Tensor:
+    """``factor`` x t plus this member's share of zero-sum noise (the draws of every member, minus
+    their mean, generated one at a time so that memory stays at three tensors)."""
+    t = t.to(work)
+    out = t * op.factor if op.factor != 1.0 else t
+    if op.noise > 0:
+        std = float(t.std()) if t.numel() > 1 else 0.0
+        rng = generator(seed, op.step, "scale-noise", op.group)
+        total, mine = torch.zeros_like(t), None
+        for m in range(op.members):
+            eps = torch.randn(t.shape, generator=rng, dtype=work) * (op.noise * std)
+            total += eps
+            if m == op.member:
+                mine = eps
+        out = out + (mine - total / op.members)
+    return out

@@ -59,6 +59,8 @@ class Family:
     renamed: dict[str, str] = field(default_factory=dict)  # old tensor name ending: the name written instead
     position_offset: int = 0  # RoBERTa: positions start at padding_idx + 1, so 2 positions are never probed
     derived_per_layer: dict[str, dict] = field(default_factory=dict)  # per-layer int lists from an interval
+    moe: dict = field(default_factory=dict)  # mixtures of experts: config names, router rule, upcycling (hf_moe)
+    eps_readers: tuple[str, ...] = ()  # norms over other axes (q_norm over head_dim) that read the stream norms' eps
 
 
 @lru_cache(maxsize=None)
@@ -73,7 +75,8 @@ def families() -> dict[str, Family]:
                      tuple(d["block_outputs"]), d.get("derived_layer_types") or {}, tuple(d.get("dropped") or ()),
                      float(d.get("norm_offset", 0.0)), d.get("embed_scale"), d.get("pad_refused"),
                      d.get("projection_norms"), d.get("task_heads") or {}, d.get("renamed") or {},
-                     int(d.get("position_offset", 0)), d.get("derived_per_layer") or {})
+                     int(d.get("position_offset", 0)), d.get("derived_per_layer") or {},
+                     d.get("moe") or {}, tuple(d.get("eps_readers") or ()))
         for mt in fam.model_types:
             out[mt] = fam
     return out
@@ -130,19 +133,23 @@ class Arch:
     labels: int = 0  # a task head's number of labels (never grows)
     head_kind: str = ""  # the family's task head (``task_heads`` key: ForSequenceClassification...) in use
     renamed: dict[str, str] = field(default_factory=dict)  # output key: the old name it is read from
+    experts: int = 0  # mixtures of experts: routed experts per layer ("{e}" in a tensor name), top-k, the
+    top_k: int = 0  # shared expert's intermediate size (0: none)
+    shared: int = 0
 
     # -- tensors
 
     def size(self, space: str) -> int:
         return {"hidden": self.hidden, "mlp": self.intermediate, "heads": self.heads * self.head_dim,
                 "kv_heads": self.kv_heads * self.head_dim, "vocab": self.vocab, "positions": self.positions,
-                "types": self.types, "head_dim": self.head_dim, "labels": self.labels}[space]
+                "types": self.types, "head_dim": self.head_dim, "labels": self.labels,
+                "experts": self.experts, "shared_mlp": self.shared}[space]
 
-    def _axis(self, token: str, layer: int | None) -> tuple[int | None, Axis | None]:
+    def _axis(self, token: str, layer: int | None, expert: int | None = None) -> tuple[int | None, Axis | None]:
         if "+" in token:  # a fused axis of several spaces (Phi-3's q|k|v): each part at its offset
             parts, offset = [], 0
             for t in token.split("+"):
-                n, ax = self._axis(t, layer)
+                n, ax = self._axis(t, layer, expert)
                 parts.append(replace(ax, offset=offset, span=n))
                 offset += n
             return offset, Axis("fused", "fused", parts=tuple(parts))
@@ -161,11 +168,14 @@ class Arch:
             role = ("embed" if self.family.embed_scale else "out") if self.tied else "in"
         block = self.head_dim if space in ("heads", "kv_heads") else 1
         sid = space if space == "hidden" or layer is None else f"{space}@{layer}"
+        if expert is not None and space == "mlp":  # each expert's intermediate units are its own space
+            sid += f".{expert}"
         shift = self.family.norm_offset if role in ("norm", "norm_in") else 0.0
         return self.size(space) * segments, Axis(sid, role, block, segments=segments, norm_shift=shift)
 
-    def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool) -> TensorSpec:
-        dims = [self._axis(t, layer) for t in tokens]
+    def _spec(self, key: str, tokens: list[str], layer: int | None, optional: bool,
+              expert: int | None = None) -> TensorSpec:
+        dims = [self._axis(t, layer, expert) for t in tokens]
         shape = None if any(d is None for d, _ in dims) else tuple(d for d, _ in dims)
         return TensorSpec(key, shape, tuple(a for _, a in dims), optional)
 
@@ -175,8 +185,12 @@ class Arch:
         def add(name: str, tokens: list[str], layer: int | None, prefix: str):
             optional = name.endswith("?")
             name = name.rstrip("?")
-            key = prefix + (fam.layer.format(i=layer) if layer is not None else "") + name
-            out[key] = self._spec(key, tokens, layer, optional)
+            if fam.moe.get("shared_names") and name.startswith(fam.moe["shared_names"]) and not self.shared:
+                return  # no shared expert in this config
+            for e in range(self.experts) if "{e}" in name else [None]:
+                key = prefix + (fam.layer.format(i=layer) if layer is not None else "") + \
+                    (name.replace("{e}", str(e)) if e is not None else name)
+                out[key] = self._spec(key, tokens, layer, optional, e)
 
         for name, tokens in fam.globals.items():
             if not name.rstrip("?").startswith(("norm.", "ln_f.", "pooler.")):
@@ -193,6 +207,12 @@ class Arch:
         for name, tokens in fam.task_heads.get(self.head_kind, {}).items():
             add(name, tokens, None, "")
         return out
+
+    def block_names(self, names) -> list[str]:
+        """Block tensor names (family templates, "?" stripped) with "{e}" expanded for every expert."""
+        names = [n.rstrip("?") for n in names]
+        return [n.replace("{e}", str(e)) if "{e}" in n else n
+                for n in names for e in (range(self.experts) if "{e}" in n else [0])]
 
     def num_parameters(self, present: set[str] | None = None) -> int:
         return sum(math.prod(t.shape) for k, t in self.tensors().items() if t.shape is not None
@@ -225,6 +245,13 @@ class Arch:
                 cfg[rule["from_layer"]] = k if k < len(types) else max(old if isinstance(old, int) else 0, k)
         if self.eps is not None:
             cfg[c["eps"]] = self.eps
+        moe = fam.moe
+        if moe:
+            names = moe["experts"]
+            cfg[next((n for n in names if n in original), names[0])] = self.experts
+            cfg[moe["top_k"]] = self.top_k
+            if moe.get("shared") and self.shared:
+                cfg[moe["shared"]] = self.shared
         return cfg
 
 
@@ -377,6 +404,7 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
         derived = derive_layer_types(config, fam, layers, problems)
         if derived is not None:
             per_layer["layer_types"] = derived
+    experts, top_k, shared = moe_sizes(config, fam, problems) if fam.moe else (0, 0, 0)
     if problems:
         raise ModelError("inconsistent config", where=where, problems=problems)
     head_keys = set(fam.head)
@@ -400,7 +428,28 @@ def arch_from_config(config: dict, keys: set[str], where: str) -> Arch:
     return Arch(fam, prefix, hidden, intermediate, layers, heads, kv_heads, head_dim, tied, vocab,
                 get("positions", 0), get("types", 0), per_layer, float(eps) if eps is not None else None, has_head,
                 tuple(sorted(k for k in keys if fam.dropped and k.endswith(fam.dropped))), labels, head_kind,
-                renamed)
+                renamed, experts, top_k, shared)
+
+
+
+def moe_sizes(config: dict, fam: Family, problems: list[str]) -> tuple[int, int, int]:
+    """(experts, top-k, shared expert size) of a mixture-of-experts config (family ``moe``)."""
+    moe = fam.moe
+    name = next((n for n in moe["experts"] if config.get(n) is not None), moe["experts"][0])
+    experts, top_k = config.get(name), config.get(moe["top_k"])
+    shared = config.get(moe["shared"], 0) if moe.get("shared") else 0
+    for n, v, least in ((name, experts, 1), (moe["top_k"], top_k, 1), (moe.get("shared"), shared, 0)):
+        if n and not (_is_int(v) and v >= least):
+            problems.append(f"'{n}' must be a {'positive' if least else 'non-negative'} integer, got {_show(v)}")
+    if not problems and top_k > experts:
+        problems.append(f"'{moe['top_k']}' ({top_k}) is larger than '{name}' ({experts})")
+    if not problems and experts > MAX_LAYERS:
+        problems.append(f"'{name}' ({experts}) is beyond the {MAX_LAYERS} experts n2n plans for")
+    for n, want in (moe.get("requires") or {}).items():
+        if config.get(n, want) != want:
+            problems.append(f"'{n}' is {_show(config.get(n))}: n2n grows {fam.name} models only with every layer a "
+                            f"mixture of experts ({', '.join(f'{k} {_show(v)}' for k, v in moe['requires'].items())})")
+    return (experts, top_k, shared) if not problems else (0, 0, 0)
 
 
 def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -441,6 +490,7 @@ class HFPlan:
     present_before: set[str]
     problems: list[tuple[int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    config_out: dict | None = None  # the config a step rewrote (an upcycle changes the model type), else None
 
     @property
     def params_before(self) -> int:
@@ -458,7 +508,7 @@ class HFPlan:
         return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
 
     def new_config(self) -> dict:
-        return self.arch_after.to_config(self.config)
+        return self.arch_after.to_config(self.config if self.config_out is None else self.config_out)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "family": self.arch_before.family.name, "params_before": self.params_before,
@@ -475,7 +525,12 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
                   {k: tuple(header[k][1]) for k in recipes}, set(recipes))
     for i, entry in enumerate(steps):
         try:
-            (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
+            if entry.upcycle:  # dense to mixture of experts
+                from .hf_moe import plan_upcycle
+
+                plan_upcycle(plan, i, entry)
+            else:
+                (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
         except StepError as e:
             n = numbers[i] if numbers else i
             msg = f"steps[{n}] ({entry.kind} {_label(entry)}): {e.message}"
@@ -519,6 +574,8 @@ def human_bytes(n: int) -> str:
 
 def _label(entry: HFStepEntry) -> str:
     s = entry.step
+    if entry.upcycle:
+        return f"to {s.experts} experts, top {s.top_k}"
     if entry.widen:
         return s.dim
     return f"to {s.layers} layers" if s.layers else f"after {s.after}"
@@ -534,8 +591,11 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
         for i in range(a.layers):
             mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
+            for e in range(a.experts):  # mixtures of experts: an independent mapping per expert
+                mappings[f"mlp@{i}.{e}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i, e))
         after = replace(a, intermediate=new)
-        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP)"
+        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every " + \
+            (f"expert's MLP, {a.experts} per layer, {cname['intermediate']}; routers unchanged)" if a.experts else "MLP)")
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"], step.factor)
@@ -543,6 +603,13 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
         if pad and fam.pad_refused:
             raise StepError(f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.pad_refused}",
                             hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.", short="integer multiples only")
+        readers = sorted({k.rsplit(".", 2)[-2] for k in plan.recipes if fam.eps_readers and k.endswith(fam.eps_readers)})
+        if pad and readers:
+            raise StepError(
+                f"to: {new} is not an integer multiple of hidden_size {a.hidden}; a zero-padded stream needs RMSNorm's "
+                f"{cname['eps']} scaled, but {' and '.join(readers)} (over head_dim) read the same {cname['eps']}, so "
+                "padding cannot be exact", hint=f"Use a multiple of {a.hidden}, e.g. {2 * a.hidden}.",
+                short="integer multiples only: per-head norms share the eps")
         if pad and (fam.norm_kind != "rms" or fam.head_dim_from_hidden or a.eps is None):
             raise StepError(
                 f"to: {new} is not an integer multiple of hidden_size {a.hidden}; {fam.name} uses LayerNorm, whose "
@@ -704,8 +771,8 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     def block_key(i: int, name: str) -> str:
         return layer_key.format(i=i) + name
 
-    block_names = [n.rstrip("?") for n in fam.block]
-    zeroed = set(fam.block_outputs)
+    block_names = a.block_names(fam.block)
+    zeroed = set(a.block_names(fam.block_outputs))
     new_specs = new_arch.tensors()
     recipes, shapes, dtypes, changes = {}, {}, {}, []
     for key in new_specs:  # tensors outside the blocks keep their recipes

@@ -80,6 +80,8 @@ def load_model(path: Path, dtype: torch.dtype, device: torch.device, user_input:
     cls = getattr(transformers, auto)
     major = int(transformers.__version__.split(".")[0])
     kw = {"dtype": dtype} if major >= 5 else {"torch_dtype": dtype}
+    if hasattr(config, "_experts_implementation"):  # the reference loop over experts: transformers' grouped_mm
+        kw["experts_implementation"] = "eager"  # fails on CPU for sizes whose rows are not 16-byte aligned
     try:
         model = cls.from_pretrained(str(path), attn_implementation="eager", **kw)
     except Exception as e:

@@ -70,7 +70,21 @@ class Create:
     fan_in: int = 1
 
 
-Op = Union[Load, Widen, Create]
+@dataclass(frozen=True)
+class Scale:
+    """Multiply the tensor by ``factor`` and add member ``member`` of ``members`` noise draws of std
+    ``noise`` x the tensor's std, made zero-sum over the members (seeded by ``group``): the experts
+    of a dense-to-MoE upcycle, whose noise must cancel over the experts (``n2n_cli.hf_moe``)."""
+
+    step: int
+    factor: float = 1.0
+    noise: float = 0.0
+    group: str = ""
+    member: int = 0
+    members: int = 1
+
+
+Op = Union[Load, Widen, Create, Scale]
 
 
 @dataclass

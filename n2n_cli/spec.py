@@ -170,9 +170,43 @@ class HFDeepenStep(_Strict):
         return self
 
 
+class HFUpcycleStep(_Strict):
+    """Dense to mixture of experts: every expert a copy of the dense MLP (``n2n_cli.hf_moe``)."""
+
+    experts: int = Field(ge=2, le=1024)
+    top_k: int = Field(ge=1, le=1024)
+    router_init: Literal["zero", "small"] = "zero"
+    router_std: float = Field(default=0.02, gt=0, le=10, allow_inf_nan=False)  # router_init small: N(0, std)
+    noise: float = Field(default=0.0, ge=0, le=10, allow_inf_nan=False)  # zero-sum over the experts' down projections
+    norm_topk_prob: bool = True  # Qwen-MoE: renormalise the top-k weights (exact); mixtral always does
+    shared_expert: Literal["split", "zero"] = "split"  # Qwen2-MoE: half of the MLP in the shared expert, or none
+    allow_approximate: bool = False
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.top_k > self.experts:
+            raise ValueError(f"top_k ({self.top_k}) must not exceed experts ({self.experts})")
+        return self
+
+
 class HFStepEntry(OneStep):
     widen: HFWidenStep | None = None
     deepen: HFDeepenStep | None = None
+    upcycle: HFUpcycleStep | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if sum(s is not None for s in (self.widen, self.deepen, self.upcycle)) != 1:
+            raise ValueError("each step is exactly one of 'widen: {...}', 'deepen: {...}' or 'upcycle: {...}'")
+        return self
+
+    @property
+    def step(self):
+        return self.widen or self.deepen or self.upcycle
+
+    @property
+    def kind(self) -> str:
+        return "widen" if self.widen else "deepen" if self.deepen else "upcycle"
 
 
 class HFGrowthSpec(_Strict):
@@ -301,8 +335,8 @@ def _context_class(loc: tuple, root: type[BaseModel]) -> type[BaseModel] | None:
             cls = WidenStep if part == "widen" else DeepenStep
         elif cls is HFGrowthSpec and part in ("steps", "verify"):
             cls, i = (HFStepEntry, i + 1) if part == "steps" else (VerifySpec, i)
-        elif cls is HFStepEntry and part in ("widen", "deepen"):
-            cls = HFWidenStep if part == "widen" else HFDeepenStep
+        elif cls is HFStepEntry and part in ("widen", "deepen", "upcycle"):
+            cls = {"widen": HFWidenStep, "deepen": HFDeepenStep, "upcycle": HFUpcycleStep}[part]
         elif cls is ModelDescription and part == "layers":
             i += 1
             cls = _LAYER_CLASSES.get(loc[i + 1]) if i + 1 < len(loc) else None
@@ -371,6 +405,8 @@ def is_hf_spec(data: dict) -> bool:
     for s in steps if isinstance(steps, list) else []:
         if isinstance(s, dict):
             w, d = s.get("widen"), s.get("deepen")
+            if "upcycle" in s:
+                return True
             if isinstance(w, dict) and "dim" in w:
                 return True
             if isinstance(d, dict) and ("layers" in d or isinstance(d.get("after"), list) or "allow_approximate" in d):

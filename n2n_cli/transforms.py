@@ -146,6 +146,8 @@ def init_tensor(init: str, shape: tuple[int, ...], *, dtype: torch.dtype, value:
     if init == "default":
         bound = 1.0 / math.sqrt(fan_in)
         return (torch.rand(shape, generator=rng, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+    if init == "normal":  # N(0, value^2): a small random router (dense-to-MoE upcycling)
+        return (torch.randn(shape, generator=rng, dtype=torch.float64) * value).to(dtype)
     raise ValueError(f"unknown init {init!r}")
 
 
