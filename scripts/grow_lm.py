@@ -37,16 +37,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
-import os
 import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -54,8 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from n2n_cli import __version__ as n2n_version  # noqa: E402
-from n2n_cli import api  # noqa: E402
+from n2n_cli import __version__ as n2n_version
+from n2n_cli import api
 
 ARMS = ("n2n_opt", "n2n", "scratch", "random_new", "stack")
 FUNCTION_PRESERVING = ("n2n_opt", "n2n")

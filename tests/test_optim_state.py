@@ -8,12 +8,13 @@ the grown student with the same batches: the grown moments must equal the studen
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
+from helpers import MLP_YAML, VOCAB, load_student, make_hf_model, make_teacher
 from safetensors.torch import load_file
 
-from helpers import MLP_YAML, VOCAB, load_student, make_hf_model, make_teacher
 from n2n_cli import api
 from n2n_cli.spec import load_model_description
 
@@ -241,7 +242,7 @@ def test_sgd_momentum_maps_like_a_gradient(tmp_path):
     desc = load_model_description(MLP_YAML)
     teacher = make_teacher(desc, tmp_path / "t.safetensors", seed=3).eval()
     batches = _mlp_batches()
-    sgd = lambda params, lr, **kw: torch.optim.SGD(params, lr=lr, momentum=0.9)  # noqa: E731
+    sgd = lambda params, lr, **kw: torch.optim.SGD(params, lr=lr, momentum=0.9)
     torch.save(accumulate(teacher, batches, _ce, opt_cls=sgd), tmp_path / "opt.pt")
     api.grow(api.spec_from_steps([{"widen": {"layer": "fc1", "to": 200}}], seed=0), tmp_path / "t.safetensors",
              tmp_path / "s.safetensors", model=MLP_YAML, optimizer_state=tmp_path / "opt.pt",
@@ -281,4 +282,20 @@ def test_bad_optimizer_state_arguments(tmp_path, cli, monkeypatch, args, message
     r = cli("widen", t, "s.safetensors", "--model", MLP_YAML, "--layer", "fc1", "--to", "200", *args)
     assert r.exit_code == 2, r.output
     assert message in r.output
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+def test_model_code_path_refuses_optimizer_state_for_now(tmp_path, cli):
+    import models_zoo as Z
+    from safetensors.torch import save_file
+
+    zoo = Path(Z.__file__)
+    model = Z.sequential_cnn()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    torch.save(accumulate(model, [], _ce), tmp_path / "opt.pt")
+    r = cli("widen", tmp_path / "t.safetensors", tmp_path / "s.safetensors", "--model-code", f"{zoo}:sequential_cnn",
+            "--layer", "0", "--to", "16", "--optimizer-state", tmp_path / "opt.pt",
+            "--optimizer-state-out", tmp_path / "o2.pt")
+    assert r.exit_code == 2, r.output
+    assert "--optimizer-state is not supported yet for models built by --model-code" in r.output
     assert not (tmp_path / "s.safetensors").exists()
