@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import yaml
 
-from . import __version__, fsutil, hf_io, hf_stream, hf_verify, outputs
+from . import __version__, fsutil, hf_io, hf_stream, hf_verify, optim_state, outputs
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
@@ -187,9 +187,14 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
          max_shard_size: int | str = "5GB", verify_dtype: str | None = None, progress: Progress | None = None,
          model_code: str | None = None, model_args: dict | None = None, example_input=None,
-         verify_mode: str = "auto") -> dict:
+         verify_mode: str = "auto", optimizer_state: str | Path | None = None,
+         optimizer_state_out: str | Path | None = None) -> dict:
     """Grow ``src`` by ``spec`` into ``out`` (a .safetensors file, or a directory when ``src`` is a
     Hugging Face model directory). Returns the report (a dict).
+
+    ``optimizer_state`` (a ``torch.save(optimizer.state_dict())`` file of the teacher's Adam/AdamW,
+    parameters numbered in ``model.parameters()`` order) is grown along the same plan and written
+    to ``optimizer_state_out`` after the checkpoint (see ``n2n_cli.optim_state``).
 
     ``model_code`` (FILE.py:NAME or package.module:NAME, with ``model_args``): the model is built by
     the user's own code (importing it runs it); also taken from the spec's ``model_code:`` or
@@ -203,6 +208,9 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
     code, graph_spec = graph_api.model_code_of(spec, Path(src), model_code, model_args, example_input)
     if code is not None:
+        if optimizer_state is not None or optimizer_state_out is not None:
+            raise UserError("--optimizer-state is not supported yet for models built by --model-code",
+                            hint="Grow the weights alone and start the grown model with a fresh optimizer.")
         if model is not None:
             raise UserError("give either --model (a sequential description) or --model-code, not both")
         if graph_spec is None:
@@ -233,7 +241,8 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
                             "deepen: {layers: N} (see the README).")
         return _grow_hf(spec, src, out_path, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
                         dry_run=dry_run, force=force, verify=verify, max_shard_size=max_shard_size,
-                        verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode)
+                        verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode,
+                        optimizer_state=optimizer_state, optimizer_state_out=optimizer_state_out)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     warnings = _output_warnings(lambda: check_output_path(out_path, [src], force), dry_run)
@@ -249,6 +258,11 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
                   "verified_against": DESCRIPTION_NOTE, **({"warnings": warnings} if warnings else {})}
+        opt = _grow_optimizer_state(optimizer_state, optimizer_state_out, plan, header, force,
+                                    lambda: (optim_state.sequential_names(desc),
+                                             optim_state.sequential_names(plan.model_after)))
+        if opt is not None:
+            report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
         outputs.before_writing(out_path, hf_io.planned_bytes(plan.entries()))
@@ -279,11 +293,31 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
             write_safetensors(tmp, entries, mat.get, metadata, name=str(out_path),
                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None)
         report["written"] = True
+        if opt is not None:
+            optim_state.save_state(opt[0], optimizer_state_out, force=force)
+            report["optimizer_state"]["written"] = str(optimizer_state_out)
         return report
 
 
+def _grow_optimizer_state(path, out, plan, header, force: bool, names):
+    """The grown optimizer state (None without --optimizer-state), checked before anything is written."""
+    if path is None and out is None:
+        return None
+    if path is None or out is None:
+        raise UserError("give both --optimizer-state (the teacher's) and --optimizer-state-out (where to write the "
+                        "grown one)")
+    if Path(out).exists() and not force:
+        raise UserError("already exists", where=str(out), hint="Choose another path or pass --force.")
+    state = optim_state.load_state(path)
+    teacher_names, student_names = names()
+    grown = optim_state.grow_state(plan, state, teacher_names, student_names,
+                                   {k: tuple(shape) for k, (_, shape) in header.items()}, where=path)
+    return grown, optim_state.inexact(plan, student_names)
+
+
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
-             max_shard_size, verify_dtype, progress, verify_mode="auto") -> dict:
+             max_shard_size, verify_dtype, progress, verify_mode="auto", optimizer_state=None,
+             optimizer_state_out=None) -> dict:
     warnings = _output_warnings(lambda: hf_io.check_output_dir(out, src, force), dry_run)
     shard_bytes = hf_io.parse_size(max_shard_size)
     clock = PhaseClock()
@@ -300,6 +334,11 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         clock.mark("plan")
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "plan": plan.to_dict(), "written": False, **({"warnings": warnings} if warnings else {})}
+        opt = _grow_optimizer_state(optimizer_state, optimizer_state_out, plan, header, force,
+                                    lambda: (optim_state.hf_names(source.config, header),
+                                             optim_state.hf_names(plan.new_config(), plan.recipes)))
+        if opt is not None:
+            report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
         do_verify = spec.verify.enabled if verify is None else verify
@@ -353,6 +392,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             hf_io.move_into_place(staged, out, replace=force)
             clock.mark("move")
         report["written"] = True
+        if opt is not None:
+            optim_state.save_state(opt[0], optimizer_state_out, force=force)
+            report["optimizer_state"]["written"] = str(optimizer_state_out)
         report["timings"] = clock.seconds
         return report
 

@@ -214,6 +214,11 @@ ModelArgsOpt = Annotated[Optional[str], typer.Option("--model-args", help="With 
                                                      "JSON, e.g. '{\"width\": 64}'.")]
 ExampleInputOpt = Annotated[Optional[str], typer.Option("--example-input", help="With --model-code: the input shape "
                                                         "to trace with, e.g. 1,3,224,224 (default: inferred).")]
+OptStateOpt = Annotated[Optional[Path], typer.Option("--optimizer-state", help="The teacher's optimizer state "
+                                                   "(torch.save(optimizer.state_dict())), Adam/AdamW and relatives: "
+                                                   "grown along the same plan, moments following the gradients.")]
+OptStateOutOpt = Annotated[Optional[Path], typer.Option("--optimizer-state-out", help="Where to write the grown "
+                                                        "optimizer state (with --optimizer-state).")]
 
 
 def _model_args(model_args: Optional[str]) -> Optional[dict]:
@@ -353,7 +358,8 @@ def _print_grow(report: dict) -> None:
 
 
 def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
-              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None, verify_mode="auto"):
+              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None, verify_mode="auto",
+              optimizer_state=None, optimizer_state_out=None):
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
@@ -362,7 +368,8 @@ def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rt
                           rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
                           max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update,
                           model_code=model_code, model_args=_model_args(model_args), example_input=example_input,
-                          verify_mode=verify_mode)
+                          verify_mode=verify_mode, optimizer_state=optimizer_state,
+                          optimizer_state_out=optimizer_state_out)
     finally:
         if bar is not None:
             bar.stop()
@@ -383,6 +390,7 @@ def grow(
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
     verify_mode: VerifyModeOpt = VerifyMode.auto,
+    optimizer_state: OptStateOpt = None, optimizer_state_out: OptStateOutOpt = None,
 ):
     """Apply every step of a growth SPEC to SRC, verify, and write OUT.
 
@@ -393,7 +401,8 @@ def grow(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value)
+              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
+              optimizer_state_out=optimizer_state_out)
 
 
 class WidenMethod(str, Enum):
@@ -434,6 +443,7 @@ def widen(
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
     verify_mode: VerifyModeOpt = VerifyMode.auto,
+    optimizer_state: OptStateOpt = None, optimizer_state_out: OptStateOutOpt = None,
 ):
     """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
@@ -459,7 +469,8 @@ def widen(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value)
+              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
+              optimizer_state_out=optimizer_state_out)
 
 
 class DeepenMethod(str, Enum):
@@ -497,6 +508,7 @@ def deepen(
     max_shard_size: ShardOpt = "5GB", verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
     verify_mode: VerifyModeOpt = VerifyMode.auto,
+    optimizer_state: OptStateOpt = None, optimizer_state_out: OptStateOutOpt = None,
 ):
     """Insert a layer into SRC (Net2DeeperNet), or blocks into a Hugging Face model, and write OUT.
 
@@ -527,7 +539,8 @@ def deepen(
     _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
               dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
               verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value)
+              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
+              optimizer_state_out=optimizer_state_out)
 
 
 class RouterInit(str, Enum):
