@@ -307,7 +307,10 @@ def _grow_optimizer_state(path, out, plan, header, force: bool, names):
         raise UserError("give both --optimizer-state (the teacher's) and --optimizer-state-out (where to write the "
                         "grown one)")
     if Path(out).exists() and not force:
-        raise UserError("already exists", where=str(out), hint="Choose another path or pass --force.")
+        raise UserError("already exists", where=f"--optimizer-state-out {out}",
+                        hint="Choose another path or pass --force.")
+    if Path(out).exists():  # refused now, not after the checkpoint is written
+        optim_state.check_replaceable_state(Path(out))
     state = optim_state.load_state(path)
     teacher_names, student_names = names()
     grown = optim_state.grow_state(plan, state, teacher_names, student_names,

@@ -220,11 +220,13 @@ def atomic_output(out: Path, *, force: bool = False) -> Iterator[Path]:
         place_file(tmp_path, out, force=force)
 
 
-def place_file(tmp: Path, out: Path, *, force: bool) -> None:
-    """Rename ``tmp`` to ``out``: without ``force`` never over an existing ``out``."""
+def place_file(tmp: Path, out: Path, *, force: bool,
+               replaceable: Callable[[Path], None] = outputs.check_replaceable_file) -> None:
+    """Rename ``tmp`` to ``out``: without ``force`` never over an existing ``out``; with it, only
+    over a file that ``replaceable`` accepts (it raises OutputError otherwise)."""
     try:
         if force and os.path.lexists(out):
-            outputs.check_replaceable_file(out)
+            replaceable(out)
             os.replace(tmp, out)
         else:
             fsutil.rename_noreplace(tmp, out)

@@ -247,10 +247,15 @@ def _setup(ctx, *, report=None, json_=False, quiet=False):
         if report.is_dir() or not parent.is_dir() or not dir_writable(parent):
             raise UserError("cannot write the report here (a directory, or its directory is missing or not "
                             "writable)", where=f"--report {report}")
-        from .outputs import check_report_path
-
-        check_report_path(report, [v for k, v in ctx.params.items() if k != "report" and isinstance(v, Path)])
     ctx.obj["report"] = report
+    from .outputs import check_report_path
+
+    # side outputs may never land on (or inside) anything the command reads or writes
+    for name, flag, what in (("report", "--report", "the report"),
+                             ("optimizer_state_out", "--optimizer-state-out", "the grown optimizer state")):
+        if isinstance(ctx.params.get(name), Path):
+            check_report_path(ctx.params[name], [v for k, v in ctx.params.items() if k != name and isinstance(v, Path)],
+                              flag, what)
 
 
 def _progress(ctx):

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import OutputError, UserError
 from .layers import Axis
 from .plan import Load, Widen
 from .transforms import make_mapping
@@ -297,14 +297,26 @@ def load_state(path: str | Path) -> dict:
 
 
 def save_state(state: dict, path: str | Path, *, force: bool = False) -> None:
+    """Write atomically beside ``path``; never over a file that appeared meanwhile (without
+    ``force``), and with ``force`` only over a file ``torch.save`` wrote (a zip archive)."""
+    from .checkpoints import place_file
     from .fsutil import temp_beside
 
     path = Path(path)
     if path.exists() and not force:
-        raise UserError("already exists", where=str(path), hint="Choose another path or pass --force.")
+        raise UserError("already exists", where=f"--optimizer-state-out {path}",
+                        hint="Choose another path or pass --force.")
     with temp_beside(path, "tmp") as tmp:
         torch.save(state, tmp)
-        tmp.replace(path)
+        place_file(tmp, path, force=force, replaceable=check_replaceable_state)
+
+
+def check_replaceable_state(path: Path) -> None:
+    import zipfile
+
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        raise OutputError("exists and is not a saved optimizer state (torch.save); --force replaces only one",
+                          where=f"--optimizer-state-out {path}", hint="Move it away or choose another path.")
 
 
 def inexact(plan, student_names: list[str]) -> dict[str, str]:

@@ -119,8 +119,9 @@ def check_out_name(out: Path) -> None:
                           hint="Give a name, e.g. ./grown.")
 
 
-def check_report_path(report: Path, protected: Iterable[Path]) -> None:
-    """``--report`` must not be, or be inside, any path the command reads or writes."""
+def check_report_path(report: Path, protected: Iterable[Path], flag: str = "--report", what: str = "the report") -> None:
+    """``--report`` (or another side output, ``flag``) must not be, or be inside, any path the
+    command reads or writes."""
     real = os.path.realpath(report)
     for p in protected:
         other = os.path.realpath(p)
@@ -131,8 +132,8 @@ def check_report_path(report: Path, protected: Iterable[Path]) -> None:
             except OSError:
                 pass
         if same or real.startswith(other.rstrip("/") + "/"):
-            raise UserError(f"the report would be written {'over' if same else 'inside'} {p}, which this command "
-                            "reads or writes", where=f"--report {report}", hint="Write the report somewhere else.")
+            raise UserError(f"{what} would be written {'over' if same else 'inside'} {p}, which this command "
+                            "reads or writes", where=f"{flag} {report}", hint=f"Write {what} somewhere else.")
 
 
 def before_writing(out: Path, needed: int) -> None:

@@ -215,3 +215,44 @@ def test_a_shard_name_longer_than_the_file_system_allows(tmp_path, cli):
         r = cli(*args)
         assert r.exit_code == 2, r.output
         assert "1 shard file(s) listed in the index are missing" in r.stderr
+
+
+def _adam_state(tmp_path):
+    from n2n_cli.model import to_torch_module
+    from n2n_cli.spec import load_model_description
+    from helpers import MLP_YAML, make_teacher
+
+    desc = load_model_description(MLP_YAML)
+    make_teacher(desc, tmp_path / "t.safetensors", seed=3)
+    net = to_torch_module(desc)
+    net.load_state_dict(load_file(str(tmp_path / "t.safetensors")))
+    opt = torch.optim.Adam(net.parameters())
+    net(torch.randn(4, *desc.input_shape)).sum().backward()
+    opt.step()
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    return tmp_path / "t.safetensors", tmp_path / "opt.pt"
+
+
+def test_optimizer_state_out_never_overwrites_inputs_or_foreign_files(tmp_path, cli):
+    from helpers import MLP_YAML
+
+    src, opt = _adam_state(tmp_path)
+    out = tmp_path / "s.safetensors"
+    before = src.read_bytes(), opt.read_bytes()
+    base = ("widen", src, out, "--model", MLP_YAML, "--layer", "fc1", "--factor", "2", "--optimizer-state", opt)
+    for target, word in ((src, "over"), (opt, "over"), (out, "over")):
+        r = cli(*base, "--optimizer-state-out", target, "--force")
+        assert r.exit_code == 2, r.output
+        assert f"--optimizer-state-out {target}: the grown optimizer state would be written {word}" in r.stderr
+    assert (src.read_bytes(), opt.read_bytes()) == before and not out.exists()
+    notes = tmp_path / "notes.pt"
+    notes.write_text("my notes")
+    r = cli(*base, "--optimizer-state-out", notes, "--force")
+    assert r.exit_code == 2, r.output
+    assert "exists and is not a saved optimizer state (torch.save); --force replaces only one" in r.stderr
+    assert notes.read_text() == "my notes"
+    r = cli(*base, "--optimizer-state-out", tmp_path / "grown-opt.pt")
+    assert r.exit_code == 0, r.output
+    assert torch.load(tmp_path / "grown-opt.pt", weights_only=True)["state"]
+    r = cli(*base, "--optimizer-state-out", tmp_path / "grown-opt.pt", "--force")  # its own earlier output: fine
+    assert r.exit_code == 0, r.output
