@@ -247,15 +247,16 @@ def _setup(ctx, *, report=None, json_=False, quiet=False):
         if report.is_dir() or not parent.is_dir() or not dir_writable(parent):
             raise UserError("cannot write the report here (a directory, or its directory is missing or not "
                             "writable)", where=f"--report {report}")
-    ctx.obj["report"] = report
     from .outputs import check_report_path
 
-    # side outputs may never land on (or inside) anything the command reads or writes
+    # side outputs may never land on (or inside) anything the command reads or writes; checked
+    # before the report path is recorded, so that this very failure is not written over SRC
     for name, flag, what in (("report", "--report", "the report"),
                              ("optimizer_state_out", "--optimizer-state-out", "the grown optimizer state")):
         if isinstance(ctx.params.get(name), Path):
             check_report_path(ctx.params[name], [v for k, v in ctx.params.items() if k != name and isinstance(v, Path)],
                               flag, what)
+    ctx.obj["report"] = report
 
 
 def _progress(ctx):
@@ -645,8 +646,18 @@ def inspect(
     """Show a checkpoint's layers, shapes and parameters, and which layers can be widened or
     deepened after exactly (and why not)."""
     _setup(ctx, report=report, json_=json_)
-    result = _api().inspect(src, model=model, model_code=model_code, model_args=_model_args(model_args),
-                            example_input=example_input)
+    result = None
+    if model is None and model_code is None and src.suffix.lower() == ".safetensors" and src.is_file():
+        from .errors import CheckpointError
+        from .headers import inspect_plain
+
+        try:  # a plain checkpoint is header-only work: answer without importing torch
+            result = inspect_plain(src)
+        except CheckpointError:
+            result = None  # the full reader says precisely what is wrong
+    if result is None:
+        result = _api().inspect(src, model=model, model_code=model_code, model_args=_model_args(model_args),
+                                example_input=example_input)
 
     def human(r):
         if "spaces" in r:
@@ -725,7 +736,9 @@ def validate(
 ):
     """Check a growth spec and report all of its problems at once (exit 2 if any)."""
     _setup(ctx, report=report, json_=json_)
-    result = _api().validate(spec, checkpoint=checkpoint, model=model)
+    from .validation import validate as validate_spec  # light: no torch unless --checkpoint needs it
+
+    result = validate_spec(spec, checkpoint=checkpoint, model=model)
 
     def human(r):
         if "plan" in r:

@@ -14,9 +14,12 @@ import re
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import CheckpointError, ModelError, StepError
 from .limits import MAX_LAYERS, MAX_PLANNED_BYTES, MAX_WIDTH as MAX_SIZE

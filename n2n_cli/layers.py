@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal, Union
 
-import torch
-import torch.nn.functional as F
+
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveInt, field_validator
+
+if TYPE_CHECKING:
+    import torch
 
 Pair = Union[PositiveInt, tuple[PositiveInt, PositiveInt]]
 NonNegPair = Union[Annotated[int, Field(ge=0)], tuple[Annotated[int, Field(ge=0)], Annotated[int, Field(ge=0)]]]
@@ -275,6 +277,9 @@ def layer_tensors(layer, in_shape: tuple[int, ...], in_space: str, in_block: int
 
 
 def apply_layer(layer, x: torch.Tensor, get) -> torch.Tensor:
+    import torch  # here, not at the top: descriptions and plans are read without loading torch
+    import torch.nn.functional as F
+
     """Evaluate one layer in eval mode. ``get(key)`` returns a tensor of this layer."""
     t = layer.type
     if t == "linear":
@@ -313,6 +318,8 @@ def apply_layer(layer, x: torch.Tensor, get) -> torch.Tensor:
 
 def torch_layer(layer, in_shape: tuple[int, ...]) -> torch.nn.Module:
     """The ``torch.nn`` module equivalent to ``layer`` for per-sample input ``in_shape``."""
+    import torch
+
     nn = torch.nn
     t = layer.type
     if t == "linear":

@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
+
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from .layers import NORMS, PRODUCERS, Layer, TensorInfo, apply_layer, layer_tensors, output_shape, torch_layer
+from .layers import NORMS, PRODUCERS, Layer, TensorInfo, apply_layer, layer_tensors, output_shape
+
+if TYPE_CHECKING:
+    import torch
 
 INPUT_SPACE = "<input>"
 
@@ -144,42 +147,17 @@ def forward(desc: ModelDescription, get: Callable[[str], torch.Tensor], x: torch
     return x
 
 
-class _Container(torch.nn.Module):
-    pass
+def to_torch_module(desc: ModelDescription):
+    """The description's ``torch.nn.Module`` (``model_torch.SequentialNet``), whose ``state_dict``
+    keys are the checkpoint's."""
+    from .model_torch import SequentialNet
 
-
-class SequentialNet(torch.nn.Module):
-    """A ``torch.nn.Module`` for a description whose ``state_dict`` keys are the checkpoint's.
-
-    >>> net = to_torch_module(desc); net.load_state_dict(safetensors.torch.load_file(path))
-    """
-
-    def __init__(self, desc: ModelDescription):
-        super().__init__()
-        shapes = desc.shapes()
-        order = []
-        stateless = torch.nn.ModuleList()
-        for i, layer in enumerate(desc.layers):
-            module = torch_layer(layer, shapes[i])
-            if layer.parametric:
-                *path, leaf = layer.name.split(".")
-                parent: torch.nn.Module = self
-                for part in path:
-                    if not hasattr(parent, part):
-                        parent.add_module(part, _Container())
-                    parent = getattr(parent, part)
-                parent.add_module(leaf, module)
-            else:
-                stateless.append(module)
-            order.append(module)
-        self._n2n_stateless = stateless  # registered so that .eval()/.to() reach dropout etc.
-        self._n2n_order = order
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D401
-        for module in self._n2n_order:
-            x = module(x)
-        return x
-
-
-def to_torch_module(desc: ModelDescription) -> SequentialNet:
     return SequentialNet(desc)
+
+
+def __getattr__(name: str):  # ``model.SequentialNet`` still works, without importing torch up front
+    if name == "SequentialNet":
+        from .model_torch import SequentialNet
+
+        return SequentialNet
+    raise AttributeError(name)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 from .errors import StepError
 from .layers import ACTIVATIONS, NORMS, PRODUCERS, Axis, Conv2d, Linear, pair
@@ -164,6 +166,8 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
     (step number, message) and skipped, so that every problem is reported at once; otherwise
     StepError is raised. ``numbers`` are the steps' numbers in the spec, for messages.
     """
+    import torch  # here, not at the top: validating a spec against a description needs no torch
+
     layout = desc.layout()
     if header is None:
         header = {k: (torch.float32 if t.floating else torch.int64, t.shape) for k, t in layout.tensors.items()}
@@ -391,7 +395,7 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
                      "running_var": 1.0, "num_batches_tracked": 0.0}[suffix]
             op = Create(index, info.shape, "const", value)
         created[key] = [op]
-        new_dtypes[key] = dtype if info.floating else torch.int64
+        new_dtypes[key] = dtype if info.floating else _int64()
         new_shapes[key] = info.shape
         how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
         changes.append(TensorChange(key, None, info.shape, how))
@@ -405,6 +409,12 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
         index, entry, f"deepen after {layer.name}: insert {inserted} ({step.method})", exact, changes,
         desc.layout().num_parameters(), new_layout.num_parameters()))
     plan.model_after = new_desc
+
+
+def _int64():
+    import torch
+
+    return torch.int64
 
 
 def exact_counterpart(steps: list[StepEntry]) -> list[StepEntry] | None:

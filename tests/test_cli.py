@@ -373,10 +373,10 @@ def test_unexpected_error_is_exit_1_with_hint(tmp_path, cli, cnn_teacher, monkey
 
     import n2n_cli.api
     monkeypatch.setattr(n2n_cli.api, "inspect", boom)
-    r = cli("inspect", cnn_teacher)
+    r = cli("inspect", cnn_teacher, "--model", CNN_YAML)  # with a description: the full inspection runs
     assert r.exit_code == 1 and "internal error: RuntimeError: kaboom" in r.stderr and "--debug" in r.stderr
     assert "Traceback" not in r.output
-    r = cli("--debug", "inspect", cnn_teacher)
+    r = cli("--debug", "inspect", cnn_teacher, "--model", CNN_YAML)
     assert r.exit_code == 1 and "Traceback" in r.stderr
 
 

@@ -256,3 +256,31 @@ def test_optimizer_state_out_never_overwrites_inputs_or_foreign_files(tmp_path, 
     assert torch.load(tmp_path / "grown-opt.pt", weights_only=True)["state"]
     r = cli(*base, "--optimizer-state-out", tmp_path / "grown-opt.pt", "--force")  # its own earlier output: fine
     assert r.exit_code == 0, r.output
+
+
+def test_header_only_work_does_not_import_torch(tmp_path):
+    """`inspect` of a plain checkpoint and `validate` of a spec on its own answer from the header
+    and the YAML: torch (over a second to import) stays unloaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from typer.testing import CliRunner; from n2n_cli.cli import app; "
+            "r = CliRunner().invoke(app, sys.argv[1:]); "
+            "print(r.exit_code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    for args in (["inspect", str(TEACHER)], ["validate", str(SPECS / "llama-grow.yaml")]):
+        res = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert res.stdout.split() == ["0", "False", "False"], (args, res.stdout, res.stderr)
+
+
+def test_header_only_inspect_reports_what_the_full_reader_reports(tmp_path):
+    from n2n_cli import api
+    from n2n_cli.headers import inspect_plain
+
+    path = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(3, 4), "b": torch.zeros(3, dtype=torch.bfloat16), "n": torch.zeros(2, dtype=torch.int64)},
+              str(path))
+    assert inspect_plain(path) == api.inspect(path)
+    assert inspect_plain(TEACHER) == api.inspect(TEACHER)
+    grown = tmp_path / "grown.safetensors"
+    api.grow(SPECS / "mnist-cnn-wider.yaml", TEACHER, grown)
+    assert inspect_plain(grown) is None  # n2n metadata: the full inspection shows the description

@@ -47,9 +47,11 @@ def hf_src(tmp_path):
 
 def test_report_never_overwrites_what_the_command_reads_or_writes(tmp_path, cli, cnn_teacher):
     out = tmp_path / "o.safetensors"
+    spec = tmp_path / "grow.yaml"  # a copy: if this test ever fails, it must not destroy the repository's spec
+    spec.write_text(GROW.read_text().replace("model: models/", f"model: {GROW.parent}/models/"))
     before = snapshot(tmp_path)
-    for rep in (cnn_teacher, out, GROW):
-        r = cli("grow", GROW, cnn_teacher, out, "--report", rep)
+    for rep in (cnn_teacher, out, spec):
+        r = cli("grow", spec, cnn_teacher, out, "--report", rep)
         assert r.exit_code == 2, r.output
         assert f"--report {rep}: the report would be written over {rep}" in r.stderr
     link = tmp_path / "link.json"
