@@ -361,6 +361,8 @@ def _print_grow(report: dict) -> None:
     path = Path(report["output"])
     size = sum(p.stat().st_size for p in path.iterdir()) if path.is_dir() else path.stat().st_size
     out.print(f"wrote {report['output']} ({size / 1e6:.1f} MB)", markup=False)
+    if report.get("load"):  # a model built by --model-code: how the user's code loads the student
+        out.print(report["load"]["line"], markup=False)
 
 
 def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
@@ -723,7 +725,7 @@ def _print_graph_inspect(r: dict) -> None:
         if len(sp["producers"]) > 1:
             out.print(f"coupled (widened together): {', '.join(sp['producers'])} ({sp['width']} channels)",
                       markup=False)
-    out.print(f"load the grown model with: {r['load']}", markup=False)
+    out.print(r["load"], markup=False)
 
 
 @app.command()

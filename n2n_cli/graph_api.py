@@ -20,6 +20,7 @@ from .checkpoints import atomic_output, check_output_path, open_checkpoint, writ
 from .errors import CheckpointError, SpecError, UserError
 from .execute import Materializer
 from .graph import trace, trace_spaces
+from .graph_args import find_student_args
 from .graph_deepen import apply_edits
 from .graph_plan import load_tensors, plan_graph, resize_module, run_model, widenable
 from .spec import GrowthSpec, load_spec
@@ -41,6 +42,7 @@ class ModelCode:
     args: dict = field(default_factory=dict)
     example_shape: list[int] | None = None
     edits: list[dict] = field(default_factory=list)  # module insertions by deepen steps, in order
+    student_args: dict | None = None  # constructor arguments that build the grown shapes, when some do
 
     def build(self) -> torch.nn.Module:
         """The user's module with the recorded insertions replayed (teacher sizes until resized)."""
@@ -50,6 +52,8 @@ class ModelCode:
         data = {"model_code": self.ref, "model_args": self.args, "example_input": {"shape": self.example_shape}}
         if self.edits:
             data["insertions"] = self.edits
+        if self.student_args is not None:
+            data["student_args"] = self.student_args
         return json.dumps(data, sort_keys=True)
 
 
@@ -198,6 +202,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         atol = spec.verify.atol if atol is None and spec.verify.atol is not None else (d_atol if atol is None else atol)
         rtol = spec.verify.rtol if rtol is None and spec.verify.rtol is not None else (d_rtol if rtol is None else rtol)
         probes = probes or spec.verify.probes
+        student = None
         if spec.verify.enabled if verify is None else verify:
             if progress:
                 progress("verifying", 0, 1)
@@ -220,6 +225,12 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
                 raise verification_failed(c, src, report, grown=True)
         else:
             report["verification"] = {"passed": None, "skipped": True}
+        if student is None:
+            student = load_tensors(resize_module(code.build(), plan.shapes), mat.get)
+        search = find_student_args(code.ref, code.args, student, x0, len(code.edits))
+        code.student_args = search.student_args
+        report["model_code"] = json.loads(code.to_json())
+        report["load"] = search.to_dict()
         try:
             previous = json.loads(source.metadata.get(META_LINEAGE, "[]"))
         except json.JSONDecodeError:
@@ -247,6 +258,7 @@ def inspect(src: Path, code: ModelCode) -> dict:
         model, header = _teacher(code, source)
         x, code.example_shape = example_for(model, code.example_shape)
         g = trace_spaces(model, trace(model, x))
+        search = find_student_args(code.ref, code.args, model, x, len(code.edits))
         lineage = source.metadata.get(META_LINEAGE)
     spaces = []
     for sp in g.roots():
@@ -257,8 +269,8 @@ def inspect(src: Path, code: ModelCode) -> dict:
     return {"checkpoint": str(src), "model_code": json.loads(code.to_json()),
             "params": sum(p.numel() for p in model.parameters()),
             "modules": [{"name": n, "type": g.producer_modules[n], "widen": w} for n, w in widenable(g).items()],
-            "spaces": spaces, "load": "n2n_cli.load_grown(model, path) (the user's constructor does not take the "
-                                      "grown sizes)",
+            "spaces": spaces, "load": search.line(), "load_search": search.to_dict(),
+            "student_args": search.student_args,
             "lineage": json.loads(lineage) if lineage else None}
 
 

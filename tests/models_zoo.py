@@ -408,3 +408,15 @@ class RandomGraph(nn.Module):
 
     def forward(self, x):
         return self.fc(torch.flatten(self.blocks(self.stem(x)), 1))
+
+
+# ----------------------------------------------------------------------------- constructors exposing sizes
+
+
+def mlp(inp: int = 6, hidden=(16, 12), classes: int = 3):
+    """An MLP whose constructor takes its hidden sizes (a list): a widened student is mlp(hidden=[...])."""
+    layers, c = [], inp
+    for h in hidden:
+        layers += [nn.Linear(c, h), nn.ReLU()]
+        c = h
+    return nn.Sequential(*layers, nn.Linear(c, classes))
