@@ -122,6 +122,7 @@ def find_student_args(ref: str, args: dict, student: torch.nn.Module, x: torch.T
     shapes and computes what ``student`` computes on ``x`` (``student``: the user's module, resized
     and loaded, as load_grown builds it). ``inserted``: how many module insertions were recorded."""
     target = import_target(ref)
+    student = student.to(device="cpu", dtype=torch.float32)  # verification may have moved it to its device
     search = ArgsSearch(ref.rpartition(":")[2])
     want = _shapes(student)
     params = _params(target, args)
