@@ -40,7 +40,6 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -60,8 +59,8 @@ KNOWN = ("Transformer", "Pooling", "Dense", *NO_WIDTH)
 TEXTS = ("The cat sits on the mat.", "A dog is playing in the park.",
          "Function-preserving transforms let a bigger network start where a smaller one ended.",
          "Il pleut des cordes ce matin.", "Das ist ein Test.", "42",
-         "Sentence embeddings are compared after pooling and normalisation, not only the hidden states, "
-         "because the modules after the transformer read the widened stream too.",
+         ("Sentence embeddings are compared after pooling and normalisation, not only the hidden states, "
+          "because the modules after the transformer read the widened stream too."),
          "¿Dónde está la biblioteca?")
 
 
