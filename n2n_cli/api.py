@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import yaml
 
-from . import __version__, fsutil, hf_io, hf_stream, hf_verify, optim_state, outputs
+from . import __version__, fsutil, hf_io, hf_st, hf_stream, hf_verify, optim_state, outputs
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
 from .execute import Materializer
@@ -335,9 +335,12 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         hf_verify.check_config(plan.new_config())
+        st = hf_st.plan_modules(src, plan)  # a sentence-transformers directory: its module tree grows too
         clock.mark("plan")
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "plan": plan.to_dict(), "written": False, **({"warnings": warnings} if warnings else {})}
+        if st is not None:
+            report["sentence_transformers"] = st.to_dict()
         opt = _grow_optimizer_state(optimizer_state, optimizer_state_out, plan, header, force,
                                     lambda: (optim_state.hf_names(source.config, header),
                                              optim_state.hf_names(plan.new_config(), plan.recipes)))
@@ -354,7 +357,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                              separators=(",", ":"))}
         clock.mark("hash")
         entries = plan.entries()
-        outputs.before_writing(out, hf_io.planned_bytes(entries, src))
+        outputs.before_writing(out, hf_io.planned_bytes(entries, src) + (st.written_bytes() if st else 0))
         done = iter(range(1, len(entries) + 1))
         with fsutil.temp_beside(out, "stage", directory=True) as holder:
             staged = holder / out.name
@@ -365,6 +368,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                                                             sort_keys=False)},
                                on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
                                replace=False, name=out)
+            if st is not None:
+                hf_st.write_modules(st, staged, out)
             clock.mark("write")
             source.close()  # unmap the input (reopened on demand): its pages would count in RSS while verifying
             if do_verify:
@@ -383,11 +388,15 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                     v = {"passed": None, "exact_student": False, "checked": "nothing exact", "exact": None,
                          "deviation": {**c.to_dict(), "passed": None},
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
+                if st is not None:
+                    v["sentence_embeddings"] = _verify_st(st, src, staged, v, atol=c.atol, rtol=c.rtol,
+                                                          device=resolve_device(device), dtype=dtype, seed=seed)
                 report["verification"] = v
                 clock.mark("verify")
                 report["timings"] = clock.seconds
                 if v["passed"] is False:
-                    raise verification_failed(v["exact"], src, report, grown=True, user_tol=user_tol)
+                    failed = v["exact"] if v["exact"]["passed"] is False else v["sentence_embeddings"]
+                    raise verification_failed(failed, src, report, grown=True, user_tol=user_tol)
             else:
                 report["verification"] = {"passed": None, "skipped": True}
             hf_io.write_text(staged / "n2n_verification.json",
@@ -401,6 +410,21 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             report["optimizer_state"]["written"] = str(optimizer_state_out)
         report["timings"] = clock.seconds
         return report
+
+
+def _verify_st(st, teacher: Path, student: Path, v: dict, **kw) -> dict:
+    """Sentence embeddings of both directories with sentence-transformers (when installed): the
+    student's, de-tiled, must be the teacher's; without sentence-transformers, a note."""
+    if not hf_st.installed():
+        return {"passed": None, "skipped": True,
+                "note": "sentence-transformers is not installed: the transformer's hidden states were verified, "
+                        "the module tree (pooling, dense, normalize) was not run"}
+    e = hf_st.compare_embeddings(teacher, student, normalized=st.normalized, **kw)
+    if v["passed"] is None:  # approximate growth: measured, not judged
+        e["passed"] = None
+    elif not e["passed"]:
+        v["passed"] = False
+    return e
 
 
 def _output_warnings(check: Callable[[], object], dry_run: bool) -> list[str]:

@@ -319,6 +319,12 @@ def _print_verification(v: dict, console: Console) -> None:
                       f"{_fmt_err(v['exact_counterpart'])}", markup=False)
     if v.get("note"):
         console.print(f"verification: {v['note']}", markup=False)
+    se = v.get("sentence_embeddings")
+    if se:  # a sentence-transformers directory: its embeddings, through every module
+        word = {True: "PASS", False: "FAIL", None: "measured"}[se.get("passed")]
+        console.print(f"verification (sentence embeddings): {word}: " + (se["note"] if se.get("skipped") else
+                      f"{_fmt_err(se).replace('probes', 'texts')}, cosine similarity max error "
+                      f"{se['cosine_max_abs_error']:.3g}"), markup=False)
     if v.get("deviation"):
         judged = "" if v["deviation"].get("passed") is not None else ", NOT judged"
         console.print(f"measured deviation of the written student (noise / baseline method{judged}): "
