@@ -8,7 +8,11 @@ import torch
 
 from .checkpoints import TensorSource
 from .plan import Create, Load, Plan, Widen
-from .transforms import generator, init_tensor, make_mapping, widen_axis
+from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
+
+
+class NonFinite(Exception):
+    """A source tensor read while materializing holds NaN or Inf (``Materializer(check=True)``)."""
 
 
 class Materializer:
@@ -16,9 +20,14 @@ class Materializer:
     or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
-    def __init__(self, plan: Plan, source: TensorSource):
+    def __init__(self, plan: Plan, source: TensorSource, check: bool = False):
+        """With ``check``, every source tensor is checked for NaN/Inf the first time it is read
+        (:class:`NonFinite` if bad), so the input is read once for checking and writing together;
+        :attr:`checked` is the set of source keys checked so far."""
         self.plan = plan
         self.source = source
+        self.check = check
+        self.checked: set[str] = set()
         self._mapping = lru_cache(maxsize=None)(make_mapping)
 
     def get(self, key: str) -> torch.Tensor:
@@ -31,6 +40,10 @@ class Materializer:
                 # kept in its own dtype: a tensor that is only copied (most of a deepen) is never
                 # converted; widen_axis converts to ``work`` when it computes (same values)
                 t = self.source.get(op.key)
+                if self.check and op.key not in self.checked:
+                    if not all_finite(t):
+                        raise NonFinite(op.key)
+                    self.checked.add(op.key)
             elif isinstance(op, Create):
                 t = _create(op, dtype, work, generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -40,7 +41,11 @@ class HFDirSource(TensorSource):
     Opening validates everything up front: ``config.json``, the index (if any), that every
     shard exists inside the directory and holds the keys the index puts there. Tensor data is
     read only by :meth:`get`; safetensors shards are opened lazily on first use and kept open
-    until :meth:`close`. Pickled shards are loaded with ``torch.load(weights_only=True)``
+    until :meth:`close`. Safetensors data is read with explicit ``pread`` calls into a fresh
+    buffer, never through a memory mapping: pages of a mapping that the process has touched count
+    in its resident memory until it is unmapped (a 7B model would be resident whole by the time it
+    has been copied), whereas a read buffer is freed with its tensor; the page cache serves both
+    alike. Pickled shards are loaded with ``torch.load(weights_only=True)``
     (memory-mapped) through :class:`StateDictSource`. The index is authoritative: tensors in a
     shard that the index does not list are ignored.
     """
@@ -55,7 +60,8 @@ class HFDirSource(TensorSource):
         self.index_file: str | None = None
         self._where: dict[str, str] = {}  # key -> shard file name (relative to path)
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._open: dict[str, Any] = {}  # shard name -> safe_open handle or StateDictSource
+        self._open: dict[str, Any] = {}  # shard name -> file descriptor (int) or StateDictSource
+        self._span: dict[str, tuple[int, int]] = {}  # key -> (file offset, bytes) of its data
         found = next((n for n in WEIGHT_CANDIDATES if os.path.lexists(self.path / n)), None)
         if found is not None:
             fsutil.require_regular_file(self.path / found, "weights file", CheckpointError)
@@ -97,9 +103,12 @@ class HFDirSource(TensorSource):
             if bad:
                 raise CheckpointError("tensors of a dtype n2n does not support", where=str(file), problems=bad)
             info = {k: (shape, ST_TO_DTYPE.get(st)) for k, (shape, st) in raw.items()}
+            spans = _data_spans(file)  # safe_open has validated the header and the offsets
         for k in info if keys is None else keys:
             if k in info:
                 self._where[k], self._info[k] = shard, info[k]  # type: ignore[assignment]
+                if not pickled:
+                    self._span[k] = spans[k]
         return [f"'{k}' is not in {shard}" for k in keys or [] if k not in info]
 
     def keys(self) -> list[str]:
@@ -116,15 +125,36 @@ class HFDirSource(TensorSource):
         handle = self._open.get(shard)
         if isinstance(handle, StateDictSource):
             return handle.get(key)
+        shape, dtype = self._info[key]
+        return self.read_bytes(key).view(dtype).reshape(shape)
+
+    def read_bytes(self, key: str) -> torch.Tensor:
+        """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored),
+        read with ``pread``: a pass-through copy needs no decoding, and nothing stays mapped."""
+        shard = self._where[key]
+        offset, n = self._span[key]
+        buf = torch.empty(n, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if n else memoryview(b"")
         try:
-            if handle is None:
-                handle = self._open[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
-            return handle.get_tensor(key)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor '{key}' ({e})", where=str(self.path / shard)) from None
+            fd = self._open.get(shard)
+            if fd is None:
+                fd = self._open[shard] = os.open(self.path / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise OSError(0, "the file is shorter than its header says (truncated while n2n ran?)")
+                done += got
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e.strerror or e})",
+                                  where=str(self.path / shard)) from None
+        return buf
 
     def close(self) -> None:
-        self._open = {k: v for k, v in self._open.items() if isinstance(v, StateDictSource)}
+        for shard, handle in list(self._open.items()):
+            if isinstance(handle, int):
+                os.close(handle)
+                del self._open[shard]
 
     def weight_files(self) -> list[str]:
         """The files holding tensor data (not the index), sorted, relative to :attr:`path`."""
@@ -139,6 +169,17 @@ class HFDirSource(TensorSource):
         names = sorted([CONFIG, *([self.index_file] if self.index_file else []), *self.weight_files()])
         manifest = "".join(f"{file_sha256(self.path / n)}  {n}\n" for n in names)
         return hashlib.sha256(manifest.encode("utf-8")).hexdigest()
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """``key -> (absolute file offset, byte count)`` of every tensor in a safetensors file, from
+    its header (8-byte little-endian length, JSON, then the data section)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    start = 8 + n
+    return {k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def open_hf_dir(path: str | os.PathLike) -> HFDirSource:

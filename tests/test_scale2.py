@@ -1,0 +1,104 @@
+"""Growth at disk speed in bounded memory (issue 8, second part): the input is read once, with
+explicit reads (nothing mapped), checked for NaN/Inf as it is read, transformers' config check off
+the critical path, and every refusal still leaves nothing written."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import make_hf_model  # noqa: E402
+from n2n_cli import hf_io  # noqa: E402
+
+
+def edit_config(src: Path, **kw):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(kw)
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("."))
+
+
+def test_pread_reader_gives_safetensors_tensors(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 5, generator=g).to(torch.bfloat16), "b": torch.randn(7, generator=g),
+               "c": torch.tensor(2.5, dtype=torch.float64), "d": torch.zeros(0, 4, dtype=torch.float16),
+               "e": torch.arange(6, dtype=torch.int64).reshape(2, 3)}
+    src = tmp_path / "m"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    save_file(tensors, str(src / "model.safetensors"))
+    source = hf_io.open_hf_dir(src)
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        for k in tensors:
+            got, want = source.get(k), f.get_tensor(k)
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), k
+            assert bytes(source.read_bytes(k).numpy()) == bytes(want.reshape(-1).view(torch.uint8).numpy())
+    source.close()
+    assert source.get("b").shape == (7,)  # reopened on demand after close
+    source.close()
+
+
+def test_truncated_shard_is_a_checkpoint_error(tmp_path, cli):
+    src = make_hf_model(tmp_path, "llama")
+    source = hf_io.open_hf_dir(src)
+    f = src / "model.safetensors"
+    os.truncate(f, os.path.getsize(f) - 16)  # truncated after opening (validated header)
+    from n2n_cli.errors import CheckpointError
+    last = max(source.keys(), key=lambda k: source._span[k][0])
+    with pytest.raises(CheckpointError, match="cannot read tensor"):
+        source.get(last)
+    source.close()
+
+
+def _poison(src: Path, key_part: str, value: float) -> str:
+    """Set one entry of the first tensor whose name contains ``key_part`` to ``value``, in place."""
+    f = src / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    key = next(k for k in header if key_part in k)
+    assert header[key]["dtype"] == "F32"
+    off = 8 + n + header[key]["data_offsets"][0]
+    f.write_bytes(raw[:off] + struct.pack("<f", value) + raw[off + 4:])
+    return key
+
+
+@pytest.mark.parametrize("verify", [True, False])
+@pytest.mark.parametrize("part,value", [("layers.1.mlp.down_proj", float("nan")), ("norm.weight", float("inf"))])
+def test_non_finite_teacher_refused_with_nothing_written(tmp_path, cli, verify, part, value):
+    src = make_hf_model(tmp_path, "llama")
+    key = _poison(src, part, value)
+    out = tmp_path / "out"
+    r = cli("deepen", src, out, "--layers", "3", *([] if verify else ["--no-verify"]))
+    assert r.exit_code == 2, r.output
+    assert "non-finite weights" in r.stderr and f"'{key}'" in r.stderr, r.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,message", [
+    (["widen", "--dim", "num_attention_heads", "--to", "6"], "rejects the grown config.json"),
+    (["deepen", "--layers", "3"], "rejects its config.json"),
+])
+def test_config_transformers_rejects_is_refused_without_verification(tmp_path, cli, args, message):
+    """--no-verify checks the configs in a background thread; the refusal still comes before the
+    output exists."""
+    src = make_hf_model(tmp_path, "llama")
+    if "rejects its" in message:
+        edit_config(src, rms_norm_eps=5)  # transformers wants a float; n2n itself does not read it
+    out = tmp_path / "out"
+    r = cli(args[0], src, out, *args[1:], "--no-verify")
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr, r.stderr
+    assert not out.exists() and leftovers(tmp_path) == []
