@@ -311,8 +311,10 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         if do_verify:
             hf_verify.require_transformers()
         spec_used = spec.model_copy(update={"seed": seed})
+        # the teacher's digest is still being computed (a thread reads the input beside the writer):
+        # each shard's header gets a placeholder of the same length, patched once the digest is known
         metadata = {"format": "pt", META_VERSION: __version__,
-                    META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec_used, plan), sort_keys=True,
+                    META_LINEAGE: json.dumps(_lineage(previous, hf_io.PENDING_SHA256, spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
         clock.mark("hash")
         entries = plan.entries()
@@ -320,7 +322,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         done = iter(range(1, len(entries) + 1))
         with fsutil.temp_beside(out, "stage", directory=True) as holder:
             staged = holder / out.name
-            mat = Materializer(plan, source, check=True)  # NaN/Inf checked as each input tensor is read
+            mat = Materializer(plan, source, check=True, raw=True)  # checked as read; copies as raw bytes
             try:
                 hf_io.write_hf_dir(staged, entries, mat.get, config=plan.new_config(),
                                    metadata=metadata, src_dir=src, max_shard_size=shard_bytes,
@@ -329,10 +331,14 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                                                                                 sort_keys=False)},
                                    on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
                                    replace=False, name=out)
+                mat.finish()
             except NonFinite:
                 mat.checked.clear()
+            finally:
+                mat.close()
             check_finite(source, [k for k in header if k not in mat.checked])  # the rest (all, after a bad one)
             configs_ok()
+            hf_io.patch_headers(staged, hf_io.PENDING_SHA256, teacher_sha256.result(), out)
             clock.mark("write")
             source.close()  # unmap the input (reopened on demand): its pages would count in RSS while verifying
             if do_verify:

@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from . import fsutil, outputs
-from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
+from .checkpoints import ST_TO_DTYPE, RawSpan, StateDictSource, TensorSource, file_sha256, write_safetensors
 from .fsutil import current_umask
 from .errors import CheckpointError, OutputError, UserError
 
@@ -128,6 +128,24 @@ class HFDirSource(TensorSource):
         shape, dtype = self._info[key]
         return self.read_bytes(key).view(dtype).reshape(shape)
 
+    def raw(self, key: str) -> RawSpan | None:
+        """Where ``key``'s bytes lie in its safetensors file (None for a pickled shard)."""
+        shard = self._where[key]
+        if key not in self._span:
+            return None
+        offset, n = self._span[key]
+        shape, dtype = self._info[key]
+        return RawSpan(self._fd(shard), offset, n, dtype, shape, str(self.path / shard))
+
+    def _fd(self, shard: str) -> int:
+        fd = self._open.get(shard)
+        if fd is None:
+            try:
+                fd = self._open[shard] = os.open(self.path / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise CheckpointError(f"cannot open ({e.strerror})", where=str(self.path / shard)) from None
+        return fd
+
     def read_bytes(self, key: str) -> torch.Tensor:
         """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored),
         read with ``pread``: a pass-through copy needs no decoding, and nothing stays mapped."""
@@ -136,9 +154,7 @@ class HFDirSource(TensorSource):
         buf = torch.empty(n, dtype=torch.uint8)
         view = memoryview(buf.numpy()) if n else memoryview(b"")
         try:
-            fd = self._open.get(shard)
-            if fd is None:
-                fd = self._open[shard] = os.open(self.path / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = self._fd(shard)
             done = 0
             while done < n:
                 got = os.preadv(fd, [view[done:]], offset + done)
@@ -357,6 +373,32 @@ def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Call
         os.chmod(tmp, 0o777 & ~current_umask())
         move_into_place(tmp, out, replace=replace, name=shown)
     return files
+
+
+PENDING_SHA256 = "?" * 64  # stands for a SHA-256 hex digest not known yet (same length)
+
+
+def patch_headers(directory: Path, placeholder: str, value: str, out: Path) -> None:
+    """Replace ``placeholder`` by ``value`` (the same length, so no offset moves) in the header of
+    every ``*.safetensors`` file of ``directory``, in place, synced. Each header must hold the
+    placeholder exactly once (a value found only once the data is written: the teacher's digest)."""
+    old, new = placeholder.encode(), value.encode()
+    if len(old) != len(new):
+        raise ValueError("the value must have the placeholder's length")
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            fd = os.open(file, os.O_RDWR)
+            try:
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                raw = os.pread(fd, n, 8)
+                if raw.count(old) != 1:
+                    raise ValueError(f"{file.name}: the placeholder occurs {raw.count(old)} times in the header")
+                os.pwrite(fd, new, 8 + raw.index(old))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot write {file.name} ({e.strerror})", where=str(out)) from None
 
 
 def write_text(path: Path, text: str, out: Path) -> None:

@@ -102,3 +102,43 @@ def test_config_transformers_rejects_is_refused_without_verification(tmp_path, c
     assert r.exit_code == 2, r.output
     assert message in r.stderr, r.stderr
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def _tensors(d: Path) -> dict:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as sf:
+            out.update({k: sf.get_tensor(k) for k in sf.keys()})
+    return out
+
+
+def test_raw_copies_without_kernel_copy_give_the_same_bytes(tmp_path, cli, monkeypatch):
+    """Pass-through tensors are copied with copy_file_range; where the kernel refuses, through a
+    buffer (here a tiny one, so the chunking runs): the same files either way. The lineage holds
+    the teacher's real digest (written as a placeholder first, patched after the data)."""
+    from n2n_cli import checkpoints
+
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    assert cli("deepen", src, tmp_path / "a", "--layers", "3", "--no-verify").exit_code == 0
+
+    def refuse(*a, **k):
+        raise OSError(18, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", refuse)
+    monkeypatch.setattr(checkpoints, "CHUNK", 64)
+    assert cli("deepen", src, tmp_path / "b", "--layers", "3", "--no-verify").exit_code == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as sf:
+        lineage = json.loads(sf.metadata()["n2n_lineage"])
+    assert lineage[-1]["teacher_sha256"] == hf_io.open_hf_dir(src).sha256()
+    a, t = _tensors(tmp_path / "a"), _tensors(src)
+    assert torch.equal(a["model.layers.0.mlp.up_proj.weight"], t["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_patch_headers_refuses_a_missing_placeholder(tmp_path):
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={"k": "?" * 64})
+    hf_io.patch_headers(tmp_path, "?" * 64, "a" * 64, tmp_path)
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as sf:
+        assert sf.metadata()["k"] == "a" * 64
+    with pytest.raises(ValueError, match="occurs 0 times"):
+        hf_io.patch_headers(tmp_path, "?" * 64, "b" * 64, tmp_path)
