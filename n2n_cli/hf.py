@@ -463,10 +463,13 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     if step.dim == "intermediate_size":
         new = step.new_size(a.intermediate)
         _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
+        kind = step.mapping or ("tile" if new % a.intermediate == 0 else "random")
         for i in range(a.layers):
-            mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
+            mappings[f"mlp@{i}"] = Mapping(kind, a.intermediate, new, (plan.seed, index, i) if kind == "random" else ())
         after = replace(a, intermediate=new)
-        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP)"
+        how = (f"tile mapping: every unit copied x{new // a.intermediate}" if kind == "tile" and new % a.intermediate == 0
+               else f"{kind} mapping")
+        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every MLP; {how})"
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"], step.factor)

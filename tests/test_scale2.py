@@ -142,3 +142,36 @@ def test_patch_headers_refuses_a_missing_placeholder(tmp_path):
         assert sf.metadata()["k"] == "a" * 64
     with pytest.raises(ValueError, match="occurs 0 times"):
         hf_io.patch_headers(tmp_path, "?" * 64, "b" * 64, tmp_path)
+
+
+def test_bf16_intermediate_widening_by_two_is_exact_with_the_tile_mapping(tmp_path, cli):
+    """Tile (the default for a multiple): every unit copied twice, the down projection's columns
+    halved, which bf16 holds exactly: the student's weights are the teacher's, tiled, bit for bit,
+    and the function is the same up to the order of summation (float64: ~1e-16). The random
+    mapping copies some units 3 times, and w/3 rounds in bf16."""
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    r = cli("widen", src, tmp_path / "tile", "--dim", "intermediate_size", "--factor", "2", "--no-verify")
+    assert r.exit_code == 0 and "tile mapping: every unit copied x2" in r.output, r.output
+    t, s = _tensors(src), _tensors(tmp_path / "tile")
+    for i in range(2):
+        w = t[f"model.layers.{i}.mlp.down_proj.weight"]
+        d = s[f"model.layers.{i}.mlp.down_proj.weight"]
+        assert d.dtype == torch.bfloat16 and torch.equal(d * 2, torch.cat([w, w], dim=1))
+        u = t[f"model.layers.{i}.mlp.up_proj.weight"]
+        assert torch.equal(s[f"model.layers.{i}.mlp.up_proj.weight"], torch.cat([u, u]))
+    errors = {}
+    for mapping in ("tile", "random"):
+        r = cli("widen", src, tmp_path / f"v-{mapping}", "--dim", "intermediate_size", "--factor", "2",
+                "--mapping", mapping, "--verify-dtype", "float64", "--json")
+        assert r.exit_code == 0, r.output
+        errors[mapping] = json.loads(r.stdout)["verification"]["exact"]["max_rel_error"]
+    assert errors["tile"] < 1e-12 < 1e-6 < errors["random"], errors
+
+
+def test_mapping_is_refused_where_it_does_not_apply(tmp_path, cli):
+    src = make_hf_model(tmp_path, "llama")
+    r = cli("widen", src, tmp_path / "o", "--dim", "hidden_size", "--factor", "2", "--mapping", "random")
+    assert r.exit_code == 2 and "'mapping' applies to intermediate_size only" in r.stderr, r.output
+    r = cli("widen", src, tmp_path / "o", "--dim", "intermediate_size", "--factor", "2", "--mapping", "spread")
+    assert r.exit_code == 2 and "--mapping: 'spread' is not one of tile, random" in r.stderr, r.output
+    assert not (tmp_path / "o").exists()
