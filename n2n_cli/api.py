@@ -288,11 +288,11 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
     shard_bytes = hf_io.parse_size(max_shard_size)
     clock = PhaseClock()
     do_verify = spec.verify.enabled if verify is None else verify
-    # transformers' config check: in line when transformers is imported anyway (verifying) or
-    # nothing is written; else in a thread (the import takes seconds), awaited before the output
-    # is moved into place, so a config it rejects still leaves nothing written
+    # transformers' config check: in line for a dry run; else in a thread (importing transformers
+    # takes seconds) beside the writing, awaited before verifying and before the output is moved
+    # into place, so a config it rejects still leaves nothing written
     with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256, \
-            _config_checks(background=not (dry_run or do_verify)) as (check_later, configs_ok):
+            _config_checks(background=not dry_run) as (check_later, configs_ok):
         previous = read_lineage(source.metadata, str(src)) or []
         if dry_run:
             check_finite(source, header, progress)  # a real run checks each tensor as it reads it

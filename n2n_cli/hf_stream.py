@@ -37,6 +37,7 @@ from .verify import Comparison, compare_outputs, full_precision
 
 STREAMING_TYPES = ("llama", "mistral", "qwen2")
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
+COMPARE_ROWS = 256  # output positions compared in float64 at a time
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
@@ -270,12 +271,19 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
         check(f"after teacher block {T - 1} (student block {S - 1})")
         if progress:
             progress("verifying (blockwise)", S, S)
-        a = torch.cat([t.head(st["t"])[st["keep"]] for st in state]).to("cpu", torch.float64)
-        b = torch.cat([s.head(st["s"])[st["keep"]] for st in state]).to("cpu", torch.float64)
-    if not t.causal and b.shape[-1] != a.shape[-1]:
-        a = _tile(a, b.shape[-1])
-    c = compare_outputs(a, b, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches), seed=seed,
-                        device=device, dtype=dtype)
+        # the outputs compared in float64 a few positions at a time (the logits of every probe
+        # position over a 32k vocabulary in float64 would be the largest thing in memory)
+        parts = []
+        for st in state:
+            a_all, b_all = t.head(st["t"])[st["keep"]], s.head(st["s"])[st["keep"]]
+            for r in range(0, a_all.shape[0], COMPARE_ROWS):
+                a, b = a_all[r:r + COMPARE_ROWS].to("cpu", torch.float64), b_all[r:r + COMPARE_ROWS].to("cpu", torch.float64)
+                if not t.causal and b.shape[-1] != a.shape[-1]:
+                    a = _tile(a, b.shape[-1])
+                parts.append((len(a), compare_outputs(a, b, atol=atol, rtol=rtol, probes=0, seed=seed, device=device,
+                                                      dtype=dtype)))
+            del a_all, b_all
+    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches))
     if not t.causal:
         c.argmax_agreement = None
     if first is None and not c.passed:
@@ -283,6 +291,20 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
     return StreamComparison(**c.to_dict(), first_divergence=first, blocks_compared=compared,
                             stream_max_rel_error=worst, student_blocks_inserted=inserted,
                             student_blocks_copied=copied)
+
+
+def _combine(parts: list[tuple[int, Comparison]], *, atol: float, rtol: float, probes: int) -> Comparison:
+    """One comparison from comparisons of disjoint row chunks (``(rows, comparison)``): the same
+    maxima and verdict as :func:`verify.compare_outputs` on all rows at once."""
+    first = parts[0][1]
+    max_abs = max(c.max_abs_error for _, c in parts)
+    ref = max(c.max_abs_teacher for _, c in parts)
+    rel = max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    finite = all(c.max_abs_error != float("inf") for _, c in parts)
+    agree = (None if first.argmax_agreement is None
+             else sum(n * c.argmax_agreement for n, c in parts) / sum(n for n, _ in parts))
+    return Comparison(finite and max_abs <= atol + rtol * ref, probes, first.seed, atol, rtol, max_abs, rel, ref,
+                      agree, first.device, first.dtype)
 
 
 def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,
