@@ -310,7 +310,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             return report
         if do_verify:
             hf_verify.require_transformers()
-        spec_used = spec.model_copy(update={"seed": seed})
+        spec_used = spec.model_copy(update={"seed": seed, "steps": [  # the mapping used, recorded
+            e.model_copy(update={"widen": e.widen.model_copy(update={"mapping": plan.mapping_of[i]})})
+            if i in plan.mapping_of else e for i, e in enumerate(spec.steps)]})
         # the teacher's digest is still being computed (a thread reads the input beside the writer):
         # each shard's header gets a placeholder of the same length, patched once the digest is known
         metadata = {"format": "pt", META_VERSION: __version__,

@@ -377,6 +377,7 @@ class HFPlan:
     present_before: set[str]
     problems: list[tuple[int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    mapping_of: dict[int, str] = field(default_factory=dict)  # step index -> intermediate_size mapping used
 
     @property
     def params_before(self) -> int:
@@ -463,7 +464,7 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     if step.dim == "intermediate_size":
         new = step.new_size(a.intermediate)
         _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
-        kind = step.mapping or ("tile" if new % a.intermediate == 0 else "random")
+        kind = plan.mapping_of[index] = step.mapping or ("tile" if new % a.intermediate == 0 else "random")
         for i in range(a.layers):
             mappings[f"mlp@{i}"] = Mapping(kind, a.intermediate, new, (plan.seed, index, i) if kind == "random" else ())
         after = replace(a, intermediate=new)

@@ -175,3 +175,38 @@ def test_mapping_is_refused_where_it_does_not_apply(tmp_path, cli):
     r = cli("widen", src, tmp_path / "o", "--dim", "intermediate_size", "--factor", "2", "--mapping", "spread")
     assert r.exit_code == 2 and "--mapping: 'spread' is not one of tile, random" in r.stderr, r.output
     assert not (tmp_path / "o").exists()
+
+
+def _rewrite_lineage(path: Path, edit) -> None:
+    with safe_open(str(path), "pt") as sf:
+        meta, tensors = dict(sf.metadata()), {k: sf.get_tensor(k) for k in sf.keys()}
+    lineage = json.loads(meta["n2n_lineage"])
+    edit(lineage)
+    meta["n2n_lineage"] = json.dumps(lineage, sort_keys=True, separators=(",", ":"))
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_lineage_records_the_mapping_and_old_lineages_replay_random(tmp_path, cli):
+    """The mapping used is recorded, so `n2n verify` replays the same growth; a lineage written
+    before --mapping existed (no 'mapping') meant the random mapping and is replayed so."""
+    src = make_hf_model(tmp_path, "llama")
+    for mapping in ("tile", "random"):
+        out = tmp_path / mapping
+        r = cli("widen", src, out, "--dim", "intermediate_size", "--factor", "2", "--device", "cpu",
+                *(["--mapping", "random"] if mapping == "random" else []))
+        assert r.exit_code == 0, r.output
+        with safe_open(str(out / "model.safetensors"), "pt") as sf:
+            assert json.loads(sf.metadata()["n2n_lineage"])[-1]["steps"][0]["widen"]["mapping"] == mapping
+        assert f"mapping: {mapping}" in (out / "n2n_spec.yaml").read_text()
+        r = cli("verify", src, out, "--device", "cpu")
+        assert r.exit_code == 0 and "certificate: PASS (" in r.stdout, r.output
+
+    def drop(lineage):
+        del lineage[-1]["steps"][0]["widen"]["mapping"]
+
+    _rewrite_lineage(tmp_path / "random" / "model.safetensors", drop)
+    r = cli("verify", src, tmp_path / "random", "--device", "cpu")
+    assert r.exit_code == 0 and "certificate: PASS (" in r.stdout, r.output
+    _rewrite_lineage(tmp_path / "tile" / "model.safetensors", drop)  # now claims random: the replay differs
+    r = cli("verify", src, tmp_path / "tile", "--device", "cpu")
+    assert r.exit_code == 3, r.output
