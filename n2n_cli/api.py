@@ -18,7 +18,7 @@ import yaml
 from . import __version__, fsutil, hf_io, hf_st, hf_stream, hf_verify, optim_state, outputs
 from .checkpoints import TensorSource, atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, ModelError, SpecError, StepError, UserError, VerificationFailed
-from .execute import Materializer
+from .execute import Materializer, NonFinite
 from .phases import PhaseClock
 from .transforms import all_finite
 from .layers import PRODUCERS
@@ -325,16 +325,22 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
     warnings = _output_warnings(lambda: hf_io.check_output_dir(out, src, force), dry_run)
     shard_bytes = hf_io.parse_size(max_shard_size)
     clock = PhaseClock()
-    with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256:
+    do_verify = spec.verify.enabled if verify is None else verify
+    # transformers' config check: in line for a dry run; else in a thread (importing transformers
+    # takes seconds) beside the writing, awaited before verifying and before the output is moved
+    # into place, so a config it rejects still leaves nothing written
+    with _open_hf(src) as (source, arch, header), _hashing(source, not dry_run) as teacher_sha256, \
+            _config_checks(background=not dry_run) as (check_later, configs_ok):
         previous = read_lineage(source.metadata, str(src)) or []
-        check_finite(source, header, progress)
+        if dry_run:
+            check_finite(source, header, progress)  # a real run checks each tensor as it reads it
         clock.mark("check")
         seed = spec.seed if seed is None else seed
-        hf_verify.check_config(source.config, grown=False, where=str(src / "config.json"))
+        check_later(hf_verify.check_config, source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
         probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
-        hf_verify.check_config(plan.new_config())
+        check_later(hf_verify.check_config, plan.new_config())
         st = hf_st.plan_modules(src, plan)  # a sentence-transformers directory: its module tree grows too
         clock.mark("plan")
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
@@ -348,12 +354,15 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
-        do_verify = spec.verify.enabled if verify is None else verify
         if do_verify:
             hf_verify.require_transformers()
-        spec_used = spec.model_copy(update={"seed": seed})
+        spec_used = spec.model_copy(update={"seed": seed, "steps": [  # the mapping used, recorded
+            e.model_copy(update={"widen": e.widen.model_copy(update={"mapping": plan.mapping_of[i]})})
+            if i in plan.mapping_of else e for i, e in enumerate(spec.steps)]})
+        # the teacher's digest is still being computed (a thread reads the input beside the writer):
+        # each shard's header gets a placeholder of the same length, patched once the digest is known
         metadata = {"format": "pt", META_VERSION: __version__,
-                    META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec_used, plan), sort_keys=True,
+                    META_LINEAGE: json.dumps(_lineage(previous, hf_io.PENDING_SHA256, spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
         clock.mark("hash")
         entries = plan.entries()
@@ -361,13 +370,23 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         done = iter(range(1, len(entries) + 1))
         with fsutil.temp_beside(out, "stage", directory=True) as holder:
             staged = holder / out.name
-            hf_io.write_hf_dir(staged, entries, Materializer(plan, source).get, config=plan.new_config(),
-                               metadata=metadata, src_dir=src, max_shard_size=shard_bytes,
-                               extra_files={"n2n_spec.yaml": yaml.safe_dump(spec_used.model_dump(mode="json",
-                                                                                                exclude_none=True),
-                                                                            sort_keys=False)},
-                               on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
-                               replace=False, name=out)
+            mat = Materializer(plan, source, check=True, raw=True)  # checked as read; copies as raw bytes
+            try:
+                hf_io.write_hf_dir(staged, entries, mat.get, config=plan.new_config(),
+                                   metadata=metadata, src_dir=src, max_shard_size=shard_bytes,
+                                   extra_files={"n2n_spec.yaml": yaml.safe_dump(spec_used.model_dump(mode="json",
+                                                                                                    exclude_none=True),
+                                                                                sort_keys=False)},
+                                   on_tensor=(lambda k: progress("writing", next(done), len(entries))) if progress else None,
+                                   replace=False, name=out)
+                mat.finish()
+            except NonFinite:
+                mat.checked.clear()
+            finally:
+                mat.close()
+            check_finite(source, [k for k in header if k not in mat.checked])  # the rest (all, after a bad one)
+            configs_ok()
+            hf_io.patch_headers(staged, hf_io.PENDING_SHA256, teacher_sha256.result(), out)
             if st is not None:
                 hf_st.write_modules(st, staged, out)
             clock.mark("write")
@@ -446,6 +465,33 @@ def _failed_comparison(v: dict) -> dict:
         if isinstance(v.get(key), dict) and v[key].get("passed") is False:
             return v[key]
     return v.get("exact") or v.get("exact_counterpart") or v["deviation"]
+
+
+@contextlib.contextmanager
+def _config_checks(background: bool):
+    """Yields ``(check_later, wait)``: ``check_later(fn, *args)`` runs the check now, or with
+    ``background`` in a worker thread; ``wait()`` raises the first check's error. If the body
+    fails with an unexpected error, a config error found meanwhile is raised instead (it explains
+    the failure: n2n plans only from configs transformers accepts)."""
+    if not background:
+        yield (lambda fn, *a, **kw: fn(*a, **kw)), (lambda: None)
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    futures: list[concurrent.futures.Future] = []
+
+    def wait():
+        for f in futures:
+            f.result()
+
+    try:
+        yield (lambda fn, *a, **kw: futures.append(pool.submit(fn, *a, **kw))), wait
+    except UserError:
+        raise
+    except Exception:
+        wait()
+        raise
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 @contextlib.contextmanager

@@ -305,7 +305,10 @@ def _parse_steps(entry_cls, entry: dict, i: int, where: str) -> list:
     from pydantic import ValidationError
 
     try:
-        return [entry_cls.model_validate(s) for s in entry["steps"]]
+        # an intermediate_size widening recorded without a mapping predates --mapping: random then
+        return [entry_cls.model_validate({**s, "widen": {"mapping": "random", **s["widen"]}}
+                                         if isinstance(s.get("widen"), dict) and s["widen"].get("dim") == "intermediate_size"
+                                         else s) for s in entry["steps"]]
     except ValidationError as e:
         raise CheckpointError(f"lineage entry {i + 1}: its steps are not valid steps of this n2n "
                               f"({e.errors()[0]['msg']})", where=where) from None

@@ -31,6 +31,67 @@ DTYPE_TO_ST = {
 ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
 
 
+CHUNK = 64 << 20  # bytes read at a time when a raw span is checked or copied through user space
+
+
+class RawSpan:
+    """A tensor's bytes in a file, copied to the output as they are (no decoding): ``copy_to``
+    copies in the kernel (``copy_file_range``) where it can, else through a buffer."""
+
+    def __init__(self, fd: int, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...], where: str):
+        self.fd, self.offset, self.nbytes, self.dtype, self.shape, self.where = fd, offset, nbytes, dtype, shape, where
+
+    def chunks(self, buf: torch.Tensor) -> Iterator[torch.Tensor]:
+        """The bytes, ``len(buf)`` (a uint8 tensor, reused) at a time, as views of ``buf``."""
+        item = max(1, torch.empty((), dtype=self.dtype).element_size())
+        step = len(buf) // item * item
+        view = memoryview(buf.numpy())
+        done = 0
+        while done < self.nbytes:
+            n = min(step, self.nbytes - done)
+            got = 0
+            while got < n:
+                k = os.preadv(self.fd, [view[got:n]], self.offset + done + got)
+                if k <= 0:
+                    raise CheckpointError("the file is shorter than its header says (changed while n2n ran?)",
+                                          where=self.where)
+                got += k
+            yield buf[:n]
+            done += n
+
+    def all_finite(self, buf: torch.Tensor) -> bool:
+        from .transforms import all_finite
+
+        return not self.dtype.is_floating_point or all(all_finite(c.view(self.dtype)) for c in self.chunks(buf))
+
+    def copy_to(self, out, buf: torch.Tensor) -> None:
+        """Append the bytes to ``out``, an unbuffered file open for writing."""
+        out_fd = out.fileno()
+        done = 0
+        try:
+            while done < self.nbytes:
+                n = os.copy_file_range(self.fd, out_fd, min(self.nbytes - done, 1 << 30), self.offset + done)
+                if n <= 0:
+                    break
+                done += n
+        except OSError:  # no kernel copy between these files (old kernel, other file systems): through a buffer
+            pass
+        if done < self.nbytes:
+            rest = RawSpan(self.fd, self.offset + done, self.nbytes - done, torch.uint8, (), self.where)
+            for c in rest.chunks(buf):
+                write_all(out, memoryview(c.numpy()))
+
+
+WRITE_CHUNK = 1 << 20  # bytes per write call: measured here, 1 MiB calls write 5-10x faster than 46 MB ones
+
+
+def write_all(f, data: memoryview) -> None:
+    """``f.write`` (an unbuffered file) until all of ``data`` is written, ``WRITE_CHUNK`` bytes per call."""
+    done = 0
+    while done < len(data):
+        done += f.write(data[done:done + WRITE_CHUNK])
+
+
 class TensorSource:
     """Read-only access to a checkpoint's tensors without loading them all at once."""
 
@@ -254,19 +315,22 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
+    buf = None
     try:
-        with open(path, "wb") as f:
-            f.write(struct.pack("<Q", len(raw)))
-            f.write(raw)
+        with open(path, "wb", buffering=0) as f:
+            write_all(f, memoryview(struct.pack("<Q", len(raw)) + raw))
             for key, dtype, shape in entries:
                 t = produce(key)
                 if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                     raise AssertionError(f"{key}: planned {dtype} {tuple(shape)}, produced {t.dtype} {tuple(t.shape)}")
-                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+                if isinstance(t, RawSpan):  # bytes that pass through unchanged
+                    buf = torch.empty(CHUNK, dtype=torch.uint8) if buf is None else buf
+                    t.copy_to(f, buf)
+                else:
+                    write_all(f, memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
                 del t
                 if on_tensor:
                     on_tensor(key)
-            f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise OutputError(f"cannot write ({e.strerror})", where=name or str(path)) from None

@@ -458,6 +458,9 @@ def widen(
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,
     verify_mode: VerifyModeOpt = VerifyMode.auto,
     optimizer_state: OptStateOpt = None, optimizer_state_out: OptStateOutOpt = None,
+    mapping: Annotated[Optional[str], typer.Option("--mapping", help="Hugging Face intermediate_size: tile (every "
+                                                   "unit copied equally; default for a multiple: exact in bf16 for a "
+                                                   "power-of-two factor) or random.")] = None,
 ):
     """Widen one layer of SRC (Net2WiderNet), or one dimension of a Hugging Face model, and write OUT.
 
@@ -473,8 +476,12 @@ def widen(
                             hint="--dim intermediate_size | hidden_size | num_attention_heads | num_key_value_heads")
         if method != WidenMethod.net2wider or noise_mode != NoiseMode.zero_sum:
             raise UserError("Hugging Face models are widened by net2wider with zero-sum noise only")
-        step = {"dim": dim.value, "to": to, "factor": factor, "noise": noise or None}
+        if mapping not in (None, "tile", "random"):
+            raise UserError(f"--mapping: '{mapping}' is not one of tile, random")
+        step = {"dim": dim.value, "to": to, "factor": factor, "noise": noise or None, "mapping": mapping}
     else:
+        if mapping is not None:
+            raise UserError("--mapping is for Hugging Face model directories (--dim intermediate_size)")
         if layer is None or dim is not None:
             raise UserError("choose the layer to widen with --layer (--dim is for Hugging Face model directories)")
         step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,

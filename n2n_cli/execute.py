@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from functools import lru_cache
 
 import torch
 
-from .checkpoints import TensorSource
+from .checkpoints import CHUNK, RawSpan, TensorSource
 from .plan import Create, Load, Plan, Scale, Widen
-from .transforms import generator, init_tensor, make_mapping, widen_axis
+from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
+
+
+class NonFinite(Exception):
+    """A source tensor read while materializing holds NaN or Inf (``Materializer(check=True)``)."""
 
 
 class Materializer:
@@ -16,12 +21,59 @@ class Materializer:
     or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
-    def __init__(self, plan: Plan, source: TensorSource):
+    def __init__(self, plan: Plan, source: TensorSource, check: bool = False, raw: bool = False):
+        """With ``check``, every source tensor is checked for NaN/Inf the first time it is read
+        (:class:`NonFinite` if bad), so the input is read once for checking and writing together;
+        :attr:`checked` is the set of source keys checked so far. With ``raw``, ``get`` may return
+        a :class:`RawSpan` (for :func:`checkpoints.write_safetensors`) instead of a tensor."""
         self.plan = plan
         self.source = source
+        self.check, self.raw = check, raw
+        self.checked: set[str] = set()
         self._mapping = lru_cache(maxsize=None)(make_mapping)
+        self._buf: torch.Tensor | None = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, concurrent.futures.Future]] = []
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str) -> torch.Tensor | RawSpan:
+        """The tensor; or, for a tensor copied unchanged from a source that can say where its
+        bytes lie (``source.raw``), those bytes' :class:`RawSpan`, for the writer to copy as they
+        are (checked first, with ``check``). Same bytes either way."""
+        recipe = self.plan.recipes[key]
+        dtype = self.plan.dtypes[key]
+        if self.raw and len(recipe) == 1 and isinstance(recipe[0], Load) and hasattr(self.source, "raw") \
+                and self.source.dtype(recipe[0].key) == dtype:
+            span = self.source.raw(recipe[0].key)
+            if span is not None:
+                if self.check and recipe[0].key not in self.checked:
+                    # checked in a worker thread while the writer copies the span (both release
+                    # the GIL); :meth:`finish` waits for the verdicts
+                    if self._pool is None:
+                        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+                        self._buf = torch.empty(CHUNK, dtype=torch.uint8)
+                    self._pending.append((recipe[0].key, self._pool.submit(span.all_finite, self._buf)))
+                    self.checked.add(recipe[0].key)
+                return span
+        return self.tensor(key)
+
+    def finish(self) -> None:
+        """Wait for the checks still running; :class:`NonFinite` for the first bad tensor."""
+        try:
+            for key, ok in self._pending:
+                if not ok.result():
+                    raise NonFinite(key)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the checks (after an error elsewhere); raises nothing."""
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = self._buf = None
+
+    def tensor(self, key: str) -> torch.Tensor:
+        """The output tensor ``key`` as a tensor."""
         recipe = self.plan.recipes[key]
         dtype = self.plan.dtypes[key]
         work = torch.float64 if dtype == torch.float64 else torch.float32
@@ -31,6 +83,10 @@ class Materializer:
                 # kept in its own dtype: a tensor that is only copied (most of a deepen) is never
                 # converted; widen_axis converts to ``work`` when it computes (same values)
                 t = self.source.get(op.key)
+                if self.check and op.key not in self.checked:
+                    if not all_finite(t):
+                        raise NonFinite(op.key)
+                    self.checked.add(op.key)
             elif isinstance(op, Create):
                 t = _create(op, dtype, work, generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):

@@ -494,6 +494,7 @@ class HFPlan:
     problems: list[tuple[int, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     config_out: dict | None = None  # the config a step rewrote (an upcycle changes the model type), else None
+    mapping_of: dict[int, str] = field(default_factory=dict)  # step index -> intermediate_size mapping used
 
     @property
     def params_before(self) -> int:
@@ -592,13 +593,18 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     if step.dim == "intermediate_size":
         new = step.new_size(a.intermediate)
         _check_larger(new, a.intermediate, cname["intermediate"], step.factor)
+        kind = plan.mapping_of[index] = step.mapping or ("tile" if new % a.intermediate == 0 else "random")
         for i in range(a.layers):
-            mappings[f"mlp@{i}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i))
+            mappings[f"mlp@{i}"] = Mapping(kind, a.intermediate, new, (plan.seed, index, i) if kind == "random" else ())
             for e in range(a.experts):  # mixtures of experts: an independent mapping per expert
-                mappings[f"mlp@{i}.{e}"] = Mapping("random", a.intermediate, new, (plan.seed, index, i, e))
+                mappings[f"mlp@{i}.{e}"] = Mapping(kind, a.intermediate, new,
+                                                   (plan.seed, index, i, e) if kind == "random" else ())
         after = replace(a, intermediate=new)
-        summary = f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every " + \
-            (f"expert's MLP, {a.experts} per layer, {cname['intermediate']}; routers unchanged)" if a.experts else "MLP)")
+        how = (f"tile mapping: every unit copied x{new // a.intermediate}" if kind == "tile" and new % a.intermediate == 0
+               else f"{kind} mapping")
+        summary = (f"intermediate_size {a.intermediate} -> {new} (Net2WiderNet on every "
+                   + (f"expert's MLP, {a.experts} per layer, {cname['intermediate']}; routers unchanged"
+                      if a.experts else "MLP") + f"; {how})")
     elif step.dim == "hidden_size":
         new = step.new_size(a.hidden)
         _check_larger(new, a.hidden, cname["hidden"], step.factor)

@@ -13,6 +13,7 @@ import math
 import os
 import re
 import shutil
+import struct
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
@@ -20,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from . import fsutil, outputs
-from .checkpoints import ST_TO_DTYPE, StateDictSource, TensorSource, file_sha256, write_safetensors
+from .checkpoints import ST_TO_DTYPE, RawSpan, StateDictSource, TensorSource, file_sha256, write_safetensors
 from .fsutil import current_umask
 from .errors import CheckpointError, OutputError, UserError
 
@@ -40,7 +41,11 @@ class HFDirSource(TensorSource):
     Opening validates everything up front: ``config.json``, the index (if any), that every
     shard exists inside the directory and holds the keys the index puts there. Tensor data is
     read only by :meth:`get`; safetensors shards are opened lazily on first use and kept open
-    until :meth:`close`. Pickled shards are loaded with ``torch.load(weights_only=True)``
+    until :meth:`close`. Safetensors data is read with explicit ``pread`` calls into a fresh
+    buffer, never through a memory mapping: pages of a mapping that the process has touched count
+    in its resident memory until it is unmapped (a 7B model would be resident whole by the time it
+    has been copied), whereas a read buffer is freed with its tensor; the page cache serves both
+    alike. Pickled shards are loaded with ``torch.load(weights_only=True)``
     (memory-mapped) through :class:`StateDictSource`. The index is authoritative: tensors in a
     shard that the index does not list are ignored.
     """
@@ -55,7 +60,8 @@ class HFDirSource(TensorSource):
         self.index_file: str | None = None
         self._where: dict[str, str] = {}  # key -> shard file name (relative to path)
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._open: dict[str, Any] = {}  # shard name -> safe_open handle or StateDictSource
+        self._open: dict[str, Any] = {}  # shard name -> file descriptor (int) or StateDictSource
+        self._span: dict[str, tuple[int, int]] = {}  # key -> (file offset, bytes) of its data
         self._stored: dict[str, str] = {}  # key -> the name the file stores it under, where renamed
         found = next((n for n in WEIGHT_CANDIDATES if os.path.lexists(self.path / n)), None)
         if found is not None:
@@ -98,9 +104,12 @@ class HFDirSource(TensorSource):
             if bad:
                 raise CheckpointError("tensors of a dtype n2n does not support", where=str(file), problems=bad)
             info = {k: (shape, ST_TO_DTYPE.get(st)) for k, (shape, st) in raw.items()}
+            spans = _data_spans(file)  # safe_open has validated the header and the offsets
         for k in info if keys is None else keys:
             if k in info:
                 self._where[k], self._info[k] = shard, info[k]  # type: ignore[assignment]
+                if not pickled:
+                    self._span[k] = spans[k]
         return [f"'{k}' is not in {shard}" for k in keys or [] if k not in info]
 
     def keys(self) -> list[str]:
@@ -113,6 +122,8 @@ class HFDirSource(TensorSource):
                 continue  # renamed already
             self._where[new], self._info[new] = self._where.pop(old), self._info.pop(old)
             self._stored[new] = self._stored.pop(old, old)
+            if old in self._span:
+                self._span[new] = self._span.pop(old)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self._info[key][0]
@@ -123,18 +134,54 @@ class HFDirSource(TensorSource):
     def get(self, key: str) -> torch.Tensor:
         shard = self._where[key]
         handle = self._open.get(shard)
-        stored = self._stored.get(key, key)
         if isinstance(handle, StateDictSource):
-            return handle.get(stored)
+            return handle.get(self._stored.get(key, key))
+        shape, dtype = self._info[key]
+        return self.read_bytes(key).view(dtype).reshape(shape)
+
+    def raw(self, key: str) -> RawSpan | None:
+        """Where ``key``'s bytes lie in its safetensors file (None for a pickled shard)."""
+        shard = self._where[key]
+        if key not in self._span:
+            return None
+        offset, n = self._span[key]
+        shape, dtype = self._info[key]
+        return RawSpan(self._fd(shard), offset, n, dtype, shape, str(self.path / shard))
+
+    def _fd(self, shard: str) -> int:
+        fd = self._open.get(shard)
+        if fd is None:
+            try:
+                fd = self._open[shard] = os.open(self.path / shard, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as e:
+                raise CheckpointError(f"cannot open ({e.strerror})", where=str(self.path / shard)) from None
+        return fd
+
+    def read_bytes(self, key: str) -> torch.Tensor:
+        """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored),
+        read with ``pread``: a pass-through copy needs no decoding, and nothing stays mapped."""
+        shard = self._where[key]
+        offset, n = self._span[key]
+        buf = torch.empty(n, dtype=torch.uint8)
+        view = memoryview(buf.numpy()) if n else memoryview(b"")
         try:
-            if handle is None:
-                handle = self._open[shard] = safe_open(str(self.path / shard), framework="pt", device="cpu")
-            return handle.get_tensor(stored)
-        except Exception as e:
-            raise CheckpointError(f"cannot read tensor '{key}' ({e})", where=str(self.path / shard)) from None
+            fd = self._fd(shard)
+            done = 0
+            while done < n:
+                got = os.preadv(fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise OSError(0, "the file is shorter than its header says (truncated while n2n ran?)")
+                done += got
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e.strerror or e})",
+                                  where=str(self.path / shard)) from None
+        return buf
 
     def close(self) -> None:
-        self._open = {k: v for k, v in self._open.items() if isinstance(v, StateDictSource)}
+        for shard, handle in list(self._open.items()):
+            if isinstance(handle, int):
+                os.close(handle)
+                del self._open[shard]
 
     def weight_files(self) -> list[str]:
         """The files holding tensor data (not the index), sorted, relative to :attr:`path`."""
@@ -149,6 +196,17 @@ class HFDirSource(TensorSource):
         names = sorted([CONFIG, *([self.index_file] if self.index_file else []), *self.weight_files()])
         manifest = "".join(f"{file_sha256(self.path / n)}  {n}\n" for n in names)
         return hashlib.sha256(manifest.encode("utf-8")).hexdigest()
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """``key -> (absolute file offset, byte count)`` of every tensor in a safetensors file, from
+    its header (8-byte little-endian length, JSON, then the data section)."""
+    with open(file, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    start = 8 + n
+    return {k: (start + v["data_offsets"][0], v["data_offsets"][1] - v["data_offsets"][0])
+            for k, v in header.items() if k != "__metadata__"}
 
 
 def open_hf_dir(path: str | os.PathLike) -> HFDirSource:
@@ -326,6 +384,32 @@ def write_hf_dir(out_dir: str | os.PathLike, entries: list[Entry], produce: Call
         os.chmod(tmp, 0o777 & ~current_umask())
         move_into_place(tmp, out, replace=replace, name=shown)
     return files
+
+
+PENDING_SHA256 = "?" * 64  # stands for a SHA-256 hex digest not known yet (same length)
+
+
+def patch_headers(directory: Path, placeholder: str, value: str, out: Path) -> None:
+    """Replace ``placeholder`` by ``value`` (the same length, so no offset moves) in the header of
+    every ``*.safetensors`` file of ``directory``, in place, synced. Each header must hold the
+    placeholder exactly once (a value found only once the data is written: the teacher's digest)."""
+    old, new = placeholder.encode(), value.encode()
+    if len(old) != len(new):
+        raise ValueError("the value must have the placeholder's length")
+    for file in sorted(directory.glob("*.safetensors")):
+        try:
+            fd = os.open(file, os.O_RDWR)
+            try:
+                (n,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+                raw = os.pread(fd, n, 8)
+                if raw.count(old) != 1:
+                    raise ValueError(f"{file.name}: the placeholder occurs {raw.count(old)} times in the header")
+                os.pwrite(fd, new, 8 + raw.index(old))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise OutputError(f"cannot write {file.name} ({e.strerror})", where=str(out)) from None
 
 
 def write_text(path: Path, text: str, out: Path) -> None:

@@ -37,6 +37,7 @@ from .verify import Comparison, compare_outputs, full_precision
 
 STREAMING_TYPES = ("llama", "mistral", "qwen2")
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
+COMPARE_ROWS = 256  # output positions compared in float64 at a time
 OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
@@ -47,6 +48,9 @@ class StreamComparison(Comparison):
     blocks_compared: int = 0
     stream_max_rel_error: float = 0.0
     student_blocks_inserted: list[int] = field(default_factory=list)
+    # student blocks not run: byte-identical copies of their teacher block with bitwise-equal
+    # inputs (their output is the teacher block's; see ``copy_of_teacher`` in :func:`_run`)
+    student_blocks_copied: list[int] = field(default_factory=list)
 
 
 def supports(path: str | Path) -> bool:
@@ -82,19 +86,36 @@ class _Model:
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.prefix + name)
 
-    def block(self, i: int) -> torch.nn.Module:
-        """Block ``i`` with its weights from the files (built on the meta device, then assigned)."""
+    def block_keys(self, i: int) -> dict[str, str]:
+        """Block ``i``'s tensors: name inside the block -> key in the files."""
         key = self.prefix + self.arch.family.layer.format(i=i)
         dropped = self.arch.family.dropped  # old buffers (rotary inv_freq) that transformers ignores too
-        sd = {k[len(key):]: self.source.get(k) for k in self.source.keys()
-              if k.startswith(key) and not (dropped and k.endswith(dropped))}
+        return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and not (dropped and k.endswith(dropped))}
+
+    def block(self, i: int) -> torch.nn.Module:
+        """Block ``i`` with its weights from the files (built on the meta device, then assigned),
+        each tensor converted to the compute dtype as it is read (never the block twice in memory;
+        the files are read with ``pread``, nothing stays mapped)."""
+        sd = {name: self.source.get(k).to(self.device, self.dtype) for name, k in self.block_keys(i).items()}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
-        layer = layer.to(self.device, self.dtype).eval()
         del sd
-        self.source.close()  # unmap the files: pages read through the mapping count in the RSS until then
-        return layer
+        return layer.to(self.device, self.dtype).eval()
+
+    def signature(self, i: int) -> tuple:
+        """What block ``i``'s forward depends on besides its weights and its inputs: the config
+        (but the number of layers and which layer slides: those enter through ``layer_idx``,
+        and the mask each block gets is compared on its own) and every plain attribute of the
+        block's modules except ``layer_idx`` (which only indexes a cache; none is used here)."""
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, i)
+        attrs = tuple((name, k, repr(v)) for name, m in layer.named_modules() for k, v in sorted(vars(m).items())
+                      if not k.startswith("_") and k not in ("layer_idx", "config", "training"))
+        cfg = {k: v for k, v in self.config.to_dict().items()
+               if k not in ("num_hidden_layers", "layer_types", "max_window_layers", "architectures",
+                            "_name_or_path", "transformers_version")}
+        return repr(sorted(cfg.items())), attrs
 
     def zero_output(self, i: int) -> bool:
         key = self.prefix + self.arch.family.layer.format(i=i)
@@ -171,7 +192,7 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             ht, hs = t.embed(ids), s.embed(ids)
             state.append({"t": ht, "s": hs, "keep": keep[0].to(device) if keep else mask.bool(), "tm": t.masks(ht, mask, pos), "sm": s.masks(hs, mask, pos),
                           "pos": pos, "tpe": t.rotary(ht, pos), "spe": s.rotary(hs, pos)})
-        first, worst, compared, inserted = None, 0.0, 0, []
+        first, worst, compared, inserted, copied = None, 0.0, 0, [], []
 
         def check(where: str):
             nonlocal first, worst, compared
@@ -183,6 +204,38 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             compared += 1
             if not ok and first is None:
                 first = f"the residual stream differs {where}: max abs error {err:.3g} > atol {atol:g} + rtol {rtol:g} * {ref:.3g}"
+
+        def same(a, b) -> bool:
+            if a is None or b is None:
+                return a is None and b is None
+            if isinstance(a, (tuple, list)):
+                return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+        def copy_of_teacher(i: int, j: int) -> bool:
+            """May student block j be skipped, its output taken from teacher block i's?
+
+            Sound when (1) the block's tensors are byte-identical (names, dtypes, shapes, bytes),
+            (2) both layers are built alike (:meth:`_Model.signature`: same config but the layer
+            count and per-layer types, same module attributes but ``layer_idx``), and (3) every
+            input of the forward is bitwise equal: the stream, the attention mask of this layer
+            (which carries the sliding window of a per-layer type) and the position embeddings
+            (the position ids are the same tensor). A block's forward is a function of exactly
+            these, so the student's block computes bitwise what the teacher's block computes;
+            running it again could only repeat the teacher's result. (A deepen whose inserted
+            blocks leave the stream bitwise unchanged keeps (3) for every original block.)"""
+            if not all(same(st["t"], st["s"]) and same(st["tm"](i), st["sm"](j)) and same(st["tpe"], st["spe"])
+                       for st in state):
+                return False
+            tk, sk = t.block_keys(i), s.block_keys(j)
+            if sorted(tk) != sorted(sk) or t.signature(i) != s.signature(j):
+                return False
+            for name in tk:
+                a, b = t.source.raw(tk[name]), s.source.raw(sk[name])
+                if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
+                        or not torch.equal(t.source.read_bytes(tk[name]), s.source.read_bytes(sk[name])):
+                    return False
+            return True
 
         def run(side: _Model, i: int, key: str, masks: str, pe: str):
             layer = side.block(i)
@@ -204,8 +257,14 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             if i > 0:
                 check(f"after teacher block {i - 1} (student block {j - 1})")
             if i < T:
+                skip = copy_of_teacher(i, j)
                 run(t, i, "t", "tm", "tpe")
                 i += 1
+                if skip:
+                    for st in state:
+                        st["s"] = st["t"]
+                    copied.append(j)
+                    continue
             run(s, j, "s", "sm", "spe")
         while i < T:  # a student with fewer blocks: run the teacher's rest (the outputs will differ)
             run(t, i, "t", "tm", "tpe")
@@ -213,18 +272,40 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
         check(f"after teacher block {T - 1} (student block {S - 1})")
         if progress:
             progress("verifying (blockwise)", S, S)
-        a = torch.cat([t.head(st["t"])[st["keep"]] for st in state]).to("cpu", torch.float64)
-        b = torch.cat([s.head(st["s"])[st["keep"]] for st in state]).to("cpu", torch.float64)
-    if not t.causal and b.shape[-1] != a.shape[-1]:
-        a = _tile(a, b.shape[-1])
-    c = compare_outputs(a, b, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches), seed=seed,
-                        device=device, dtype=dtype)
+        # the outputs compared in float64 a few positions at a time (the logits of every probe
+        # position over a 32k vocabulary in float64 would be the largest thing in memory)
+        parts = []
+        for st in state:
+            a_all, b_all = t.head(st["t"])[st["keep"]], s.head(st["s"])[st["keep"]]
+            for r in range(0, a_all.shape[0], COMPARE_ROWS):
+                a, b = a_all[r:r + COMPARE_ROWS].to("cpu", torch.float64), b_all[r:r + COMPARE_ROWS].to("cpu", torch.float64)
+                if not t.causal and b.shape[-1] != a.shape[-1]:
+                    a = _tile(a, b.shape[-1])
+                parts.append((len(a), compare_outputs(a, b, atol=atol, rtol=rtol, probes=0, seed=seed, device=device,
+                                                      dtype=dtype)))
+            del a_all, b_all
+    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches))
     if not t.causal:
         c.argmax_agreement = None
     if first is None and not c.passed:
         first = "the residual streams agree after every block; the final norm or the head differs"
     return StreamComparison(**c.to_dict(), first_divergence=first, blocks_compared=compared,
-                            stream_max_rel_error=worst, student_blocks_inserted=inserted)
+                            stream_max_rel_error=worst, student_blocks_inserted=inserted,
+                            student_blocks_copied=copied)
+
+
+def _combine(parts: list[tuple[int, Comparison]], *, atol: float, rtol: float, probes: int) -> Comparison:
+    """One comparison from comparisons of disjoint row chunks (``(rows, comparison)``): the same
+    maxima and verdict as :func:`verify.compare_outputs` on all rows at once."""
+    first = parts[0][1]
+    max_abs = max(c.max_abs_error for _, c in parts)
+    ref = max(c.max_abs_teacher for _, c in parts)
+    rel = max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else float("inf"))
+    finite = all(c.max_abs_error != float("inf") for _, c in parts)
+    agree = (None if first.argmax_agreement is None
+             else sum(n * c.argmax_agreement for n, c in parts) / sum(n for n, _ in parts))
+    return Comparison(finite and max_abs <= atol + rtol * ref, probes, first.seed, atol, rtol, max_abs, rel, ref,
+                      agree, first.device, first.dtype)
 
 
 def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,

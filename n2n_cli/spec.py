@@ -143,11 +143,17 @@ class HFWidenStep(_Strict):
     to: Width | None = None
     factor: Factor | None = None
     noise: float = Field(default=0.0, ge=0)  # zero-sum symmetry-breaking noise: still exact
+    # intermediate_size: which units the new ones copy. tile: unit k copies k mod old (every unit
+    # the same number of times for a multiple: a power-of-two count divides exactly in any float
+    # dtype); random: seeded random picks. Default: tile for a multiple of the old size, else random.
+    mapping: Literal["tile", "random"] | None = None
 
     @model_validator(mode="after")
     def _check(self):
         if (self.to is None) == (self.factor is None):
             raise ValueError("give exactly one of 'to' (new size) or 'factor' (> 1)")
+        if self.mapping is not None and self.dim != "intermediate_size":
+            raise ValueError(f"'mapping' applies to intermediate_size only; {self.dim} is widened by tiling")
         return self
 
     def new_size(self, old: int) -> int:

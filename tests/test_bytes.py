@@ -46,7 +46,8 @@ def llama(tmp_path: Path, dtype: str) -> Path:
 
 HF_CASES = {
     "deepen": [{"deepen": {"layers": 6}}],
-    "widen-mlp-noise": [{"widen": {"dim": "intermediate_size", "factor": 2, "noise": 0.1}}],
+    "widen-mlp-noise": [{"widen": {"dim": "intermediate_size", "factor": 2, "noise": 0.1, "mapping": "random"}}],
+    "widen-mlp-tile": [{"widen": {"dim": "intermediate_size", "factor": 2}}],  # the default since the tile mapping
     "widen-hidden-heads-deepen": [{"widen": {"dim": "hidden_size", "to": 160}},
                                   {"widen": {"dim": "num_attention_heads", "to": 8}}, {"deepen": {"after": [0, 2]}}],
 }

@@ -100,3 +100,34 @@ def test_supports(tmp_path):
     assert hf_stream.supports(make_hf_model(tmp_path, "qwen2", name="q"))
     assert not hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))
     assert not hf_stream.supports(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("family,kw", FAMILIES[:1] + FAMILIES[2:], ids=["llama", "mistral", "qwen2"])
+def test_byte_identical_blocks_with_equal_inputs_are_not_run_twice(tmp_path, family, kw):
+    """A deepen's original blocks are byte-identical copies of the teacher's and (the inserted
+    blocks leaving the stream unchanged) get bitwise-equal inputs: their output is the teacher
+    block's, so they are not run again; the verdict is the same as the full model's."""
+    src = make_hf_model(tmp_path, family, **kw)  # 2 blocks
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [0, 1]}}], seed=1), src, out, device="cpu", verify=False)
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert c.passed and c.student_blocks_inserted == [1, 3] and c.student_blocks_copied == [0, 2], c
+    full = hf_verify.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                                  device=torch.device("cpu"), dtype=torch.float32)
+    assert full.passed and c.max_abs_error == full.max_abs_error == 0.0
+
+
+def test_identical_weights_under_a_different_config_are_run(tmp_path):
+    """Same bytes are not enough: a config field the block reads (the norms' eps) differs in the
+    student, so its blocks run, and the difference is found."""
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=3)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [0]}}], seed=1), src, out, device="cpu", verify=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rms_norm_eps"] = 0.5
+    (out / "config.json").write_text(json.dumps(cfg))
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert c.student_blocks_copied == [] and not c.passed, c
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 0"), c

@@ -39,7 +39,7 @@ def test_grow_reports_phases_timings_and_mode(tmp_path, cli):
     out, rep = tmp_path / "out", tmp_path / "r.json"
     r = cli("deepen", src, out, "--layers", "3", "--device", "cpu", "--report", rep)
     assert r.exit_code == 0, r.output
-    for phase in ("checking weights", "writing", "verifying"):
+    for phase in ("writing", "verifying"):  # each input tensor is checked for NaN/Inf as it is read for writing
         assert f"n2n: {phase}" in r.stderr
     report = json.loads(rep.read_text())
     assert set(report["timings"]) >= {"check", "plan", "write", "verify"}

@@ -213,7 +213,7 @@ def test_full_disk_ends_cleanly_and_keeps_the_old_output(tmp_path, cli, cnn_teac
     out = tmp_path / "o.safetensors"
     assert cli("grow", GROW, cnn_teacher, out).exit_code == 0
     before = snapshot(tmp_path)
-    monkeypatch.setattr(checkpoints, "open", lambda path, mode: _FullDisk(path, mode.replace("b", "")), raising=False)
+    monkeypatch.setattr(checkpoints, "open", lambda path, mode, *a, **k: _FullDisk(path, mode.replace("b", "")), raising=False)
     r = cli("grow", GROW, cnn_teacher, out, "--force", "--seed", "1")
     assert r.exit_code == 2
     assert f"error: {out}: cannot write (No space left on device)" in r.stderr
@@ -222,7 +222,7 @@ def test_full_disk_ends_cleanly_and_keeps_the_old_output(tmp_path, cli, cnn_teac
 
 def test_full_disk_hf_names_out_not_the_stage(tmp_path, hf_src, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setattr(checkpoints, "open", lambda path, mode: _FullDisk(path, mode.replace("b", "")), raising=False)
+    monkeypatch.setattr(checkpoints, "open", lambda path, mode, *a, **k: _FullDisk(path, mode.replace("b", "")), raising=False)
     with pytest.raises(OutputError) as e:
         api.grow(spec_from_steps([{"widen": {"dim": "hidden_size", "to": 64}}]), hf_src, out, verify=False)
     assert e.value.render().startswith(f"{out}/model.safetensors: cannot write (No space left on device)")
