@@ -371,19 +371,27 @@ def _print_grow(report: dict) -> None:
         out.print(report["load"]["line"], markup=False)
 
 
-def _run_grow(ctx, spec, src, out_path, *, model, device, seed, probes, atol, rtol, dry_run, force, no_verify,
-              max_shard_size="5GB", verify_dtype=None, model_code=None, model_args=None, example_input=None, verify_mode="auto",
-              optimizer_state=None, optimizer_state_out=None):
+#: the command-line options every growing command passes to ``api.grow`` as they are (those a
+#: command does not have keep the library's defaults)
+_GROW_OPTIONS = ("model", "device", "seed", "probes", "atol", "rtol", "dry_run", "force", "max_shard_size",
+                 "verify_dtype", "model_code", "example_input", "optimizer_state", "optimizer_state_out")
+
+
+def _run_grow(ctx, spec, src, out_path):
+    """Run ``api.grow`` with the command's own options (``ctx.params``), a progress display, and
+    the report printed or written."""
+    params = ctx.params
+    options = {k: params[k] for k in _GROW_OPTIONS if k in params}
+    if "verify_mode" in params:
+        options["verify_mode"] = params["verify_mode"].value
+    if "model_args" in params:
+        options["model_args"] = _model_args(params["model_args"])
     bar, update = _progress(ctx)
     if bar is not None:
         bar.start()
     try:
-        report = _api().grow(spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol,
-                          rtol=rtol, dry_run=dry_run, force=force, verify=False if no_verify else None,
-                          max_shard_size=max_shard_size, verify_dtype=verify_dtype, progress=update,
-                          model_code=model_code, model_args=_model_args(model_args), example_input=example_input,
-                          verify_mode=verify_mode, optimizer_state=optimizer_state,
-                          optimizer_state_out=optimizer_state_out)
+        report = _api().grow(spec, src, out_path, verify=False if params.get("no_verify") else None, progress=update,
+                             **options)
     finally:
         if bar is not None:
             bar.stop()
@@ -412,11 +420,7 @@ def grow(
     Nothing is written if any check or the verification fails.
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
-    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
-              optimizer_state_out=optimizer_state_out)
+    _run_grow(ctx, spec, src, out_path)
 
 
 class WidenMethod(str, Enum):
@@ -487,11 +491,7 @@ def widen(
         step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
                 "noise_mode": noise_mode.value}
     spec = _api().spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
-              optimizer_state_out=optimizer_state_out)
+    _run_grow(ctx, spec, src, out_path)
 
 
 class DeepenMethod(str, Enum):
@@ -557,11 +557,7 @@ def deepen(
         step = {"after": after, "after_block": after_block, "name": name, "method": method.value,
                 "kernel_size": kernel_size}
     spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path, model=model, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype, model_code=model_code, model_args=model_args,
-              example_input=example_input, verify_mode=verify_mode.value, optimizer_state=optimizer_state,
-              optimizer_state_out=optimizer_state_out)
+    _run_grow(ctx, spec, src, out_path)
 
 
 class RouterInit(str, Enum):
@@ -617,9 +613,7 @@ def upcycle(
             "router_std": router_std if router_init == RouterInit.small else None, "norm_topk_prob": norm_topk_prob,
             "shared_expert": shared_expert.value if shared_expert else None, "allow_approximate": allow_approximate or None}
     spec = _api().spec_from_steps([{"upcycle": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path, model=None, device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-              dry_run=dry_run, force=force, no_verify=no_verify, max_shard_size=max_shard_size,
-              verify_dtype=verify_dtype, verify_mode=verify_mode.value)
+    _run_grow(ctx, spec, src, out_path)
 
 
 @app.command()
