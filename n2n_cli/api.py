@@ -209,16 +209,14 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
 
     code, graph_spec = graph_api.model_code_of(spec, Path(src), model_code, model_args, example_input)
     if code is not None:
-        if optimizer_state is not None or optimizer_state_out is not None:
-            raise UserError("--optimizer-state is not supported yet for models built by --model-code",
-                            hint="Grow the weights alone and start the grown model with a fresh optimizer.")
         if model is not None:
             raise UserError("give either --model (a sequential description) or --model-code, not both")
         if graph_spec is None:
             graph_spec, _ = load_spec(spec)
         return graph_api.grow(graph_spec, Path(src), Path(out), code, device=device, seed=seed, probes=probes,
                               atol=atol, rtol=rtol, dry_run=dry_run, force=force, verify=verify,
-                              verify_dtype=verify_dtype, progress=progress)
+                              verify_dtype=verify_dtype, progress=progress, optimizer_state=optimizer_state,
+                              optimizer_state_out=optimizer_state_out)
     # ---
     spec_model = None
     if not isinstance(spec, (GrowthSpec, HFGrowthSpec)):
@@ -259,7 +257,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
                   "verified_against": DESCRIPTION_NOTE, **({"warnings": warnings} if warnings else {})}
-        opt = _grow_optimizer_state(optimizer_state, optimizer_state_out, plan, header, force,
+        opt = optim_state.prepare(optimizer_state, optimizer_state_out, plan, header, force,
                                     lambda: (optim_state.sequential_names(desc),
                                              optim_state.sequential_names(plan.model_after)))
         if opt is not None:
@@ -300,25 +298,6 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         return report
 
 
-def _grow_optimizer_state(path, out, plan, header, force: bool, names):
-    """The grown optimizer state (None without --optimizer-state), checked before anything is written."""
-    if path is None and out is None:
-        return None
-    if path is None or out is None:
-        raise UserError("give both --optimizer-state (the teacher's) and --optimizer-state-out (where to write the "
-                        "grown one)")
-    if Path(out).exists() and not force:
-        raise UserError("already exists", where=f"--optimizer-state-out {out}",
-                        hint="Choose another path or pass --force.")
-    if Path(out).exists():  # refused now, not after the checkpoint is written
-        optim_state.check_replaceable_state(Path(out))
-    state = optim_state.load_state(path)
-    teacher_names, student_names = names()
-    grown = optim_state.grow_state(plan, state, teacher_names, student_names,
-                                   {k: tuple(shape) for k, (_, shape) in header.items()}, where=path)
-    return grown, optim_state.inexact(plan, student_names)
-
-
 def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, atol, rtol, dry_run, force, verify,
              max_shard_size, verify_dtype, progress, verify_mode="auto", optimizer_state=None,
              optimizer_state_out=None) -> dict:
@@ -347,7 +326,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                   "plan": plan.to_dict(), "written": False, **({"warnings": warnings} if warnings else {})}
         if st is not None:
             report["sentence_transformers"] = st.to_dict()
-        opt = _grow_optimizer_state(optimizer_state, optimizer_state_out, plan, header, force,
+        opt = optim_state.prepare(optimizer_state, optimizer_state_out, plan, header, force,
                                     lambda: (optim_state.hf_names(source.config, header),
                                              optim_state.hf_names(plan.new_config(), plan.recipes)))
         if opt is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, outputs
+from . import __version__, optim_state, outputs
 from .hf_io import planned_bytes
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, SpecError, UserError
@@ -180,7 +180,8 @@ def plan_problems(spec: GrowthSpec, src: Path, code: ModelCode):
 
 
 def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu", seed=None, probes=None,
-         atol=None, rtol=None, dry_run=False, force=False, verify=None, verify_dtype=None, progress=None) -> dict:
+         atol=None, rtol=None, dry_run=False, force=False, verify=None, verify_dtype=None, progress=None,
+         optimizer_state=None, optimizer_state_out=None) -> dict:
     src, out = Path(src), Path(out)
     if not dry_run:
         check_output_path(out, [src], force)
@@ -193,6 +194,11 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         code.edits = code.edits + plan.edits  # what the output records; the teacher keeps its own
         report = {"n2n_version": __version__, "source": str(src), "output": str(out), "dry_run": dry_run,
                   "model_code": json.loads(code.to_json()), "plan": plan.to_dict(), "written": False}
+        opt = optim_state.prepare(optimizer_state, optimizer_state_out, plan, header, force,
+                                  lambda: ([n for n, _ in teacher.named_parameters()],
+                                           [n for n, _ in resize_module(code.build(), plan.shapes).named_parameters()]))
+        if opt is not None:
+            report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
         mat = Materializer(plan, source)
@@ -246,6 +252,9 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         with atomic_output(out, force=force) as tmp:
             write_safetensors(tmp, entries, mat.get, metadata, name=str(out))
         report["written"] = True
+        if opt is not None:
+            optim_state.save_state(opt[0], optimizer_state_out, force=force)
+            report["optimizer_state"]["written"] = str(optimizer_state_out)
         return report
 
 

@@ -346,3 +346,24 @@ def summary(state: dict, approximate: dict[str, str] | None = None) -> dict:
                                   or e.get("step") == 0),
             "rule": "moments follow the gradients at the grown point (exp_avg like g, exp_avg_sq like g^2); "
                     "inserted tensors start fresh (zero moments, step 0)"}
+
+
+def prepare(path, out, plan, header, force: bool, names):
+    """The grown optimizer state and what in it is approximate (None without --optimizer-state),
+    checked before anything is written; ``names()`` gives the teacher's and the student's
+    parameter names in ``model.parameters()`` order."""
+    if path is None and out is None:
+        return None
+    if path is None or out is None:
+        raise UserError("give both --optimizer-state (the teacher's) and --optimizer-state-out (where to write the "
+                        "grown one)")
+    if Path(out).exists() and not force:
+        raise UserError("already exists", where=f"--optimizer-state-out {out}",
+                        hint="Choose another path or pass --force.")
+    if Path(out).exists():  # refused now, not after the checkpoint is written
+        check_replaceable_state(Path(out))
+    state = load_state(path)
+    teacher_names, student_names = names()
+    grown = grow_state(plan, state, teacher_names, student_names,
+                       {k: tuple(shape) for k, (_, shape) in header.items()}, where=path)
+    return grown, inexact(plan, student_names)

@@ -285,17 +285,35 @@ def test_bad_optimizer_state_arguments(tmp_path, cli, monkeypatch, args, message
     assert not (tmp_path / "s.safetensors").exists()
 
 
-def test_model_code_path_refuses_optimizer_state_for_now(tmp_path, cli):
+def _image_batches(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(BATCHES)]
+
+
+@pytest.mark.parametrize("steps", [
+    [{"widen": {"layer": "layer2.0.conv2", "factor": 2}}],  # a stage coupled through the adds
+    [{"widen": {"layer": "layer1.0.conv1", "to": 13}}, {"deepen": {"after_block": "layer3.1"}}],
+])
+def test_model_code_moments_equal_the_students_own(tmp_path, steps):
+    """The traced path (your own module): the mapped moments are those the grown module (loaded
+    with load_grown) accumulates from its own gradients; inserted blocks start fresh."""
     import models_zoo as Z
     from safetensors.torch import save_file
 
+    import n2n_cli
+
     zoo = Path(Z.__file__)
-    model = Z.sequential_cnn()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "t.safetensors"))
-    torch.save(accumulate(model, [], _ce), tmp_path / "opt.pt")
-    r = cli("widen", tmp_path / "t.safetensors", tmp_path / "s.safetensors", "--model-code", f"{zoo}:sequential_cnn",
-            "--layer", "0", "--to", "16", "--optimizer-state", tmp_path / "opt.pt",
-            "--optimizer-state-out", tmp_path / "o2.pt")
-    assert r.exit_code == 2, r.output
-    assert "--optimizer-state is not supported yet for models built by --model-code" in r.output
-    assert not (tmp_path / "s.safetensors").exists()
+    teacher = Z.perturb(Z.resnet18()).eval()
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
+    batches = _image_batches()
+    torch.save(accumulate(teacher, batches, _ce), tmp_path / "opt.pt")
+    report = api.grow(api.spec_from_steps(steps, seed=1), tmp_path / "t.safetensors", tmp_path / "s.safetensors",
+                      model_code=f"{zoo}:resnet18", optimizer_state=tmp_path / "opt.pt",
+                      optimizer_state_out=tmp_path / "opt-grown.pt")
+    student = n2n_cli.load_grown(Z.resnet18(), tmp_path / "s.safetensors").eval()
+    names = [n for n, _ in student.named_parameters()]
+    assert report["optimizer_state"]["parameters"] == len(names)
+    mapped = torch.load(tmp_path / "opt-grown.pt", weights_only=True)
+    fresh = {n for i, n in enumerate(names) if float(mapped["state"][i]["step"]) == 0}
+    assert bool(fresh) == any("deepen" in s for s in steps)
+    assert compare_states(mapped, accumulate(student, batches, _ce), names, skip=fresh) < 5e-5
