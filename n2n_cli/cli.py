@@ -398,6 +398,13 @@ def _run_grow(ctx, spec, src, out_path):
     _finish(ctx, report, _print_grow)
 
 
+def _run_step(ctx, kind: str, step: dict, src, out_path, seed) -> None:
+    """One step given by flags (``n2n widen|deepen|upcycle``), run as a one-step spec (unset
+    flags are left out, so the spec's defaults apply)."""
+    spec = _api().spec_from_steps([{kind: {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
+    _run_grow(ctx, spec, src, out_path)
+
+
 # ----------------------------------------------------------------------------- commands
 
 
@@ -490,8 +497,7 @@ def widen(
             raise UserError("choose the layer to widen with --layer (--dim is for Hugging Face model directories)")
         step = {"layer": layer, "to": to, "factor": factor, "method": method.value, "noise": noise,
                 "noise_mode": noise_mode.value}
-    spec = _api().spec_from_steps([{"widen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path)
+    _run_step(ctx, "widen", step, src, out_path, seed)
 
 
 class DeepenMethod(str, Enum):
@@ -556,8 +562,7 @@ def deepen(
                             "or --after-block BLOCK for a residual block of a --model-code model")
         step = {"after": after, "after_block": after_block, "name": name, "method": method.value,
                 "kernel_size": kernel_size}
-    spec = _api().spec_from_steps([{"deepen": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path)
+    _run_step(ctx, "deepen", step, src, out_path, seed)
 
 
 class RouterInit(str, Enum):
@@ -612,8 +617,7 @@ def upcycle(
     step = {"experts": experts, "top_k": top_k, "router_init": router_init.value, "noise": noise or None,
             "router_std": router_std if router_init == RouterInit.small else None, "norm_topk_prob": norm_topk_prob,
             "shared_expert": shared_expert.value if shared_expert else None, "allow_approximate": allow_approximate or None}
-    spec = _api().spec_from_steps([{"upcycle": {k: v for k, v in step.items() if v is not None}}], seed=seed or 0)
-    _run_grow(ctx, spec, src, out_path)
+    _run_step(ctx, "upcycle", step, src, out_path, seed)
 
 
 @app.command()
