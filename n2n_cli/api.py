@@ -24,8 +24,8 @@ from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
-from .certify import (Certificate, certify_file, certify_hf, describe_difference, inexact_methods, read_lineage,
-                      rounding_dtypes)
+from .certify import (Certificate, certify_file, certify_hf, describe_difference, grown_lineage, inexact_methods,
+                      read_lineage, rounding_dtypes)
 from .certify import none as certify_none
 from .certify import summary_of as certificate_summary
 from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
@@ -281,7 +281,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
             "format": "pt",
             META_VERSION: __version__,
             META_MODEL: plan.model_after.to_json(),
-            META_LINEAGE: json.dumps(_lineage(previous, teacher_sha256.result(), spec, plan), sort_keys=True,
+            META_LINEAGE: json.dumps(grown_lineage(previous, teacher_sha256.result(), spec, plan), sort_keys=True,
                                       separators=(",", ":")),
             META_VERIFICATION: json.dumps(verification_facts(report["verification"]), sort_keys=True,
                                           separators=(",", ":")),
@@ -341,7 +341,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         # the teacher's digest is still being computed (a thread reads the input beside the writer):
         # each shard's header gets a placeholder of the same length, patched once the digest is known
         metadata = {"format": "pt", META_VERSION: __version__,
-                    META_LINEAGE: json.dumps(_lineage(previous, hf_io.PENDING_SHA256, spec_used, plan), sort_keys=True,
+                    META_LINEAGE: json.dumps(grown_lineage(previous, hf_io.PENDING_SHA256, spec_used, plan), sort_keys=True,
                                              separators=(",", ":"))}
         clock.mark("hash")
         entries = plan.entries()
@@ -484,14 +484,6 @@ def _hashing(source: TensorSource, enabled: bool = True):
         return
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         yield pool.submit(source.sha256)
-
-
-def _lineage(previous: list[dict], teacher_sha256: str, spec: GrowthSpec, plan: Plan) -> list[dict]:
-    before = getattr(plan, "model_before", None)  # MLP/CNN: the teacher's description, for `n2n verify`
-    return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": teacher_sha256,
-                        "steps": [e.to_dict() for e in spec.steps],
-                        **({"model_before": json.loads(before.to_json())} if before is not None else {}),
-                        "params_before": plan.params_before, "params_after": plan.params_after}]
 
 
 def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc: ModelDescription, header,

@@ -24,6 +24,7 @@ from typing import Callable
 
 import torch
 
+from . import __version__
 from .checkpoints import TensorSource
 from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
@@ -42,6 +43,16 @@ class TeacherMismatch(CheckpointError):
 
 
 # ----------------------------------------------------------------------------- lineage
+
+
+def grown_lineage(previous: list[dict], teacher_sha256: str, spec, plan) -> list[dict]:
+    """``previous`` (the teacher's lineage, see :func:`read_lineage`) plus this growth's entry:
+    what the certificate replays (steps, seed, the teacher's digest, its description if any)."""
+    before = getattr(plan, "model_before", None)  # MLP/CNN: the teacher's description, for `n2n verify`
+    return [*previous, {"n2n_version": __version__, "seed": plan.seed, "teacher_sha256": teacher_sha256,
+                        "steps": [e.to_dict() for e in spec.steps],
+                        **({"model_before": json.loads(before.to_json())} if before is not None else {}),
+                        "params_before": plan.params_before, "params_after": plan.params_after}]
 
 
 def read_lineage(metadata: dict[str, str], where: str) -> list[dict] | None:

@@ -16,6 +16,7 @@ import torch
 
 from . import __version__, optim_state, outputs
 from .hf_io import planned_bytes
+from .certify import grown_lineage, read_lineage
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, SpecError, UserError
 from .execute import Materializer
@@ -186,6 +187,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
     if not dry_run:
         check_output_path(out, [src], force)
     with open_checkpoint(src) as source:
+        previous = read_lineage(source.metadata, str(src)) or []  # malformed lineage: exit 2, before any work
         teacher, header = _teacher(code, source)
         x0, code.example_shape = example_for(teacher, code.example_shape)
         seed = spec.seed if seed is None else seed
@@ -237,12 +239,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         code.student_args = search.student_args
         report["model_code"] = json.loads(code.to_json())
         report["load"] = search.to_dict()
-        try:
-            previous = json.loads(source.metadata.get(META_LINEAGE, "[]"))
-        except json.JSONDecodeError:
-            previous = []
-        lineage = [*previous, {"n2n_version": __version__, "seed": seed, "steps": [e.to_dict() for e in spec.steps],
-                               "params_before": plan.params_before, "params_after": plan.params_after}]
+        lineage = grown_lineage(previous, source.sha256(), spec, plan)
         metadata = {"format": "pt", META_VERSION: __version__, META_MODEL_CODE: code.to_json(),
                     META_LINEAGE: json.dumps(lineage, sort_keys=True, separators=(",", ":")),
                     META_VERIFICATION: json.dumps(verification_facts(report["verification"]), sort_keys=True,

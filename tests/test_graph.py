@@ -450,3 +450,29 @@ steps:
     r = cli("validate", spec, "--checkpoint", path, "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["checked"] == "schema and steps (traced from your model code)"
+
+
+def test_model_code_lineage_is_read_safely_and_names_the_teacher(tmp_path, cli):
+    """The traced path reads and writes lineage like the others: malformed lineage is exit 2
+    (not an internal error), and each entry records the teacher's sha256."""
+    import hashlib
+
+    from safetensors import safe_open
+
+    model = Z.perturb(Z.resnet18())
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    bad = tmp_path / "bad.safetensors"
+    save_file(sd, str(bad), metadata={"n2n_lineage": "5"})
+    r = cli("widen", bad, tmp_path / "o.safetensors", "--model-code", f"{ZOO}:resnet18", "--layer", "layer1.0.conv1",
+            "--factor", "2")
+    assert r.exit_code == 2, r.output
+    assert "n2n_lineage" in r.output and "internal error" not in r.output
+    assert not (tmp_path / "o.safetensors").exists()
+    good = tmp_path / "t.safetensors"
+    save_file(sd, str(good))
+    r = cli("widen", good, tmp_path / "o.safetensors", "--model-code", f"{ZOO}:resnet18", "--layer", "layer1.0.conv1",
+            "--factor", "2", "--no-verify")
+    assert r.exit_code == 0, r.output
+    with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
+        lineage = json.loads(f.metadata()["n2n_lineage"])
+    assert lineage[-1]["teacher_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
