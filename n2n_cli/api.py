@@ -25,7 +25,7 @@ from .layers import PRODUCERS
 from .model import ModelDescription
 from .plan import Plan, build_plan, exact_counterpart
 from .certify import (Certificate, certify_file, certify_hf, describe_difference, grown_lineage, inexact_methods,
-                      read_lineage, rounding_dtypes)
+                      read_lineage)
 from .certify import none as certify_none
 from .certify import summary_of as certificate_summary
 from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
@@ -33,7 +33,7 @@ from .spec import (GrowthSpec, StepEntry, load_model_description, load_spec, par
                    spec_from_steps)
 from .validation import validate  # noqa: F401 (part of the API; light, so it lives apart)
 from .verify import (compare_outputs, compute_dtype, default_tolerances, probe_inputs, resolve_device, run,
-                     verification_facts, verification_failed)
+                     user_tolerance, verification_facts, verification_failed, verification_settings)
 
 Progress = Callable[[str, int, int], None]  # (phase, done, total)
 
@@ -160,29 +160,6 @@ def check_finite(source: TensorSource, keys, progress: Progress | None = None) -
 # ----------------------------------------------------------------------------- grow
 
 
-def _settings(spec: GrowthSpec, header, plan, *, probes, atol, rtol, verify_dtype=None):
-    """(probes, atol, rtol, who set the tolerances). Default tolerances follow the dtype the
-    comparison runs in and the dtypes of the tensors whose computation rounds (a division, a
-    scale, noise), not the coarsest dtype in the checkpoint: one bfloat16 bias that is only
-    copied does not loosen the check of float32 weights."""
-    dtypes = [d for d, _ in header.values()]
-    d_atol, d_rtol = default_tolerances([compute_dtype(dtypes, verify_dtype), *rounding_dtypes(plan)])
-    user = _user_tolerance(atol, rtol) or _user_tolerance(spec.verify.atol, spec.verify.rtol, spec=True)
-    return (probes or spec.verify.probes,
-            atol if atol is not None else (spec.verify.atol if spec.verify.atol is not None else d_atol),
-            rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol), user)
-
-
-def _user_tolerance(atol, rtol, spec: bool = False) -> str | None:
-    """How the user set the tolerances, in their words (``--atol 0 --rtol 0``), or None."""
-    given = [(n, v) for n, v in (("atol", atol), ("rtol", rtol)) if v is not None]
-    if not given:
-        return None
-    if spec:
-        return "the spec's verify: " + ", ".join(f"{n}: {v:g}" for n, v in given)
-    return " ".join(f"--{n} {v:g}" for n, v in given)
-
-
 def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, model: ModelDescription | str | Path | None = None,
          device: str = "cpu", seed: int | None = None, probes: int | None = None, atol: float | None = None,
          rtol: float | None = None, dry_run: bool = False, force: bool = False, verify: bool | None = None,
@@ -252,7 +229,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         check_finite(source, header, progress)
         seed = spec.seed if seed is None else seed
         plan = build_plan(desc, header, spec.steps, seed)
-        probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
+        probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         report = {"n2n_version": __version__, "source": str(src), "output": str(out_path), "dry_run": dry_run,
                   "plan": plan.to_dict(), "model": json.loads(plan.model_after.to_json()), "written": False,
@@ -317,7 +294,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         seed = spec.seed if seed is None else seed
         check_later(hf_verify.check_config, source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
-        probes, atol, rtol, user_tol = _settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
+        probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         check_later(hf_verify.check_config, plan.new_config())
         st = hf_st.plan_modules(src, plan)  # a sentence-transformers directory: its module tree grows too
@@ -578,7 +555,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
         dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
         rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
         d_atol, d_rtol = default_tolerances([dtype, *rounding])
-        user_tol = _user_tolerance(atol, rtol)
+        user_tol = user_tolerance(atol, rtol)
         atol = d_atol if atol is None else atol
         rtol = d_rtol if rtol is None else rtol
         x = probe_inputs(t_desc, probes, seed)
@@ -692,7 +669,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
     dtype = compute_dtype(dtypes, verify_dtype)
     d_atol, d_rtol = default_tolerances([dtype, *rounding])
-    user_tol = _user_tolerance(atol, rtol)
+    user_tol = user_tolerance(atol, rtol)
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
                           max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,

@@ -28,7 +28,7 @@ from .spec import GrowthSpec, load_spec
 from .transforms import generator
 from .usercode import build_model, load_strict
 from .verify import (compare_outputs, compute_dtype, default_tolerances, resolve_device, verification_facts,
-                     verification_failed)
+                     verification_failed, verification_settings)
 
 META_MODEL_CODE = "n2n_model_code"
 META_LINEAGE = "n2n_lineage"
@@ -204,12 +204,9 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
         if dry_run:
             return report
         mat = Materializer(plan, source)
-        dtypes = [d for d, _ in header.values()]
-        dtype = compute_dtype(dtypes, verify_dtype)
-        d_atol, d_rtol = default_tolerances(dtypes + [dtype])
-        atol = spec.verify.atol if atol is None and spec.verify.atol is not None else (d_atol if atol is None else atol)
-        rtol = spec.verify.rtol if rtol is None and spec.verify.rtol is not None else (d_rtol if rtol is None else rtol)
-        probes = probes or spec.verify.probes
+        dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
+        probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
+                                                             verify_dtype=verify_dtype)
         student = None
         if spec.verify.enabled if verify is None else verify:
             if progress:
@@ -230,7 +227,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
             if progress:
                 progress("verifying", 1, 1)
             if v["passed"] is False:
-                raise verification_failed(c, src, report, grown=True)
+                raise verification_failed(c, src, report, grown=True, user_tol=user_tol)
         else:
             report["verification"] = {"passed": None, "skipped": True}
         if student is None:

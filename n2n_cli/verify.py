@@ -176,3 +176,28 @@ def verification_failed(c: dict, where, report: dict, *, grown: bool,
         + ("; nothing was written" if grown else "")
         + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
         hint=hint)
+
+
+def verification_settings(spec, header, plan, *, probes, atol, rtol, verify_dtype=None):
+    """(probes, atol, rtol, who set the tolerances). Default tolerances follow the dtype the
+    comparison runs in and the dtypes of the tensors whose computation rounds (a division, a
+    scale, noise), not the coarsest dtype in the checkpoint: one bfloat16 bias that is only
+    copied does not loosen the check of float32 weights."""
+    from .certify import rounding_dtypes  # the plan's tensors whose computation rounds
+
+    dtypes = [d for d, _ in header.values()]
+    d_atol, d_rtol = default_tolerances([compute_dtype(dtypes, verify_dtype), *rounding_dtypes(plan)])
+    user = user_tolerance(atol, rtol) or user_tolerance(spec.verify.atol, spec.verify.rtol, spec=True)
+    return (probes or spec.verify.probes,
+            atol if atol is not None else (spec.verify.atol if spec.verify.atol is not None else d_atol),
+            rtol if rtol is not None else (spec.verify.rtol if spec.verify.rtol is not None else d_rtol), user)
+
+
+def user_tolerance(atol, rtol, spec: bool = False) -> str | None:
+    """How the user set the tolerances, in their words (``--atol 0 --rtol 0``), or None."""
+    given = [(n, v) for n, v in (("atol", atol), ("rtol", rtol)) if v is not None]
+    if not given:
+        return None
+    if spec:
+        return "the spec's verify: " + ", ".join(f"{n}: {v:g}" for n, v in given)
+    return " ".join(f"--{n} {v:g}" for n, v in given)

@@ -476,3 +476,19 @@ def test_model_code_lineage_is_read_safely_and_names_the_teacher(tmp_path, cli):
     with safe_open(str(tmp_path / "o.safetensors"), "pt") as f:
         lineage = json.loads(f.metadata()["n2n_lineage"])
     assert lineage[-1]["teacher_sha256"] == hashlib.sha256(good.read_bytes()).hexdigest()
+
+
+def test_model_code_tolerances_are_the_same_rules_as_elsewhere(tmp_path, cli):
+    """The traced path sets tolerances like the others (by the dtypes that round) and says when a
+    failure is the user's own tolerance."""
+    path = tmp_path / "t.safetensors"
+    save_file({k: v.contiguous() for k, v in Z.perturb(Z.resnet18()).state_dict().items()}, str(path))
+    r = cli("widen", path, tmp_path / "o.safetensors", "--model-code", f"{ZOO}:resnet18", "--layer", "layer2.0.conv2",
+            "--factor", "2", "--atol", "0", "--rtol", "0")
+    assert r.exit_code == 3, r.output
+    assert "The tolerance is yours (--atol 0 --rtol 0)" in r.output and "This is not a bug in n2n" in r.output
+    r = cli("widen", path, tmp_path / "o.safetensors", "--model-code", f"{ZOO}:resnet18", "--layer", "layer2.0.conv2",
+            "--factor", "2", "--json")
+    assert r.exit_code == 0, r.output
+    v = json.loads(r.stdout)["verification"]["exact"]
+    assert (v["atol"], v["rtol"]) == (1e-5, 1e-4)
