@@ -242,7 +242,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
         if dry_run:
             return report
         outputs.before_writing(out_path, hf_io.planned_bytes(plan.entries()))
-        mat = Materializer(plan, source)
+        mat = Materializer(plan, source, device=resolve_device(device))
         do_verify = spec.verify.enabled if verify is None else verify
         if do_verify:
             report["verification"] = _verify_plan(spec.steps, plan, source, desc, header, mat, probes=probes,
@@ -326,7 +326,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         done = iter(range(1, len(entries) + 1))
         with fsutil.temp_beside(out, "stage", directory=True) as holder:
             staged = holder / out.name
-            mat = Materializer(plan, source, check=True, raw=True)  # checked as read; copies as raw bytes
+            mat = Materializer(plan, source, check=True, raw=True, device=resolve_device(device))  # checked as read; copies as raw bytes
             try:
                 hf_io.write_hf_dir(staged, entries, mat.get, config=plan.new_config(),
                                    metadata=metadata, src_dir=src, max_shard_size=shard_bytes,

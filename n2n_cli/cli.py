@@ -174,7 +174,8 @@ ModelOpt = Annotated[Optional[Path], typer.Option("--model", "-m", help="Model d
                                                   "runs this description, not your own nn.Module: if they differ "
                                                   "(e.g. tanh described as relu), a PASS says nothing about your "
                                                   "module; check it with your module (README).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="Where verification runs: auto, cpu, cuda, cuda:N or mps.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="Where the transforms and the verification run: auto (a CUDA GPU if there is one), cpu, cuda, "
+                                              "cuda:N or mps (MPS: verification only). The output's bytes do not depend on it.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Seed for the widening mapping, noise, baselines and "
                                                 "probes (default: the spec's seed, else 0).")]
 ProbesOpt = Annotated[Optional[int], typer.Option("--probes", min=1, max=MAX_PROBES,

@@ -21,8 +21,11 @@ class Materializer:
     or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
-    def __init__(self, plan: Plan, source: TensorSource, check: bool = False, raw: bool = False):
-        """With ``check``, every source tensor is checked for NaN/Inf the first time it is read
+    def __init__(self, plan: Plan, source: TensorSource, check: bool = False, raw: bool = False,
+                 device: torch.device | str = "cpu"):
+        """Transforms run on ``device`` (``--device``); results come back to the CPU for writing,
+        with the same bytes on every device (random draws and noise scales are taken on the CPU).
+        With ``check``, every source tensor is checked for NaN/Inf the first time it is read
         (:class:`NonFinite` if bad), so the input is read once for checking and writing together;
         :attr:`checked` is the set of source keys checked so far. With ``raw``, ``get`` may return
         a :class:`RawSpan` (for :func:`checkpoints.write_safetensors`) instead of a tensor."""
@@ -30,7 +33,10 @@ class Materializer:
         self.source = source
         self.check, self.raw = check, raw
         self.checked: set[str] = set()
-        self._mapping = lru_cache(maxsize=None)(make_mapping)
+        self.device = torch.device(device)
+        if self.device.type == "mps":  # no float64 there, and untested: MPS verifies, the CPU transforms
+            self.device = torch.device("cpu")
+        self._mapping = lru_cache(maxsize=None)(lambda m: make_mapping(m).to(self.device))
         self._buf: torch.Tensor | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, concurrent.futures.Future]] = []
@@ -90,15 +96,16 @@ class Materializer:
             elif isinstance(op, Create):
                 t = _create(op, dtype, work, generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):
+                t = t.to(self.device)  # only computed tensors travel; copies stay where they are
                 for ax, axis, mapping in op.axes:
                     t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
                                    noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
                                    pad=mapping.pad, norm_scale=mapping.norm_scale, embed_scale=mapping.embed_scale,
                                    work=work if t.is_floating_point() else None)
             elif isinstance(op, Scale):
-                t = _scale(op, t, work, self.plan.seed)
+                t = _scale(op, t.to(self.device), work, self.plan.seed)
         assert t is not None
-        return t.to(dtype)
+        return t.to(dtype).cpu()
 
 
 def _create(op: Create, dtype: torch.dtype, work: torch.dtype, rng: torch.Generator) -> torch.Tensor:
@@ -118,11 +125,11 @@ def _scale(op: Scale, t: torch.Tensor, work: torch.dtype, seed: int) -> torch.Te
     t = t.to(work)
     out = t * op.factor if op.factor != 1.0 else t
     if op.noise > 0:
-        std = float(t.std()) if t.numel() > 1 else 0.0
+        std = float(t.cpu().std()) if t.numel() > 1 else 0.0  # on the CPU: the same bits on every device
         rng = generator(seed, op.step, "scale-noise", op.group)
         total, mine = torch.zeros_like(t), None
         for m in range(op.members):
-            eps = torch.randn(t.shape, generator=rng, dtype=work) * (op.noise * std)
+            eps = torch.randn(t.shape, generator=rng, dtype=work).to(t.device) * (op.noise * std)
             total += eps
             if m == op.member:
                 mine = eps

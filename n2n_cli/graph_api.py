@@ -203,7 +203,7 @@ def grow(spec: GrowthSpec, src: Path, out: Path, code: ModelCode, *, device="cpu
             report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
-        mat = Materializer(plan, source)
+        mat = Materializer(plan, source, device=resolve_device(device))
         dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
         probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                              verify_dtype=verify_dtype)

@@ -84,8 +84,8 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
         shape = list(t.shape)
         shape[u] = new - old
         fill = {"normal": None, "bias": 0.1, "one": 1.0, "zero": 0.0}[axis.pad]
-        extra = (torch.randn(shape, generator=rng, dtype=t.dtype) * PAD_STD if fill is None
-                 else torch.full(shape, fill, dtype=t.dtype))
+        extra = (torch.randn(shape, generator=rng, dtype=t.dtype).to(t.device) * PAD_STD if fill is None
+                 else torch.full(shape, fill, dtype=t.dtype, device=t.device))
         return done(torch.cat([t, extra], dim=u))
     if method != "net2wider":
         raise ValueError(f"unknown widen method {method!r}")
@@ -107,15 +107,15 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
         counts = torch.bincount(g, minlength=old).to(work)
         out.div_(counts[g].reshape(_bshape(out, u)))
         if noise > 0 and axis.role == "in":
-            std = float(t.std()) if t.numel() > 1 else 0.0
-            eps = torch.randn(out.shape, generator=rng, dtype=t.dtype) * (noise * std)
+            std = float(t.cpu().std()) if t.numel() > 1 else 0.0  # on the CPU: the same bits on every device
+            eps = torch.randn(out.shape, generator=rng, dtype=t.dtype).to(t.device) * (noise * std)
             if noise_mode == "zero-sum":
                 # subtract each original unit's mean over its copies: the copies' noise sums to 0,
                 # so the next layer still sees exactly the same sum (and single units get none)
                 sums = torch.zeros_like(t).index_add_(u, g, eps)
                 eps = eps - (sums / counts.reshape(_bshape(t, u))).index_select(u, g)
             elif noise_mode == "independent":
-                keep = torch.arange(new) < old  # the Keras example: noise on the new copies only
+                keep = torch.arange(new, device=t.device) < old  # the Keras example: noise on the new copies only
                 eps = eps * (~keep).to(t.dtype).reshape(_bshape(out, u))
             else:
                 raise ValueError(f"unknown noise mode {noise_mode!r}")

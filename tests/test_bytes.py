@@ -55,14 +55,14 @@ GOLDEN = json.loads((Path(__file__).parent / "golden_bytes.json").read_text()) \
     if (Path(__file__).parent / "golden_bytes.json").exists() else {}
 
 
-def hf_digest(tmp_path, dtype, case):
+def hf_digest(tmp_path, dtype, case, device="cpu"):
     src = llama(tmp_path, dtype)
     out = tmp_path / "out"
-    api.grow(spec_from_steps(HF_CASES[case], seed=5), src, out, device="cpu", verify=False)
+    api.grow(spec_from_steps(HF_CASES[case], seed=5), src, out, device=device, verify=False)
     return tensor_digest(out)
 
 
-def mlp_digest(tmp_path, which):
+def mlp_digest(tmp_path, which, device="cpu"):
     desc_path, steps = {
         "mlp": (MLP_YAML, [{"widen": {"layer": "fc1", "to": 256, "noise": 0.01}}, {"widen": {"layer": "fc2", "factor": 1.5}},
                            {"deepen": {"after": "fc1"}}]),
@@ -74,7 +74,7 @@ def mlp_digest(tmp_path, which):
     src = tmp_path / "t.safetensors"
     make_teacher(desc, src, seed=1, dtype=torch.bfloat16 if which.endswith("bf16") else torch.float32)
     out = tmp_path / "s.safetensors"
-    api.grow(spec_from_steps(steps, seed=2), src, out, model=desc, device="cpu", verify=False)
+    api.grow(spec_from_steps(steps, seed=2), src, out, model=desc, device=device, verify=False)
     return tensor_digest(out)
 
 
@@ -88,6 +88,44 @@ def test_hf_bytes_unchanged(tmp_path, dtype, case):
 @pytest.mark.parametrize("which", ["mlp", "cnn", "mlp-bf16"])
 def test_mlp_bytes_unchanged(tmp_path, which):
     assert mlp_digest(tmp_path, which) == GOLDEN[f"{which}"]
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the device machine)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+@pytest.mark.parametrize("case", list(HF_CASES))
+def test_hf_bytes_same_on_cuda(tmp_path, dtype, case):
+    """--device cuda runs the transforms on the GPU: the same bytes as on the CPU."""
+    pytest.importorskip("transformers")
+    assert hf_digest(tmp_path, dtype, case, device="cuda") == GOLDEN[f"hf-{dtype}-{case}"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("which", ["mlp", "cnn", "mlp-bf16"])
+def test_mlp_bytes_same_on_cuda(tmp_path, which):
+    assert mlp_digest(tmp_path, which, device="cuda") == GOLDEN[f"{which}"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["deepen", "widen-mlp-noise", "widen-hidden-heads-deepen"])
+def test_hf_verified_on_cuda(tmp_path, case):
+    pytest.importorskip("transformers")
+    src = llama(tmp_path, "fp32")
+    report = api.grow(spec_from_steps(HF_CASES[case], seed=5), src, tmp_path / "out", device="cuda")
+    v = report["verification"]
+    assert v["passed"] is True and v["device"].startswith("cuda"), v
+
+
+def test_transforms_device_unavailable_is_a_user_error(tmp_path):
+    """--device cuda without a GPU: exit-2 message before anything is written, also with --no-verify."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    from n2n_cli.errors import UserError
+    with pytest.raises(UserError, match="--device cuda: CUDA is not available"):
+        mlp_digest(tmp_path, "mlp", device="cuda")
+    assert not (tmp_path / "s.safetensors").exists()
 
 
 if __name__ == "__main__":  # record the digests (run once, with the reference code)
