@@ -765,7 +765,17 @@ def validate(
     _finish(ctx, result, human)
 
 
+def _on_broken_pipe(console) -> None:
+    """`n2n ... | head`: the reader left. Rich would exit 1 (n2n's "internal error"); exit 141 like a
+    command killed by SIGPIPE, quietly, with clean-up still running (no signal is delivered)."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(141)
+
+
 def main() -> None:
+    import rich.console
+
+    rich.console.Console.on_broken_pipe = _on_broken_pipe  # also typer's help console
     app()
 
 

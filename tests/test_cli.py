@@ -461,3 +461,19 @@ def test_verify_dtype_half_precision_uses_half_precision_tolerances(tmp_path, cl
     assert r.exit_code == 3 and "Verification ran in bfloat16" in r.stderr
     r = cli("verify", cnn_teacher, out, "-m", CNN_YAML, "--verify-dtype", "int8")
     _bad(r, "--verify-dtype: unknown dtype 'int8'", "float64, float32, bfloat16, float16")
+
+
+@pytest.mark.parametrize("args", [["grow", "--help"], ["inspect", "specs/teachers/mnist-cnn.safetensors"]])
+def test_reader_leaving_the_pipe_is_exit_141_quietly(args):
+    """`n2n grow --help | head -1`: the reader leaves before n2n writes; exit 141 (as for SIGPIPE),
+    no traceback, not 1 (n2n's internal-error code)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-m", "n2n_cli", *args], cwd=root, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    p.stdout.close()  # the reader is gone before anything is written
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "internal error" not in err
