@@ -10,6 +10,7 @@ import concurrent.futures
 import contextlib
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -673,8 +674,17 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
                           max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,
-                          device=resolve_device(device), dtype=dtype)
-    return _verify_result(teacher, student, c.to_dict(), cert, t_arch.num_parameters(set(t_head)),
+                          device=resolve_device(device), dtype=dtype).to_dict()
+    if hf_st.read_modules(teacher) is not None and hf_st.read_modules(student) is not None:
+        # sentence-transformers directories: what users consume is the embedding after pooling,
+        # Dense and Normalize (which the hidden states alone do not check), as grow compares it
+        e = _verify_st(SimpleNamespace(normalized=None), teacher, student, c, atol=atol, rtol=rtol,
+                       device=resolve_device(device), dtype=dtype, seed=seed)
+        c["sentence_embeddings"] = e
+        if e.get("passed") is False:
+            c["max_abs_error"] = max(c["max_abs_error"], e["max_abs_error"])
+            c["max_rel_error"] = max(c["max_rel_error"], e["max_rel_error"])
+    return _verify_result(teacher, student, c, cert, t_arch.num_parameters(set(t_head)),
                           s_arch.num_parameters(set(s_head)), user_tol)
 
 

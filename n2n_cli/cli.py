@@ -306,6 +306,13 @@ def _fmt_err(c: dict) -> str:
             f"on {c['probes']} probes ({c['device']}, {c['dtype']}; atol {c['atol']:g}, rtol {c['rtol']:g})")
 
 
+def _st_line(se: dict) -> str:
+    word = "skipped" if se.get("skipped") else {True: "PASS", False: "FAIL", None: "measured"}[se.get("passed")]
+    return f"verification (sentence embeddings): {word}: " + (
+        se["note"] if se.get("skipped") else
+        f"{_fmt_err(se).replace('probes', 'texts')}, cosine similarity max error {se['cosine_max_abs_error']:.3g}")
+
+
 def _print_verification(v: dict, console: Console) -> None:
     if v.get("skipped"):
         console.print("verification: skipped (--no-verify): the output is NOT verified", markup=False)
@@ -320,12 +327,9 @@ def _print_verification(v: dict, console: Console) -> None:
                       f"{_fmt_err(v['exact_counterpart'])}", markup=False)
     if v.get("note"):
         console.print(f"verification: {v['note']}", markup=False)
-    se = v.get("sentence_embeddings")
+    se = v.get("sentence_embeddings") or (v.get("exact") or {}).get("sentence_embeddings")
     if se:  # a sentence-transformers directory: its embeddings, through every module
-        word = {True: "PASS", False: "FAIL", None: "measured"}[se.get("passed")]
-        console.print(f"verification (sentence embeddings): {word}: " + (se["note"] if se.get("skipped") else
-                      f"{_fmt_err(se).replace('probes', 'texts')}, cosine similarity max error "
-                      f"{se['cosine_max_abs_error']:.3g}"), markup=False)
+        console.print(_st_line(se), markup=False)
     if v.get("deviation"):
         judged = "" if v["deviation"].get("passed") is not None else ", NOT judged"
         console.print(f"measured deviation of the written student (noise / baseline method{judged}): "
@@ -645,6 +649,8 @@ def verify(
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)
+        if r.get("sentence_embeddings"):  # sentence-transformers directories: through every module
+            out.print(_st_line(r["sentence_embeddings"]), markup=False)
         out.print(f"certificate: {_api().certificate_summary(r['verification']['certificate'])}", markup=False)
         out.print(f"parameters: {r['params_teacher']:,} -> {r['params_student']:,}", markup=False)
 

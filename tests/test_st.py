@@ -222,6 +222,27 @@ def test_cli_prints_the_sentence_embedding_check(tmp_path, cli):
     assert "verification (sentence embeddings): PASS" in res.output and "cosine similarity max error" in res.output
 
 
+def test_verify_compares_sentence_embeddings(tmp_path, cli):
+    """`n2n verify` of two sentence-transformers directories runs the whole module tree, as grow
+    does: a Dense after pooling that is wrong (the hidden states are right) fails with exit 3."""
+    src = make_st_dir(tmp_path / "st")
+    out = tmp_path / "out"
+    api.grow(spec_from_steps([{"widen": {"dim": "hidden_size", "factor": 2}}]), src, out, device="cpu")
+    res = cli("verify", src, out)
+    assert res.exit_code == 0, res.output
+    assert "verification (sentence embeddings): PASS" in res.output
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(out / "2_Dense" / "model.safetensors"))
+    sd["linear.weight"] = torch.cat([sd["linear.weight"][:, :32] * 2, sd["linear.weight"][:, 32:] * 2], dim=1)
+    save_file(sd, str(out / "2_Dense" / "model.safetensors"), metadata={"format": "pt"})
+    res = cli("verify", src, out, "--json")
+    assert res.exit_code == 3, res.output
+    report = json.loads(res.stdout)
+    se = report["verification"]["exact"]["sentence_embeddings"]
+    assert se["passed"] is False and se["max_abs_error"] > 1e-3
+    assert report["verification"]["certificate"]["status"] == "pass"  # the transformer's weights are right
+
+
 # ----------------------------------------------------------------------------- refusals (exit 2)
 
 
