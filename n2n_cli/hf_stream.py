@@ -38,6 +38,7 @@ from .hf_verify import probe_batches, require_transformers
 from .errors import UserError
 from .verify import Comparison, compare_outputs, full_precision
 
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # architectures whose outputs are logits
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
 COMPARE_ROWS = 256  # output positions compared in float64 at a time
 
@@ -77,8 +78,13 @@ def unsupported(path: str | Path) -> str | None:
     if stream_facts(mt) is None:
         return f"the model type {mt!r} is not one of {', '.join(streaming_types())}"
     archs = config.get("architectures") or []  # a task head (score) is not streamed: full mode verifies it
-    head = next((a for a in archs if not str(a).endswith(("ForCausalLM", "Model"))), None)
+    head = next((a for a in archs if not str(a).endswith((*CAUSAL_SUFFIXES, "Model"))), None)
     return f"the architecture {head!r} has a task head (only base models and causal LMs are streamed)" if head else None
+
+
+def _dotted(name: str):
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
 
 
 def supports(path: str | Path) -> bool:
@@ -106,11 +112,13 @@ class _Model:
                             where=str(path / "config.json"), hint="Use --verify-mode full (loads both models whole).")
         self.module = importlib.import_module(f"transformers.models.{self.facts['module']}.modeling_{self.facts['module']}")
         self.layer_cls = getattr(self.module, self.facts["layer"])
-        self.norm_cls = getattr(self.module, self.facts["norm"])
-        self.rotary = getattr(self.module, self.facts["rotary"])(config=self.config).to(device)
+        norm = self.facts["norm"]  # a class of the module, or a dotted path (torch.nn.LayerNorm)
+        self.norm_cls = _dotted(norm) if "." in norm else getattr(self.module, norm)
+        self.rotary = getattr(self.module, self.facts["rotary"])(config=self.config).to(device) \
+            if self.facts.get("rotary") else None  # None: learned positions (``positions`` table)
         self.dtype, self.device = dtype, device
         self.prefix = self.arch.prefix
-        self.causal = any(a.endswith("ForCausalLM") for a in (self.config.architectures or []))
+        self.causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (self.config.architectures or []))
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.prefix + name)
@@ -119,7 +127,9 @@ class _Model:
         """Block ``i``'s tensors: name inside the block -> key in the files."""
         key = self.prefix + self.arch.family.layer.format(i=i)
         dropped = self.arch.family.dropped  # old buffers (rotary inv_freq) that transformers ignores too
-        return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and not (dropped and k.endswith(dropped))}
+        ignored = set(self.facts.get("ignored") or ())  # old buffers the layer class no longer has (GPT-2's attn.bias)
+        return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and k[len(key):] not in ignored
+                and not (dropped and k.endswith(dropped))}
 
     def _state(self, i: int) -> dict[str, torch.Tensor]:
         """Block ``i``'s state dict as transformers' layer class names it: checkpoint names renamed
@@ -209,6 +219,8 @@ class _Model:
     def positions(self, h: torch.Tensor, position_ids: torch.Tensor) -> Callable[[int], tuple]:
         """Layer index -> its rotary position embeddings (one per layer type where the family has
         local and global rope: ``rope_per_layer_type``)."""
+        if self.rotary is None:
+            return lambda i: None
         if self.facts.get("rope_per_layer_type"):
             types = self.config.layer_types
             made = {t: self.rotary(h, position_ids, t) for t in set(types)}
@@ -219,7 +231,10 @@ class _Model:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The probe tokens' embedding rows, scaled as the model scales them (``embed_scale``,
         ``embed_multiplier``)."""
-        h = F.embedding(ids, self.get("embed_tokens.weight")).to(self.device, self.dtype)
+        h = F.embedding(ids, self.get(self.facts.get("embed", "embed_tokens.weight"))).to(self.device, self.dtype)
+        if self.facts.get("positions"):  # learned positions (GPT-2's wpe): the rows of positions 0..n-1 added
+            n = ids.shape[-1]
+            h = h + self.source.get(self.prefix + self.facts["positions"])[:n].to(self.device, self.dtype)
         if self.facts.get("embed_scale") == "sqrt_hidden":  # as GemmaTextScaledWordEmbedding: in the weights' dtype
             h = h * torch.tensor(self.config.hidden_size ** 0.5).to(h.dtype)
         if self.facts.get("embed_multiplier"):
@@ -229,13 +244,17 @@ class _Model:
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, then (causal LMs) the head, a slice of the vocabulary at a time, and the
         logits' scaling (``logits_divisor``) or soft-capping (``logit_softcap``)."""
-        norm = self.norm_cls(h.shape[-1], eps=self.config.rms_norm_eps)
-        norm.weight = torch.nn.Parameter(self.get("norm.weight").to(self.device, self.dtype), requires_grad=False)
+        name = self.prefix + self.facts.get("final_norm", "norm") + "."
+        sd = {k[len(name):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
+              if k.startswith(name)}
+        with torch.device("meta"):
+            norm = self.norm_cls(h.shape[-1], eps=getattr(self.config, self.facts.get("norm_eps", "rms_norm_eps")))
+        norm.load_state_dict(sd, assign=True, strict=True)
         h = norm(h)
         if not self.causal:
             return h
         w = self.source.get("lm_head.weight") if "lm_head.weight" in self.source.keys() \
-            else self.get("embed_tokens.weight")
+            else self.get(self.facts.get("embed", "embed_tokens.weight"))
         divisor = getattr(self.config, self.facts["logits_divisor"]) if self.facts.get("logits_divisor") else None
         cap = getattr(self.config, self.facts["logit_softcap"], None) if self.facts.get("logit_softcap") else None
         out = []

@@ -1,5 +1,5 @@
 """Blockwise (streaming) verification for every decoder family n2n grows beyond LLaMA/Mistral/Qwen2
-(Qwen3, SmolLM3, Granite, Gemma 1/2/3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE, Qwen3-MoE): tiny seeded
+(Qwen3, SmolLM3, Granite, Gemma 1/2/3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2): tiny seeded
 models with norms and biases perturbed away from their default init, float32. For each family:
 the blockwise forward is transformers' own model's forward; n2n's deepened and widened students
 pass blockwise with the verdict and figures of full verification; a weight corrupted in one block
@@ -16,7 +16,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import VOCAB, randomize_hf_norms  # noqa: E402
+from helpers import VOCAB, make_hf_model, randomize_hf_norms  # noqa: E402
 from moe_models import make_moe_model  # noqa: E402
 from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
@@ -57,15 +57,18 @@ def family_config(model_type: str, layers: int) -> dict:
         "mixtral": dict(sliding_window=WINDOW),
         "qwen2_moe": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=lt, max_window_layers=0),
         "qwen3_moe": dict(use_sliding_window=True, sliding_window=WINDOW),
+        "gpt2": dict(n_inner=40),
     }[model_type]
 
 
-FAMILIES = ["qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", *MOE_TYPES]
+FAMILIES = ["qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", *MOE_TYPES, "gpt2"]
 WINDOWED = [m for m in FAMILIES if "sliding_window" in family_config(m, 2)]
 
 
 def make(tmp_path: Path, model_type: str, layers: int = 2, name: str = "teacher", **kw) -> Path:
     cfg = {**family_config(model_type, layers), "num_hidden_layers": layers, **kw}
+    if model_type == "gpt2":  # tests/helpers' GPT-2 (hidden 32, 4 heads), its LayerNorms and biases perturbed
+        return make_hf_model(tmp_path, "gpt2", name=name, **cfg)
     if model_type in MOE_TYPES:  # routers scaled up so that the top-k choice differs from token to token
         return make_moe_model(tmp_path, model_type, name=name, **cfg)
     torch.manual_seed(0)
@@ -105,8 +108,12 @@ def test_streaming_forward_is_transformers_forward(tmp_path, model_type):
     assert err <= 1e-5, err
 
 
-def test_gemma3_bidirectional_attention_is_transformers_forward(tmp_path):
-    src = make(tmp_path, "gemma3_text", layers=2, use_bidirectional_attention=True)
+@pytest.mark.parametrize("model_type,kw", [
+    ("gemma3_text", dict(use_bidirectional_attention=True)),  # bidirectional masks (symmetric windows)
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),  # the layer index enters the attention's scaling
+], ids=["gemma3-bidirectional", "gpt2-scale-by-layer"])
+def test_config_variants_are_transformers_forward(tmp_path, model_type, kw):
+    src = make(tmp_path, model_type, layers=3, **kw)
     b = batches()
     full, stream = full_outputs(src, b), hf_stream.forward(src, b)
     assert rel_error(full, stream) <= 1e-5
@@ -163,7 +170,8 @@ def test_corrupted_block_is_named(tmp_path, model_type):
     api.grow(spec_from_steps([{"deepen": {"after": [0]}}], seed=1), src, out, device="cpu", verify=False)
     f = out / "model.safetensors"
     sd = load_file(f)
-    key = "model.layers.2.self_attn.o_proj.weight"  # student block 2 = teacher block 1
+    key = {"gpt2": "transformer.h.2.attn.c_proj.weight"}.get(model_type, "model.layers.2.self_attn.o_proj.weight")
+    # student block 2 = teacher block 1
     sd[key] = sd[key] + 0.05 * torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(0))
     save_file(sd, f, metadata={"format": "pt"})
     c = hf_stream.compare(src, out, mode="auto", **KW)
