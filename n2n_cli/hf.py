@@ -64,6 +64,7 @@ class Family:
     derived_per_layer: dict[str, dict] = field(default_factory=dict)  # per-layer int lists from an interval
     moe: dict = field(default_factory=dict)  # mixtures of experts: config names, router rule, upcycling (hf_moe)
     eps_readers: tuple[str, ...] = ()  # norms over other axes (q_norm over head_dim) that read the stream norms' eps
+    stream: dict = field(default_factory=dict)  # model_type: what its forward does around the blocks (hf_stream)
 
 
 @lru_cache(maxsize=None)
@@ -79,7 +80,7 @@ def families() -> dict[str, Family]:
                      float(d.get("norm_offset", 0.0)), d.get("embed_scale"), d.get("pad_refused"),
                      d.get("projection_norms"), d.get("task_heads") or {}, d.get("renamed") or {},
                      int(d.get("position_offset", 0)), d.get("derived_per_layer") or {},
-                     d.get("moe") or {}, tuple(d.get("eps_readers") or ()))
+                     d.get("moe") or {}, tuple(d.get("eps_readers") or ()), d.get("stream") or {})
         for mt in fam.model_types:
             out[mt] = fam
     return out

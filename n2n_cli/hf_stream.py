@@ -2,7 +2,8 @@
 
 Teacher and student run in lockstep on the same probe batches, with transformers' own layer
 classes (``LlamaDecoderLayer``, its rotary embedding, RMSNorm and causal-mask functions, as the
-model's ``forward`` calls them): embed the probes once (only the probe tokens' rows of the
+model's ``forward`` calls them; which classes, masks and embedding/logit scalings a model type uses
+is data: the ``stream`` entries of families/*.yaml): embed the probes once (only the probe tokens' rows of the
 embedding are read), then for each teacher block load its tensors from the safetensors files,
 run it, run the student's corresponding block(s), compare the residual streams, free the block;
 the final norm and head at the end (the head read a slice of the vocabulary at a time). Memory:
@@ -16,7 +17,8 @@ every student block runs, and the final outputs decide. The per-block comparison
 mismatch starts ("the stream differs after teacher block 7"). A stream widened by tiling
 (HyperCloning, LEMON's zero padding) is compared against the teacher's stream tiled the same way.
 
-Supported: the llama family (llama, mistral, qwen2); :func:`supports` says which directories.
+Supported: every decoder family n2n grows (the model types with a ``stream`` entry in
+families/*.yaml: :func:`streaming_types`); :func:`supports` says which directories.
 """
 
 from __future__ import annotations
@@ -30,15 +32,15 @@ import torch
 import torch.nn.functional as F
 
 from . import hf_io
-from .hf import arch_from_config
+from .hf import arch_from_config, families
 from . import hf_verify
 from .hf_verify import probe_batches, require_transformers
+from .errors import UserError
 from .verify import Comparison, compare_outputs, full_precision
 
-STREAMING_TYPES = ("llama", "mistral", "qwen2")
+CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # architectures whose outputs are logits
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
 COMPARE_ROWS = 256  # output positions compared in float64 at a time
-OUTPUT_PROJECTIONS = ("self_attn.o_proj.weight", "mlp.down_proj.weight")
 
 
 @dataclass
@@ -53,18 +55,46 @@ class StreamComparison(Comparison):
     student_blocks_copied: list[int] = field(default_factory=list)
 
 
-def supports(path: str | Path) -> bool:
-    """Can :func:`compare_dirs` verify the model in this directory (by its config.json)?"""
+def stream_facts(model_type: str | None) -> dict | None:
+    """What the model type's forward does around its blocks (its family's ``stream`` entry in
+    families/*.yaml); None for a model type the blockwise verifier does not know."""
+    fam = families().get(model_type)
+    return fam.stream.get(model_type) if fam is not None else None
+
+
+def streaming_types() -> list[str]:
+    """The model types (of config.json) verified blockwise."""
+    return sorted(mt for mt, fam in families().items() if mt in fam.stream)
+
+
+def unsupported(path: str | Path) -> str | None:
+    """Why :func:`compare_dirs` cannot verify the model in this directory (by its config.json);
+    None when it can."""
     try:
         config = hf_io._read_config(Path(path))
     except Exception:
-        return False
+        return f"{path} has no readable config.json"
+    mt = config.get("model_type")
+    if stream_facts(mt) is None:
+        return f"the model type {mt!r} is not one of {', '.join(streaming_types())}"
     archs = config.get("architectures") or []  # a task head (score) is not streamed: full mode verifies it
-    return config.get("model_type") in STREAMING_TYPES and all(a.endswith(("ForCausalLM", "Model")) for a in archs)
+    head = next((a for a in archs if not str(a).endswith((*CAUSAL_SUFFIXES, "Model"))), None)
+    return f"the architecture {head!r} has a task head (only base models and causal LMs are streamed)" if head else None
+
+
+def _dotted(name: str):
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+def supports(path: str | Path) -> bool:
+    """Can :func:`compare_dirs` verify the model in this directory (by its config.json)?"""
+    return unsupported(path) is None
 
 
 class _Model:
-    """One side (teacher or student): its tensors, transformers config and classes."""
+    """One side (teacher or student): its tensors, transformers config and classes, and what the
+    model's forward does around its blocks (the family's ``stream`` facts in families/*.yaml)."""
 
     def __init__(self, path: Path, dtype: torch.dtype, device: torch.device):
         transformers = require_transformers()
@@ -73,15 +103,22 @@ class _Model:
         self.arch = arch_from_config(self.source.config, set(self.source.keys()), where=str(path / "config.json"))
         self.config = transformers.AutoConfig.from_pretrained(str(path))
         self.config._attn_implementation = "eager"
-        mtype = self.config.model_type
-        mod = importlib.import_module(f"transformers.models.{mtype}.modeling_{mtype}")
-        base = transformers.models.auto.modeling_auto.MODEL_MAPPING_NAMES[mtype].removesuffix("Model")
-        self.layer_cls = getattr(mod, f"{base}DecoderLayer")
-        self.norm_cls = getattr(mod, f"{base}RMSNorm")
-        self.rotary = getattr(mod, f"{base}RotaryEmbedding")(config=self.config).to(device)
+        if hasattr(self.config, "_experts_implementation"):  # the reference loop over experts, as hf_verify loads it
+            self.config._experts_implementation = "eager"
+        # by the model type transformers makes of config.json (a mistral one with layer_types is ministral)
+        self.facts = self.arch.family.stream.get(self.config.model_type)
+        if self.facts is None:
+            raise UserError(f"blockwise verification does not know transformers' model type {self.config.model_type}",
+                            where=str(path / "config.json"), hint="Use --verify-mode full (loads both models whole).")
+        self.module = importlib.import_module(f"transformers.models.{self.facts['module']}.modeling_{self.facts['module']}")
+        self.layer_cls = getattr(self.module, self.facts["layer"])
+        norm = self.facts["norm"]  # a class of the module, or a dotted path (torch.nn.LayerNorm)
+        self.norm_cls = _dotted(norm) if "." in norm else getattr(self.module, norm)
+        self.rotary = getattr(self.module, self.facts["rotary"])(config=self.config).to(device) \
+            if self.facts.get("rotary") else None  # None: learned positions (``positions`` table)
         self.dtype, self.device = dtype, device
         self.prefix = self.arch.prefix
-        self.causal = any(a.endswith("ForCausalLM") for a in (self.config.architectures or []))
+        self.causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (self.config.architectures or []))
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.prefix + name)
@@ -90,13 +127,39 @@ class _Model:
         """Block ``i``'s tensors: name inside the block -> key in the files."""
         key = self.prefix + self.arch.family.layer.format(i=i)
         dropped = self.arch.family.dropped  # old buffers (rotary inv_freq) that transformers ignores too
-        return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and not (dropped and k.endswith(dropped))}
+        ignored = set(self.facts.get("ignored") or ())  # old buffers the layer class no longer has (GPT-2's attn.bias)
+        return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and k[len(key):] not in ignored
+                and not (dropped and k.endswith(dropped))}
+
+    def _state(self, i: int) -> dict[str, torch.Tensor]:
+        """Block ``i``'s state dict as transformers' layer class names it: checkpoint names renamed
+        (``renamed``), per-expert tensors stacked into the fused 3-D expert parameters (``experts``),
+        each tensor converted to the compute dtype as it is read."""
+        keys = self.block_keys(i)
+        sd = {}
+        for target, parts in (self.facts.get("experts") or {}).items():
+            n = self.arch.experts
+            first = [keys[p.format(e=0)] for p in parts]
+            shapes = [self.source.shape(k) for k in first]
+            out = torch.empty(n, sum(sh[0] for sh in shapes), *shapes[0][1:], dtype=self.dtype, device=self.device)
+            for e in range(n):
+                r = 0
+                for p, sh in zip(parts, shapes):
+                    out[e, r:r + sh[0]] = self.source.get(keys.pop(p.format(e=e))).to(self.device, self.dtype)
+                    r += sh[0]
+            sd[target] = out
+        renamed = self.facts.get("renamed") or {}
+        for name, k in keys.items():
+            for old, new in renamed.items():
+                name = name.replace(old, new)
+            sd[name] = self.source.get(k).to(self.device, self.dtype)
+        return sd
 
     def block(self, i: int) -> torch.nn.Module:
         """Block ``i`` with its weights from the files (built on the meta device, then assigned),
         each tensor converted to the compute dtype as it is read (never the block twice in memory;
         the files are read with ``pread``, nothing stays mapped)."""
-        sd = {name: self.source.get(k).to(self.device, self.dtype) for name, k in self.block_keys(i).items()}
+        sd = self._state(i)
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
@@ -105,52 +168,104 @@ class _Model:
 
     def signature(self, i: int) -> tuple:
         """What block ``i``'s forward depends on besides its weights and its inputs: the config
-        (but the number of layers and which layer slides: those enter through ``layer_idx``,
-        and the mask each block gets is compared on its own) and every plain attribute of the
-        block's modules except ``layer_idx`` (which only indexes a cache; none is used here)."""
+        (but the number of layers and the per-layer lists, such as which layer slides: those enter
+        through ``layer_idx`` into the module attributes compared below, and the mask each block
+        gets is compared on its own) and every plain attribute of the block's modules except
+        ``layer_idx`` (which only indexes a cache; none is used here)."""
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         attrs = tuple((name, k, repr(v)) for name, m in layer.named_modules() for k, v in sorted(vars(m).items())
                       if not k.startswith("_") and k not in ("layer_idx", "config", "training"))
+        per_layer = tuple(self.arch.family.config.get("per_layer") or ())
         cfg = {k: v for k, v in self.config.to_dict().items()
                if k not in ("num_hidden_layers", "layer_types", "max_window_layers", "architectures",
-                            "_name_or_path", "transformers_version")}
+                            "_name_or_path", "transformers_version", *per_layer)}
         return repr(sorted(cfg.items())), attrs
 
     def zero_output(self, i: int) -> bool:
+        """Is block ``i`` an inserted block: every output projection the family names
+        (``block_outputs``: attention and MLP outputs; every expert's and a shared expert's
+        down projection) present and all zero?"""
         key = self.prefix + self.arch.family.layer.format(i=i)
-        return all(not bool(self.source.get(key + n).any()) for n in OUTPUT_PROJECTIONS)
+        present = set(self.source.keys())
+        names = [key + n for n in self.arch.block_names(self.arch.family.block_outputs) if key + n in present]
+        return bool(names) and all(not bool(self.source.get(n).any()) for n in names)
 
     def masks(self, h: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
-        """Layer index -> its attention mask, as the model's forward builds them."""
+        """Layer index -> its attention mask, as the model's forward builds them (``masks``)."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         kw = dict(config=self.config, inputs_embeds=h, attention_mask=mask, past_key_values=None,
                   position_ids=position_ids)
-        types = getattr(self.config, "layer_types", None)
-        if types:
-            made = {t: (create_sliding_window_causal_mask if t == "sliding_attention" else create_causal_mask)(**kw)
-                    for t in set(types)}
+        sliding_kw = dict(kw)
+        bi = self.facts.get("bidirectional")
+        if bi and getattr(self.config, bi["flag"], False):
+            kw["or_mask_function"] = lambda *args: torch.tensor(True, dtype=torch.bool)
+            sliding_kw["or_mask_function"] = getattr(self.module, bi["window_overlay"])(self.config.sliding_window)
+        rule = self.facts["masks"]
+        if rule == "layer_types":
+            types = self.config.layer_types
+            made = {t: create_sliding_window_causal_mask(**sliding_kw) if t == "sliding_attention"
+                    else create_causal_mask(**kw) for t in set(types)}
             return lambda i: made[types[i]]
-        fn = create_sliding_window_causal_mask if getattr(self.config, "sliding_window", None) is not None \
-            else create_causal_mask
-        m = fn(**kw)
+        if rule == "window" and getattr(self.config, "sliding_window", None) is not None:
+            m = create_sliding_window_causal_mask(**sliding_kw)
+        elif rule in ("causal", "window"):
+            m = create_causal_mask(**kw)
+        else:
+            raise AssertionError(f"unknown mask rule {rule!r}")
         return lambda i: m
 
+    def positions(self, h: torch.Tensor, position_ids: torch.Tensor) -> Callable[[int], tuple]:
+        """Layer index -> its rotary position embeddings (one per layer type where the family has
+        local and global rope: ``rope_per_layer_type``)."""
+        if self.rotary is None:
+            return lambda i: None
+        if self.facts.get("rope_per_layer_type"):
+            types = self.config.layer_types
+            made = {t: self.rotary(h, position_ids, t) for t in set(types)}
+            return lambda i: made[types[i]]
+        pe = self.rotary(h, position_ids)
+        return lambda i: pe
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.get("embed_tokens.weight")).to(self.device, self.dtype)
+        """The probe tokens' embedding rows, scaled as the model scales them (``embed_scale``,
+        ``embed_multiplier``)."""
+        h = F.embedding(ids, self.get(self.facts.get("embed", "embed_tokens.weight"))).to(self.device, self.dtype)
+        if self.facts.get("positions"):  # learned positions (GPT-2's wpe): the rows of positions 0..n-1 added
+            n = ids.shape[-1]
+            h = h + self.source.get(self.prefix + self.facts["positions"])[:n].to(self.device, self.dtype)
+        if self.facts.get("embed_scale") == "sqrt_hidden":  # as GemmaTextScaledWordEmbedding: in the weights' dtype
+            h = h * torch.tensor(self.config.hidden_size ** 0.5).to(h.dtype)
+        if self.facts.get("embed_multiplier"):
+            h = h * getattr(self.config, self.facts["embed_multiplier"])
+        return h
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm, then (causal LMs) the head, a slice of the vocabulary at a time."""
-        norm = self.norm_cls(h.shape[-1], eps=self.config.rms_norm_eps)
-        norm.weight = torch.nn.Parameter(self.get("norm.weight").to(self.device, self.dtype), requires_grad=False)
+        """Final norm, then (causal LMs) the head, a slice of the vocabulary at a time, and the
+        logits' scaling (``logits_divisor``) or soft-capping (``logit_softcap``)."""
+        name = self.prefix + self.facts.get("final_norm", "norm") + "."
+        sd = {k[len(name):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
+              if k.startswith(name)}
+        with torch.device("meta"):
+            norm = self.norm_cls(h.shape[-1], eps=getattr(self.config, self.facts.get("norm_eps", "rms_norm_eps")))
+        norm.load_state_dict(sd, assign=True, strict=True)
         h = norm(h)
         if not self.causal:
             return h
         w = self.source.get("lm_head.weight") if "lm_head.weight" in self.source.keys() \
-            else self.get("embed_tokens.weight")
-        return torch.cat([h @ w[r:r + HEAD_ROWS].to(self.device, self.dtype).T for r in range(0, w.shape[0], HEAD_ROWS)],
-                         dim=-1)
+            else self.get(self.facts.get("embed", "embed_tokens.weight"))
+        divisor = getattr(self.config, self.facts["logits_divisor"]) if self.facts.get("logits_divisor") else None
+        cap = getattr(self.config, self.facts["logit_softcap"], None) if self.facts.get("logit_softcap") else None
+        out = []
+        for r in range(0, w.shape[0], HEAD_ROWS):
+            y = h @ w[r:r + HEAD_ROWS].to(self.device, self.dtype).T
+            if divisor is not None:
+                y = y / divisor
+            if cap is not None:
+                y = torch.tanh(y / cap) * cap
+            out.append(y)
+        return torch.cat(out, dim=-1)
 
     def close(self):
         self.source.close()
@@ -191,7 +306,7 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
             ht, hs = t.embed(ids), s.embed(ids)
             state.append({"t": ht, "s": hs, "keep": keep[0].to(device) if keep else mask.bool(), "tm": t.masks(ht, mask, pos), "sm": s.masks(hs, mask, pos),
-                          "pos": pos, "tpe": t.rotary(ht, pos), "spe": s.rotary(hs, pos)})
+                          "pos": pos, "tpe": t.positions(ht, pos), "spe": s.positions(hs, pos)})
         first, worst, compared, inserted, copied = None, 0.0, 0, [], []
 
         def check(where: str):
@@ -224,7 +339,7 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             these, so the student's block computes bitwise what the teacher's block computes;
             running it again could only repeat the teacher's result. (A deepen whose inserted
             blocks leave the stream bitwise unchanged keeps (3) for every original block.)"""
-            if not all(same(st["t"], st["s"]) and same(st["tm"](i), st["sm"](j)) and same(st["tpe"], st["spe"])
+            if not all(same(st["t"], st["s"]) and same(st["tm"](i), st["sm"](j)) and same(st["tpe"](i), st["spe"](j))
                        for st in state):
                 return False
             tk, sk = t.block_keys(i), s.block_keys(j)
@@ -240,7 +355,7 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
         def run(side: _Model, i: int, key: str, masks: str, pe: str):
             layer = side.block(i)
             for st in state:
-                out = layer(st[key], attention_mask=st[masks](i), position_embeddings=st[pe], position_ids=st["pos"],
+                out = layer(st[key], attention_mask=st[masks](i), position_embeddings=st[pe](i), position_ids=st["pos"],
                             past_key_values=None, use_cache=False)
                 st[key] = out[0] if isinstance(out, tuple) else out
             del layer
@@ -321,9 +436,9 @@ def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,
                 ids, mask = ids.to(device), mask.to(device)
                 pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
                 h = m.embed(ids)
-                masks, pe = m.masks(h, mask, pos), m.rotary(h, pos)
+                masks, pe = m.masks(h, mask, pos), m.positions(h, pos)
                 for i in range(m.arch.layers):
-                    o = m.block(i)(h, attention_mask=masks(i), position_embeddings=pe, position_ids=pos,
+                    o = m.block(i)(h, attention_mask=masks(i), position_embeddings=pe(i), position_ids=pos,
                                    past_key_values=None, use_cache=False)
                     h = o[0] if isinstance(o, tuple) else o
                 out.append(m.head(h)[mask.bool()].to("cpu", torch.float64))
@@ -347,13 +462,12 @@ def compare(teacher: Path, student: Path, *, mode: str = "auto",
     """Verify ``student`` against ``teacher`` blockwise (``streaming``: one block in memory), by
     loading both models whole with transformers (``full``), or (``auto``) blockwise whenever
     both directories are of a family the streaming verifier supports, else whole."""
-    from .errors import UserError
-
     if mode not in VERIFY_MODES:
         raise UserError(f"verify mode '{mode}' is not one of {', '.join(VERIFY_MODES)}")
-    able = supports(teacher) and supports(student)
+    why = unsupported(teacher) or unsupported(student)
+    able = why is None
     if mode == "streaming" and not able:
-        raise UserError(f"blockwise verification supports the model types {', '.join(STREAMING_TYPES)} only",
+        raise UserError(f"blockwise verification cannot verify this model: {why}",
                         where=str(student), hint="Use --verify-mode full (loads both models whole).")
     if mode == "streaming" or (mode == "auto" and able):
         return compare_dirs(teacher, student, progress=progress, **kw)

@@ -98,7 +98,8 @@ def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
 
 def test_supports(tmp_path):
     assert hf_stream.supports(make_hf_model(tmp_path, "qwen2", name="q"))
-    assert not hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))
+    assert hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))
+    assert not hf_stream.supports(make_hf_model(tmp_path, "bert", name="b"))
     assert not hf_stream.supports(tmp_path / "missing")
 
 

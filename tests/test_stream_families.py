@@ -1,0 +1,218 @@
+"""Blockwise (streaming) verification for every decoder family n2n grows beyond LLaMA/Mistral/Qwen2
+(Qwen3, SmolLM3, Granite, Gemma 1/2/3, Phi-3, OLMo 2, Mixtral, Qwen2-MoE, Qwen3-MoE, GPT-2): tiny seeded
+models with norms and biases perturbed away from their default init, float32. For each family:
+the blockwise forward is transformers' own model's forward; n2n's deepened and widened students
+pass blockwise with the verdict and figures of full verification; a weight corrupted in one block
+is located at that block; the probes go past every sliding window the config declares (a student
+whose only difference is its window fails)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import VOCAB, make_hf_model, randomize_hf_norms  # noqa: E402
+from moe_models import make_moe_model  # noqa: E402
+from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
+from n2n_cli.spec import spec_from_steps  # noqa: E402
+from test_hf_stream import batches  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
+
+DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+               eos_token_id=2)
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+WINDOW = 6  # every family with a window gets this one (the probes of 16 and 33 tokens go past it)
+
+
+def _alternating(n: int) -> list[str]:
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+
+
+def family_config(model_type: str, layers: int) -> dict:
+    """Config fields that exercise what the family's forward does around its blocks: windows
+    (per layer where the family has layer types), embedding/logit multipliers, soft-capping."""
+    lt = _alternating(layers)
+    return {
+        "qwen3": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=lt, max_window_layers=0),
+        "smollm3": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=lt,
+                        no_rope_layers=[1 - (i % 2) for i in range(layers)]),
+        "granite": dict(embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                        logits_scaling=4.0),
+        "gemma": {},
+        "gemma2": dict(sliding_window=WINDOW, layer_types=lt, query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+                       final_logit_softcapping=3.0),
+        # local rope (sliding layers, theta 10^4) differs from the global one (10^6) by default
+        "gemma3_text": dict(sliding_window=WINDOW, layer_types=lt, query_pre_attn_scalar=12,
+                            final_logit_softcapping=3.0),
+        "phi3": dict(sliding_window=WINDOW),
+        "olmo2": {},
+        "mixtral": dict(sliding_window=WINDOW),
+        "qwen2_moe": dict(use_sliding_window=True, sliding_window=WINDOW, layer_types=lt, max_window_layers=0),
+        "qwen3_moe": dict(use_sliding_window=True, sliding_window=WINDOW),
+        "gpt2": dict(n_inner=40),
+    }[model_type]
+
+
+FAMILIES = ["qwen3", "smollm3", "granite", "gemma", "gemma2", "gemma3_text", "phi3", "olmo2", *MOE_TYPES, "gpt2"]
+WINDOWED = [m for m in FAMILIES if "sliding_window" in family_config(m, 2)]
+
+
+def make(tmp_path: Path, model_type: str, layers: int = 2, name: str = "teacher", **kw) -> Path:
+    cfg = {**family_config(model_type, layers), "num_hidden_layers": layers, **kw}
+    if model_type == "gpt2":  # tests/helpers' GPT-2 (hidden 32, 4 heads), its LayerNorms and biases perturbed
+        return make_hf_model(tmp_path, "gpt2", name=name, **cfg)
+    if model_type in MOE_TYPES:  # routers scaled up so that the top-k choice differs from token to token
+        return make_moe_model(tmp_path, model_type, name=name, **cfg)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(model_type, **{**DECODER, **cfg}))
+    randomize_hf_norms(model)
+    with torch.no_grad():  # q/k norms and the like without a bias: perturb every 1-d parameter
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in n.lower():
+                p.uniform_(0.5, 1.5)
+    path = tmp_path / name
+    model.save_pretrained(path)
+    return path
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def full_outputs(path: Path, b) -> torch.Tensor:
+    model, causal = hf_verify.load_model(path, torch.float32, torch.device("cpu"))
+    return hf_verify.outputs(model, causal, b, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- (1) the forward
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_streaming_forward_is_transformers_forward(tmp_path, model_type):
+    src = make(tmp_path, model_type, layers=3)
+    assert hf_stream.supports(src)
+    b = batches()  # 5, 16 and 33 tokens, one padded row each: past the windows of 6
+    full, stream = full_outputs(src, b), hf_stream.forward(src, b)
+    assert stream.shape == full.shape
+    err = rel_error(full, stream)
+    print(f"{model_type}: max rel error {err:.3g}")
+    assert err <= 1e-5, err
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("gemma3_text", dict(use_bidirectional_attention=True)),  # bidirectional masks (symmetric windows)
+    ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),  # the layer index enters the attention's scaling
+], ids=["gemma3-bidirectional", "gpt2-scale-by-layer"])
+def test_config_variants_are_transformers_forward(tmp_path, model_type, kw):
+    src = make(tmp_path, model_type, layers=3, **kw)
+    b = batches()
+    full, stream = full_outputs(src, b), hf_stream.forward(src, b)
+    assert rel_error(full, stream) <= 1e-5
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("llama", dict(sliding_window=5)),  # LlamaModel ignores a window in config.json: one causal mask
+    ("mistral", dict(sliding_window=5, layer_types=["full_attention", "full_attention"])),  # Mistral: the window
+], ids=["llama-ignores-window", "mistral-ignores-layer-types"])
+def test_masks_are_the_model_types_own(tmp_path, model_type, kw):
+    from helpers import make_hf_model
+
+    src = make_hf_model(tmp_path, model_type, **kw)
+    b = batches()
+    assert rel_error(full_outputs(src, b), hf_stream.forward(src, b)) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- (2) grown students
+
+GROWTHS = {
+    "deepen": [{"deepen": {"layers": 4}}],
+    "widen-mlp": [{"widen": {"dim": "intermediate_size", "to": 56, "noise": 0.1}}],
+    "hidden2-deepen": [{"widen": {"dim": "hidden_size", "factor": 2}}, {"deepen": {"after": [0]}}],
+}
+KW = dict(vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4, device=torch.device("cpu"),
+          dtype=torch.float32)
+
+
+@pytest.mark.parametrize("growth", sorted(GROWTHS))
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_grown_students_pass_blockwise_as_in_full_mode(tmp_path, model_type, growth):
+    src = make(tmp_path, model_type)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps(GROWTHS[growth], seed=1), src, out, device="cpu", verify=False)
+    c = hf_stream.compare(src, out, mode="auto", **KW)
+    assert c.mode == "streaming" and c.passed and c.first_divergence is None, c
+    if "deepen" in growth:
+        assert c.student_blocks_inserted, c
+    full = hf_stream.compare(src, out, mode="full", **KW)
+    assert full.mode == "full" and full.passed
+    assert abs(full.max_abs_error - c.max_abs_error) <= 1e-5
+    assert full.max_abs_teacher == pytest.approx(c.max_abs_teacher, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- (3) where it starts
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_corrupted_block_is_named(tmp_path, model_type):
+    from safetensors.torch import load_file, save_file
+
+    src = make(tmp_path, model_type, layers=3)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [0]}}], seed=1), src, out, device="cpu", verify=False)
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    key = {"gpt2": "transformer.h.2.attn.c_proj.weight"}.get(model_type, "model.layers.2.self_attn.o_proj.weight")
+    # student block 2 = teacher block 1
+    sd[key] = sd[key] + 0.05 * torch.randn(sd[key].shape, generator=torch.Generator().manual_seed(0))
+    save_file(sd, f, metadata={"format": "pt"})
+    c = hf_stream.compare(src, out, mode="auto", **KW)
+    assert c.mode == "streaming" and not c.passed
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 1 (student block 2)"), c
+    assert c.student_blocks_inserted == [1]
+    assert not hf_stream.compare(src, out, mode="full", **KW).passed
+
+
+# ----------------------------------------------------------------------------- (4) past the windows
+
+
+@pytest.mark.parametrize("model_type", WINDOWED)
+def test_probes_go_past_every_declared_window(tmp_path, model_type):
+    """A student that differs only in its sliding window (one token wider) computes the same within
+    the window; blockwise verification must still fail it, so its probes go past the window."""
+    src = make(tmp_path, model_type)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"layers": 3}}], seed=1), src, out, device="cpu", verify=False)
+    assert hf_stream.compare(src, out, **KW).passed
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["sliding_window"] = WINDOW + 1
+    (out / "config.json").write_text(json.dumps(cfg))
+    c = hf_stream.compare(src, out, **KW)
+    assert c.mode == "streaming" and not c.passed, c
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 0"), c
+
+
+# ----------------------------------------------------------------------------- the CLI picks streaming
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "qwen2_moe"])
+def test_cli_verifies_new_families_blockwise_and_full_on_request(tmp_path, cli, model_type):
+    src = make(tmp_path, model_type)
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    r = cli("deepen", src, out, "--layers", "3", "--device", "cpu", "--report", rep)
+    assert r.exit_code == 0, r.output
+    v = json.loads(rep.read_text())["verification"]
+    assert v["passed"] is True and v["exact"]["mode"] == "streaming" and v["exact"]["student_blocks_inserted"]
+    r = cli("verify", src, out, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mode"] == "streaming"
+    r = cli("verify", src, out, "--verify-mode", "full", "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "full"
