@@ -28,7 +28,7 @@ from . import __version__
 from .checkpoints import TensorSource
 from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
-from .plan import Create, Scale, Widen
+from .planner import Create, Scale, Widen
 
 META_LINEAGE = "n2n_lineage"
 

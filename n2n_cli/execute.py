@@ -8,7 +8,8 @@ from functools import lru_cache
 import torch
 
 from .checkpoints import CHUNK, RawSpan, TensorSource
-from .plan import Create, Load, Plan, Scale, Widen
+from .planner import Create, Load, Scale, Widen
+from .plan import Plan
 from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import StepError, UserError
 from .graph import SpaceGraph, attention_parts, trace, trace_spaces
-from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .planner import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
 from .spec import StepEntry
 
 

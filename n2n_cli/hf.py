@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 from .errors import CheckpointError, ModelError, StepError
 from .limits import MAX_LAYERS, MAX_PLANNED_BYTES, MAX_WIDTH as MAX_SIZE
 from .layers import Axis
-from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .planner import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
 from .spec import HFDeepenStep, HFGrowthSpec, HFStepEntry, HFWidenStep  # noqa: F401 (the steps' schema)
 
 FAMILY_DIR = Path(__file__).parent / "families"

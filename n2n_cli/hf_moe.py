@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .errors import StepError
-from .plan import Create, PlannedStep, Scale, TensorChange
+from .planner import Create, PlannedStep, Scale, TensorChange
 
 
 def _class_name(arch_name: str, cls: str) -> str:

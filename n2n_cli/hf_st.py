@@ -47,7 +47,7 @@ from . import fsutil
 from .checkpoints import SafetensorsSource, StateDictSource, write_safetensors
 from .errors import CheckpointError, OutputError, StepError
 from .layers import Axis
-from .plan import Load, Widen
+from .planner import Load, Widen
 
 MODULES = "modules.json"
 CONFIG = "config.json"
