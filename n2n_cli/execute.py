@@ -8,8 +8,7 @@ from functools import lru_cache
 import torch
 
 from .checkpoints import CHUNK, RawSpan, TensorSource
-from .planner import Create, Load, Scale, Widen
-from .plan import Plan
+from .planner import Create, Load, RecipePlan, Scale, Widen
 from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
 
 
@@ -22,7 +21,7 @@ class Materializer:
     or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
-    def __init__(self, plan: Plan, source: TensorSource, check: bool = False, raw: bool = False):
+    def __init__(self, plan: RecipePlan, source: TensorSource, check: bool = False, raw: bool = False):
         """With ``check``, every source tensor is checked for NaN/Inf the first time it is read
         (:class:`NonFinite` if bad), so the input is read once for checking and writing together;
         :attr:`checked` is the set of source keys checked so far. With ``raw``, ``get`` may return

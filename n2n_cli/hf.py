@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 from .errors import CheckpointError, ModelError, StepError
 from .limits import MAX_LAYERS, MAX_PLANNED_BYTES, MAX_WIDTH as MAX_SIZE
 from .layers import Axis
-from .planner import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .planner import (Copied, Kept, Load, Mapping, Op, PlannedStep, RecipePlan, check_larger, plan_steps, rebuild,
+                      widen_spaces)
 from .spec import HFDeepenStep, HFGrowthSpec, HFStepEntry, HFWidenStep  # noqa: F401 (the steps' schema)
 
 FAMILY_DIR = Path(__file__).parent / "families"
@@ -481,7 +482,9 @@ def check_hf_checkpoint(source, arch: Arch) -> dict[str, tuple[torch.dtype, tupl
 
 
 @dataclass
-class HFPlan:
+class HFPlan(RecipePlan):
+    """A Hugging Face model's plan: the recipes, and the architecture (and config) before and after."""
+
     seed: int
     config: dict
     arch_before: Arch
@@ -504,13 +507,6 @@ class HFPlan:
     def params_after(self) -> int:
         return self.arch_after.num_parameters(set(self.recipes))
 
-    @property
-    def function_preserving(self) -> bool:
-        return all(s.function_preserving for s in self.steps)
-
-    def entries(self):
-        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
-
     def new_config(self) -> dict:
         return self.arch_after.to_config(self.config if self.config_out is None else self.config_out)
 
@@ -527,20 +523,7 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
     recipes = {k: [Load(k)] for k in specs if k in header}
     plan = HFPlan(seed, config, arch, arch, [], recipes, {k: header[k][0] for k in recipes},
                   {k: tuple(header[k][1]) for k in recipes}, set(recipes))
-    for i, entry in enumerate(steps):
-        try:
-            if entry.upcycle:  # dense to mixture of experts
-                from .hf_moe import plan_upcycle
-
-                plan_upcycle(plan, i, entry)
-            else:
-                (_plan_widen if entry.widen else _plan_deepen)(plan, i, entry)
-        except StepError as e:
-            n = numbers[i] if numbers else i
-            msg = f"steps[{n}] ({entry.kind} {_label(entry)}): {e.message}"
-            if not collect:
-                raise StepError(msg, hint=e.hint, short=e.short, flags=e.flags) from None
-            plan.problems.append((n, msg + (f" {e.hint}" if e.hint else "")))
+    plan_steps(plan, steps, _plan_step, lambda e: f"{e.kind} {_label(e)}", collect=collect, numbers=numbers)
     total = plan_bytes(plan)
     if total > MAX_PLANNED_BYTES and not plan.problems:
         err = StepError(f"the planned output is about {human_bytes(total)} ({total:,} bytes), beyond the "
@@ -562,6 +545,15 @@ def build_hf_plan(config: dict, arch: Arch, header: dict, steps: list[HFStepEntr
         plan.notes.append("config.json has no layer_types: writing the per-layer attention types transformers "
                           "derives for the teacher, so the grown model keeps its attention windows")
     return plan
+
+
+def _plan_step(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
+    if entry.upcycle:  # dense to mixture of experts
+        from .hf_moe import plan_upcycle
+
+        plan_upcycle(plan, index, entry)
+    else:
+        (_plan_widen if entry.widen else _plan_deepen)(plan, index, entry)
 
 
 def plan_bytes(plan: HFPlan) -> int:
@@ -688,35 +680,16 @@ def _plan_widen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
             mappings[f"kv_heads@{i}"] = Mapping("spread", a.kv_heads, new)
         after = replace(a, kv_heads=new)
         summary = f"num_key_value_heads {a.kv_heads} -> {new} (each key/value head repeated)"
-    new_specs = after.tensors()
-    changes = []
-    for key, spec in a.tensors().items():
-        if key not in plan.recipes:
-            continue
-        # a fused axis widens part by part from its end, so that the earlier parts keep their offsets
-        axes = tuple((ax, part, mappings[part.space]) for ax, axis in enumerate(spec.axes) if axis is not None
-                     for part in (reversed(axis.parts) if axis.parts else (axis,)) if part.space in mappings)
-        if not axes:
-            continue
-        old_shape = plan.shapes[key]
-        plan.recipes[key].append(Widen(index, axes, "net2wider", step.noise, "zero-sum"))
-        plan.shapes[key] = new_specs[key].shape
-        changes.append(TensorChange(key, old_shape, plan.shapes[key], ", ".join(
-            f"axis {ax}: {axis.space.split('@')[0]} {axis.role}" for ax, axis, _ in axes)))
-    plan.steps.append(PlannedStep(index, entry, summary, True, changes, plan.arch_after.num_parameters(set(plan.recipes)),
-                                  after.num_parameters(set(plan.recipes))))
+    before = plan.arch_after.num_parameters(set(plan.recipes))
+    labels = {key: [(ax, part) for ax, axis in enumerate(spec.axes) if axis is not None for part in (axis.parts or (axis,))]
+              for key, spec in a.tensors().items() if key in plan.recipes}
+    changes = widen_spaces(plan, index, labels, mappings, noise=step.noise,
+                           describe=lambda ax, axis: f"axis {ax}: {axis.space.split('@')[0]} {axis.role}")
+    plan.steps.append(PlannedStep(index, entry, summary, True, changes, before, after.num_parameters(set(plan.recipes))))
     plan.arch_after = after
 
-
 def _check_larger(new: int, old: int, name: str, factor: float | None = None) -> None:
-    if new <= old:
-        if factor is None:
-            raise StepError(f"to: {new} is not larger than the current {name} {old}", hint=f"Use a value above {old}.",
-                            flags={"to: ": "--to "})
-        least = (old + 1) / old
-        raise StepError(f"factor: {factor:g} rounds {old} to {new}, which is not larger than the current {name} {old}",
-                        hint=f"Use a factor of at least {math.ceil(least * 1000) / 1000:g}, or to: {old + 1} "
-                             "or more.", flags={"factor: ": "--factor ", "to: ": "--to "})
+    check_larger(new, old, f"{name} {old}", factor)
     if new > MAX_SIZE:
         raise StepError(f"{'to' if factor is None else 'factor'}: the new {name} {new:,} is beyond the "
                         f"{MAX_SIZE:,} n2n plans for", hint="Choose a realistic size.")
@@ -783,30 +756,22 @@ def _plan_deepen(plan: HFPlan, index: int, entry: HFStepEntry) -> None:
     block_names = a.block_names(fam.block)
     zeroed = set(a.block_names(fam.block_outputs))
     new_specs = new_arch.tensors()
-    recipes, shapes, dtypes, changes = {}, {}, {}, []
-    for key in new_specs:  # tensors outside the blocks keep their recipes
-        if key in plan.recipes and not key.startswith(layer_key.split("{")[0]):
-            recipes[key], shapes[key], dtypes[key] = plan.recipes[key], plan.shapes[key], plan.dtypes[key]
+    origins = {key: Kept(key) for key in new_specs  # tensors outside the blocks keep their recipes
+               if key in plan.recipes and not key.startswith(layer_key.split("{")[0])}
     for n, (i, is_new) in enumerate(order):
         for name in block_names:
             src, dst = block_key(i, name), block_key(n, name)
             if src not in plan.recipes:
                 continue
-            shapes[dst], dtypes[dst] = plan.shapes[src], plan.dtypes[src]
-            if is_new and name in zeroed:
-                recipes[dst] = [Create(index, plan.shapes[src], "const", 0.0)]
-                changes.append(TensorChange(dst, None, shapes[dst], f"zero (output projection of a copy of layer {i})"))
-            else:
-                recipes[dst] = list(plan.recipes[src])
-                if is_new:
-                    changes.append(TensorChange(dst, None, shapes[dst], f"copy of layer {i}"))
-    ordered = {k: recipes[k] for k in new_specs if k in recipes}
+            origins[dst] = (Kept(src) if not is_new else
+                            Copied(src, f"zero (output projection of a copy of layer {i})", zero=True) if name in zeroed
+                            else Copied(src, f"copy of layer {i}"))
     before = plan.arch_after.num_parameters(set(plan.recipes))
-    plan.recipes, plan.shapes, plan.dtypes = ordered, shapes, dtypes
+    changes = rebuild(plan, index, {k: origins[k] for k in new_specs if k in origins})
     where = "interleaved" if step.layers and step.placement == "interleave" else "inserted"
     summary = (f"num_hidden_layers {L} -> {len(order)}: {len(order) - L} blocks {where} after layers {after}, "
                f"each a copy of the block before it with zeroed output projections"
                + ("" if exact else " (APPROXIMATE: post-LN)"))
     plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before,
-                                  new_arch.num_parameters(set(ordered))))
+                                  new_arch.num_parameters(set(plan.recipes))))
     plan.arch_after = new_arch

@@ -4,7 +4,6 @@ plain data that says, for every output tensor, how to compute it. No tensor is t
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -16,12 +15,15 @@ if TYPE_CHECKING:
 from .errors import StepError
 from .layers import ACTIVATIONS, NORMS, PRODUCERS, Conv2d, Linear, pair
 from .model import INPUT_SPACE, ModelDescription
-from .planner import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .planner import (Created, Kept, Load, Mapping, Op, PlannedStep, RecipePlan, check_larger, new_layer_op, new_norm_op,
+                      plan_steps, rebuild, widen_spaces)
 from .spec import DeepenStep, StepEntry, WidenStep
 
 
 @dataclass
-class Plan:
+class Plan(RecipePlan):
+    """A sequential description's plan: the recipes, and the description before and after."""
+
     seed: int
     model_before: ModelDescription
     model_after: ModelDescription
@@ -38,13 +40,6 @@ class Plan:
     @property
     def params_after(self) -> int:
         return self.model_after.layout().num_parameters()
-
-    @property
-    def function_preserving(self) -> bool:
-        return all(s.function_preserving for s in self.steps)
-
-    def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
@@ -73,18 +68,8 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
     dtypes = {k: header[k][0] for k in layout.tensors}
     shapes = {k: tuple(header[k][1]) for k in layout.tensors}
     plan = Plan(seed, desc, desc, [], recipes, dtypes, shapes)
-    for i, entry in enumerate(steps):
-        try:
-            if entry.widen:
-                _plan_widen(plan, i, entry)
-            else:
-                _plan_deepen(plan, i, entry)
-        except StepError as e:
-            n = numbers[i] if numbers else i
-            if not collect:
-                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short,
-                                flags=e.flags) from None
-            plan.problems.append((n, f"steps[{n}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else "")))
+    plan_steps(plan, steps, lambda p, i, e: (_plan_widen if e.widen else _plan_deepen)(p, i, e), _label,
+               collect=collect, numbers=numbers)
     return plan
 
 
@@ -123,33 +108,14 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
                         hint=f"Widen a hidden layer instead: {', '.join(widenable) or 'none'}.", short="output layer")
     old = space.width
     new = step.new_width(old)
-    if new <= old:
-        if step.to is not None:
-            raise StepError(f"to: {step.to} is not larger than the current width {old} of '{layer.name}'",
-                            hint=f"Use a width above {old}.", flags={"to: ": "--to "})
-        least = math.ceil((old + 1) / old * 1000) / 1000  # the smallest factor (3 decimals) that grows old by one
-        raise StepError(f"factor: {step.factor:g} rounds {old} to {new}, which is not larger than the current width "
-                        f"{old} of '{layer.name}'", hint=f"Use a factor of at least {least:g}, or to: {old + 1} or more.",
-                        flags={"factor: ": "--factor ", "to: ": "--to "})
+    check_larger(new, old, f"width {old} of '{layer.name}'", step.factor if step.to is None else None, "width")
     field_name = "out_features" if layer.type == "linear" else "out_channels"
     layers = list(desc.layers)
     layers[i] = layer.model_copy(update={field_name: new})
     new_desc = ModelDescription(kind=desc.kind, input_shape=desc.input_shape, layers=layers)
-    changes = []
-    for key, info in layout.tensors.items():
-        axes = tuple((ax, a) for ax, a in enumerate(info.axes) if a is not None and a.space == space.name)
-        if not axes:
-            continue
-        old_shape = plan.shapes[key]
-        new_shape = list(old_shape)
-        for ax, a in axes:
-            new_shape[ax] = new_shape[ax] // old * new
-        how = ", ".join(f"axis {ax}: {a.role}" + (f" (blocks of {a.block})" if a.block > 1 else "") for ax, a in axes)
-        mapping = Mapping("random", old, new, (plan.seed, index))
-        plan.recipes[key].append(Widen(index, tuple((ax, a, mapping) for ax, a in axes), step.method, step.noise,
-                                       step.noise_mode))
-        plan.shapes[key] = tuple(new_shape)
-        changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
+    labels = {key: [(ax, a) for ax, a in enumerate(info.axes) if a is not None] for key, info in layout.tensors.items()}
+    changes = widen_spaces(plan, index, labels, {space.name: Mapping("random", old, new, (plan.seed, index))},
+                           method=step.method, noise=step.noise, noise_mode=step.noise_mode)
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
     by = f"to {step.to}" if step.to is not None else f"by factor {step.factor:g}"
     noise = f", {step.noise_mode} noise {step.noise}" if step.noise else ""
@@ -273,35 +239,21 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
     new_layout = new_desc.layout()
     old_key = {key: f"{renamed[info.layer]}.{key.rsplit('.', 1)[1]}" if info.layer in renamed else key
                for key, info in new_layout.tensors.items()}
-    # new tensors, in the new layout's order (the recipes dict is rebuilt to follow it)
-    changes = []
-    created: dict[str, list[Op]] = {}
-    new_dtypes: dict[str, torch.dtype] = {}
-    new_shapes: dict[str, tuple[int, ...]] = {}
+    inserted_names = {x.name for x in new_layers if x.parametric}
+    origins = {}
     for key, info in new_layout.tensors.items():
-        if old_key[key] in plan.recipes and info.layer not in {x.name for x in new_layers if x.parametric}:
+        if old_key[key] in plan.recipes and info.layer not in inserted_names:
+            origins[key] = Kept(old_key[key], f"renamed from {old_key[key]} (nn.Sequential numbering)"
+                                if old_key[key] != key else None)
             continue
-        suffix = key.rsplit(".", 1)[1]
+        attr = key.rsplit(".", 1)[1]
         if new_layers[0].name == info.layer:  # the inserted linear/conv
-            if exact:
-                op = Create(index, info.shape, "identity" if suffix == "weight" else "const", 0.0)
-            else:
-                op = Create(index, info.shape, "default", fan_in=fan_in)
-        else:  # its batchnorm: an identity in eval mode (running 0/1, gamma sqrt(1+eps)) or defaults
-            eps = new_layers[1].eps
-            value = {"weight": math.sqrt(1 + eps) if exact else 1.0, "bias": 0.0, "running_mean": 0.0,
-                     "running_var": 1.0, "num_batches_tracked": 0.0}[suffix]
-            op = Create(index, info.shape, "const", value)
-        created[key] = [op]
-        new_dtypes[key] = dtype if info.floating else _int64()
-        new_shapes[key] = info.shape
-        how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
-        changes.append(TensorChange(key, None, info.shape, how))
-    plan.recipes = {k: created[k] if k in created else plan.recipes[old_key[k]] for k in new_layout.tensors}
-    plan.dtypes = {k: new_dtypes[k] if k in created else plan.dtypes[old_key[k]] for k in new_layout.tensors}
-    plan.shapes = {k: new_shapes[k] if k in created else plan.shapes[old_key[k]] for k in new_layout.tensors}
-    changes += [TensorChange(k, plan.shapes[k], plan.shapes[k], f"renamed from {old_key[k]} (nn.Sequential numbering)")
-                for k in new_layout.tensors if old_key[k] != k]
+            op = new_layer_op(index, attr, info.shape, step.method, fan_in)
+        else:  # its batchnorm: an identity in eval mode, or defaults
+            op = new_norm_op(index, attr, info.shape, new_layers[1].eps, exact)
+        origins[key] = Created(op, dtype if info.floating else _int64())
+    changes = rebuild(plan, index, origins)
+    changes = [c for c in changes if c.old_shape is None] + [c for c in changes if c.old_shape is not None]
     inserted = " + ".join(x.describe() for x in new_layers)
     plan.steps.append(PlannedStep(
         index, entry, f"deepen after {layer.name}: insert {inserted} ({step.method})", exact, changes,
