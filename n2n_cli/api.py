@@ -28,7 +28,8 @@ from .certify import (Certificate, certify_file, certify_hf, describe_difference
                       read_lineage)
 from .certify import none as certify_none
 from .certify import summary_of as certificate_summary
-from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
+from .hf import HFGrowthSpec, arch_from_config, check_hf_checkpoint
+from .hf_plan import build_hf_plan
 from .spec import (GrowthSpec, StepEntry, load_model_description, load_spec, parse_model_description,
                    spec_from_steps)
 from .validation import validate  # noqa: F401 (part of the API; light, so it lives apart)

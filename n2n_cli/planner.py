@@ -10,7 +10,7 @@ concatenation's tower or a fused projection's part):
 
 - ``plan`` compiles a sequential YAML description (``model.compile_layout``);
 - ``graph_plan`` the spaces traced from the user's module (``graph.trace_spaces``);
-- ``hf`` a family's tensor templates and config.json (``hf.Arch.tensors``).
+- ``hf_plan`` a family's tensor templates and config.json (``hf.Arch.tensors``).
 
 It picks a mapping g per space (its own rules and refusals), and :func:`widen_spaces` plans
 every labelled axis. Deepening: the front end says where each tensor of the deeper model comes
@@ -140,7 +140,7 @@ class RecipePlan:
     """What every plan holds for the Materializer and the writer, whatever the model: ``seed``,
     ``steps`` (PlannedStep), ``recipes`` (output key -> ops, in output order), ``dtypes``, ``shapes``
     and ``problems`` (step number, message) collected instead of raised. The front ends' plans
-    (``plan.Plan`` for sequential descriptions, ``graph_plan.GraphPlan``, ``hf.HFPlan``) are
+    (``plan.Plan`` for sequential descriptions, ``graph_plan.GraphPlan``, ``hf_plan.HFPlan``) are
     dataclasses deriving from it and add what their model needs (descriptions, configs, edits)."""
 
     @property
