@@ -23,7 +23,7 @@ from .phases import PhaseClock
 from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
-from .plan import Plan, build_plan, exact_counterpart
+from .seq_plan import Plan, build_plan, exact_counterpart
 from .certify import (Certificate, certify_file, certify_hf, describe_difference, grown_lineage, inexact_methods,
                       read_lineage)
 from .certify import none as certify_none

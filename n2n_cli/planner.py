@@ -8,7 +8,7 @@ The planning: each front end compiles its model into one representation, ``Label
 tensor axis that lives in a widenable space, with its role, blocks, and offset for a
 concatenation's tower or a fused projection's part):
 
-- ``plan`` compiles a sequential YAML description (``model.compile_layout``);
+- ``seq_plan`` compiles a sequential YAML description (``model.compile_layout``);
 - ``graph_plan`` the spaces traced from the user's module (``graph.trace_spaces``);
 - ``hf_plan`` a family's tensor templates and config.json (``hf.Arch.tensors``).
 
@@ -140,7 +140,7 @@ class RecipePlan:
     """What every plan holds for the Materializer and the writer, whatever the model: ``seed``,
     ``steps`` (PlannedStep), ``recipes`` (output key -> ops, in output order), ``dtypes``, ``shapes``
     and ``problems`` (step number, message) collected instead of raised. The front ends' plans
-    (``plan.Plan`` for sequential descriptions, ``graph_plan.GraphPlan``, ``hf_plan.HFPlan``) are
+    (``seq_plan.Plan`` for sequential descriptions, ``graph_plan.GraphPlan``, ``hf_plan.HFPlan``) are
     dataclasses deriving from it and add what their model needs (descriptions, configs, edits)."""
 
     @property

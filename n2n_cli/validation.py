@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import SpecError, StepError
 from .model import ModelDescription
-from .plan import build_plan
+from .seq_plan import build_plan
 from .spec import GrowthSpec, HFGrowthSpec, HFStepEntry, lenient_steps, load_model_description, load_spec, step_line
 
 

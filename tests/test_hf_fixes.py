@@ -245,7 +245,7 @@ def test_a_factor_too_small_to_grow_reads_well(tmp_path, cli, cnn_teacher):
     assert r.exit_code == 2, r.output
     assert ("factor: 1.01 rounds 40 to 40, which is not larger than the current intermediate_size 40" in r.stderr
             and "Use a factor of at least 1.025, or to: 41 or more." in r.stderr), r.stderr
-    # MLP/CNN: the same wording (plan.py)
+    # MLP/CNN: the same wording (planner.check_larger)
     r = cli("widen", cnn_teacher, tmp_path / "o.safetensors", "--model", CNN_YAML, "--layer", "fc1", "--factor", "1.005")
     assert r.exit_code == 2, r.output
     assert "--factor 1.005 rounds 64 to 64, which is not larger than the current width 64 of 'fc1'" in r.stderr, r.stderr

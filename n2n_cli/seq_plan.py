@@ -1,5 +1,9 @@
-"""Plan before data: resolve a model description, a checkpoint header and growth steps into
-plain data that says, for every output tensor, how to compute it. No tensor is touched here.
+"""Growth planning for sequential YAML descriptions (``kind: sequential``, what checkpoints grown so
+far carry): the description's layout (``model.compile_layout``: every tensor axis labelled with the
+space of the producer it follows) is what the planner (``n2n_cli.planner``) widens; deepening
+inserts an identity layer (+ batchnorm + activation) into the description and renumbers
+``nn.Sequential`` names. The description after each step is kept (``Plan.model_after``), for
+verification and for the output's metadata. No tensor is touched here.
 """
 
 from __future__ import annotations
