@@ -99,10 +99,6 @@ class GraphPlan(RecipePlan):
     def params_after(self) -> int:
         return sum(_numel(s) for k, s in self.shapes.items() if k in self.param_keys)
 
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
-                "function_preserving": self.function_preserving, "steps": [s.to_dict() for s in self.steps]}
-
 
 def _numel(shape) -> int:
     n = 1

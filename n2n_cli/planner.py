@@ -124,10 +124,6 @@ class PlannedStep:
     changes: list[TensorChange]
     params_before: int
     params_after: int
-    # widen: the space and its widths (for the mapping g)
-    space: str | None = None
-    old_width: int = 0
-    new_width: int = 0
 
     def to_dict(self) -> dict:
         return {"index": self.index, **self.entry.to_dict(), "summary": self.summary,
@@ -149,6 +145,11 @@ class RecipePlan:
 
     def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
+
+    def to_dict(self) -> dict:
+        """The plan as the report prints it (``params_before``/``params_after`` come from the front end)."""
+        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
+                "function_preserving": self.function_preserving, "steps": [s.to_dict() for s in self.steps]}
 
 
 # ----------------------------------------------------------------------------- planning steps

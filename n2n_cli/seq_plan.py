@@ -45,11 +45,6 @@ class Plan(RecipePlan):
     def params_after(self) -> int:
         return self.model_after.layout().num_parameters()
 
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
-                "function_preserving": self.function_preserving,
-                "steps": [s.to_dict() for s in self.steps]}
-
 
 # ----------------------------------------------------------------------------- planning
 
@@ -125,7 +120,7 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
     noise = f", {step.noise_mode} noise {step.noise}" if step.noise else ""
     plan.steps.append(PlannedStep(
         index, entry, f"widen {layer.name} {old} -> {new} ({step.method}{noise}, {by})", exact, changes,
-        desc.layout().num_parameters(), new_desc.layout().num_parameters(), space.name, old, new))
+        desc.layout().num_parameters(), new_desc.layout().num_parameters()))
     plan.model_after = new_desc
 
 

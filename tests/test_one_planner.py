@@ -279,3 +279,65 @@ def test_refusals_keep_their_messages(tmp_path, teachers, name):
     check(f"refusal:{name}", [type(err).__name__, err.render(), getattr(err, "short", None),
                               getattr(err, "flags", None), err.exit_code])
     assert not (tmp_path / "s.safetensors").exists() and not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- the core on its own
+
+
+def test_widen_spaces_widens_concatenated_regions_from_the_last():
+    """Two towers concatenated on one axis of a reader: each region is widened with its own mapping,
+    the later one first so that the earlier offset stays valid; untouched spaces are left alone."""
+    from dataclasses import dataclass, field
+
+    from n2n_cli.layers import Axis
+    from n2n_cli.planner import Load, Mapping, RecipePlan, Widen, widen_spaces
+
+    @dataclass
+    class P(RecipePlan):
+        recipes: dict
+        shapes: dict
+        steps: list = field(default_factory=list)
+
+    plan = P({"a.weight": [Load("a.weight")], "r.weight": [Load("r.weight")], "x": [Load("x")]},
+             {"a.weight": (4, 3), "r.weight": (2, 10), "x": (5,)})
+    labels = {"r.weight": [(1, Axis("A", "in", offset=0, span=4)), (1, Axis("B", "in", offset=4, span=6))],
+              "a.weight": [(0, Axis("A", "out"))], "x": [(0, Axis("C", "out"))]}
+    mappings = {"A": Mapping("tile", 4, 8), "B": Mapping("random", 6, 7, (0, 0))}
+    changes = widen_spaces(plan, 0, labels, mappings)
+    assert plan.shapes == {"a.weight": (8, 3), "r.weight": (2, 15), "x": (5,)}
+    op = plan.recipes["r.weight"][-1]
+    assert isinstance(op, Widen) and [a.space for _, a, _ in op.axes] == ["B", "A"]
+    assert [c.key for c in changes] == ["r.weight", "a.weight"]  # labels' order
+    assert changes[0].how == "axis 1: in (channels 4..9), axis 1: in (channels 0..3)"
+    assert plan.recipes["x"] == [Load("x")]
+
+
+def test_imports_point_one_way():
+    """spec <- planner <- front ends (seq_plan, graph_plan, hf_plan) <- api <- cli, without circles
+    at module level: read from the sources (no import needed)."""
+    import ast
+
+    pkg = HERE.parent / "n2n_cli"
+    top: dict[str, set[str]] = {}
+    for f in pkg.glob("*.py"):
+        tree = ast.parse(f.read_text())
+        top[f.stem] = {(n.module or n.names[0].name).split(".")[0] for n in tree.body
+                       if isinstance(n, ast.ImportFrom) and n.level == 1}
+    assert top["planner"] <= {"errors", "layers", "spec"}
+    for front in ("seq_plan", "graph_plan", "hf_plan"):
+        assert "planner" in top[front] and not top[front] & {"api", "cli", "graph_api", "seq_plan", "graph_plan",
+                                                              "hf_plan"} - {front}
+    assert not any(front in top[m] for m in ("planner", "execute", "spec", "hf", "hf_moe")
+                   for front in ("seq_plan", "graph_plan", "hf_plan"))
+
+    def cycle(m, path):
+        for k in top.get(m, ()):
+            if k in path:
+                return path[path.index(k):] + [k]
+            c = cycle(k, path + [k])
+            if c:
+                return c
+        return None
+
+    for m in top:
+        assert cycle(m, [m]) is None, m
