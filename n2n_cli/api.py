@@ -24,12 +24,13 @@ from .phases import PhaseClock
 from .transforms import all_finite
 from .layers import PRODUCERS
 from .model import ModelDescription
-from .plan import Plan, build_plan, exact_counterpart
+from .seq_plan import Plan, build_plan, exact_counterpart
 from .certify import (Certificate, certify_file, certify_hf, describe_difference, grown_lineage, inexact_methods,
                       read_lineage)
 from .certify import none as certify_none
 from .certify import summary_of as certificate_summary
-from .hf import HFGrowthSpec, arch_from_config, build_hf_plan, check_hf_checkpoint
+from .hf import HFGrowthSpec, arch_from_config, check_hf_checkpoint
+from .hf_plan import build_hf_plan
 from .spec import (GrowthSpec, StepEntry, load_model_description, load_spec, parse_model_description,
                    spec_from_steps)
 from .validation import validate  # noqa: F401 (part of the API; light, so it lives apart)

@@ -3,7 +3,7 @@ growth (its lineage: steps, seed, teacher sha256) and compare them exactly.
 
 Probes see a function on a few inputs; a dead ReLU unit or a weight below the rounding of the
 comparison escapes them. The certificate does not: it re-plans the recorded steps on the teacher
-with the same planner as ``grow`` (``plan.build_plan`` / ``hf.build_hf_plan``), runs the same
+with the same planner as ``grow`` (``seq_plan.build_plan`` / ``hf_plan.build_hf_plan``), runs the same
 ``Materializer`` tensor by tensor (memory: a few tensors at a time) and requires every stored
 tensor to be bitwise identical to the recomputed one. The only arithmetic that is not bitwise
 reproducible everywhere is a reduction (the std that scales symmetry-breaking noise, whose last
@@ -28,7 +28,7 @@ from . import __version__
 from .checkpoints import TensorSource
 from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
-from .plan import Create, Scale, Widen
+from .planner import Create, Scale, Widen
 
 META_LINEAGE = "n2n_lineage"
 
@@ -331,7 +331,7 @@ def _parse_steps(entry_cls, entry: dict, i: int, where: str) -> list:
 def certify_file(t_src: TensorSource, t_desc, s_src: TensorSource, s_desc, lineage: list[dict], teacher_sha256: str,
                  progress=None) -> Certificate:
     """MLP/CNN: replay the lineage entries leading from the teacher to the student and compare."""
-    from .plan import build_plan
+    from .seq_plan import build_plan
     from .spec import StepEntry
 
     entries = entries_to_replay(lineage, teacher_sha256, str(t_src.path))
@@ -368,7 +368,7 @@ def _replan(build, i: int, where: str):
 
 def certify_hf(t_source, t_arch, t_header, s_source, lineage: list[dict], teacher_sha256: str,
                progress=None) -> Certificate:
-    from .hf import HFStepEntry, build_hf_plan
+    from .hf_plan import HFStepEntry, build_hf_plan
 
     entries = entries_to_replay(lineage, teacher_sha256, str(t_source.path))
     checked = _checked(entries, len(lineage))

@@ -8,7 +8,7 @@ from functools import lru_cache
 import torch
 
 from .checkpoints import CHUNK, RawSpan, TensorSource
-from .plan import Create, Load, Plan, Scale, Widen
+from .planner import Create, Load, RecipePlan, Scale, Widen
 from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
 
 
@@ -21,7 +21,7 @@ class Materializer:
     or float64 for float64 tensors; cast back to the planned dtype; copies in the tensor's dtype). Nothing else is held in
     memory but the mappings g, so peak memory is a few times the largest tensor."""
 
-    def __init__(self, plan: Plan, source: TensorSource, check: bool = False, raw: bool = False,
+    def __init__(self, plan: RecipePlan, source: TensorSource, check: bool = False, raw: bool = False,
                  device: torch.device | str = "cpu"):
         """Transforms run on ``device`` (``--device``); results come back to the CPU for writing,
         with the same bytes on every device (random draws and noise scales are taken on the CPU).

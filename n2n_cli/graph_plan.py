@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from .errors import StepError, UserError
 from .graph import SpaceGraph, attention_parts, trace, trace_spaces
-from .plan import Create, Load, Mapping, Op, PlannedStep, TensorChange, Widen
+from .planner import (Copied, Created, Kept, Load, Mapping, Op, PlannedStep, RecipePlan, new_layer_op, new_norm_op,
+                      plan_steps, rebuild, widen_spaces)
 from .spec import StepEntry
 
 
@@ -81,8 +82,8 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
 
 
 @dataclass
-class GraphPlan:
-    """Duck-compatible with ``plan.Plan`` for the Materializer and the writer."""
+class GraphPlan(RecipePlan):
+    """A traced model's plan: the recipes, and the module insertions to replay."""
 
     seed: int
     steps: list[PlannedStep]
@@ -97,17 +98,6 @@ class GraphPlan:
     @property
     def params_after(self) -> int:
         return sum(_numel(s) for k, s in self.shapes.items() if k in self.param_keys)
-
-    @property
-    def function_preserving(self) -> bool:
-        return all(s.function_preserving for s in self.steps)
-
-    def entries(self):
-        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
-
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
-                "function_preserving": self.function_preserving, "steps": [s.to_dict() for s in self.steps]}
 
 
 def _numel(shape) -> int:
@@ -156,17 +146,8 @@ def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int,
                      {k: tuple(s) for k, (_, s) in header.items()},
                      param_keys=frozenset(k for k, _ in model.named_parameters()))
     plan.params_before = plan.params_after
-    for i, entry in enumerate(steps):
-        try:
-            if entry.widen is None:
-                _plan_deepen(plan, i, entry, model, example)
-            else:
-                _plan_widen(plan, i, entry, model, example)
-        except StepError as e:
-            msg = f"steps[{i}] ({_label(entry)}): {e.message}"
-            if not collect:
-                raise StepError(msg, hint=e.hint, short=e.short) from None
-            plan.problems.append((i, msg + (f" {e.hint}" if e.hint else "")))
+    plan_steps(plan, steps, lambda p, i, e: (_plan_widen(p, i, e, model, example) if e.widen else
+                                             _plan_deepen(p, i, e, model, example)), _label, collect=collect)
     return plan
 
 
@@ -208,29 +189,15 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     mappings = {space.id: Mapping("tile", old, new) if tile_why else Mapping("random", old, new, (plan.seed, index))}
     for sp in group[1:]:
         mappings[sp.id] = Mapping("tile", sp.width, sp.width * r)
-    by_key: dict[str, list] = {}
+    labels: dict[str, list] = {}
     for sp in group:
         for u in sp.uses:
-            by_key.setdefault(u.key, []).append((sp, u))
+            labels.setdefault(u.key, []).append((u.ax, u.axis(f"space {sp.id}")))
     before = plan.params_after
-    changes = []
-    for key in plan.recipes:
-        if key not in by_key:
-            continue
-        pairs = sorted(by_key[key], key=lambda p: (p[1].ax, -p[1].offset))  # later regions first: offsets stay valid
-        uses = [u for _, u in pairs]
-        old_shape = plan.shapes[key]
-        new_shape = list(old_shape)
-        for sp, u in pairs:
-            m = mappings[sp.id]
-            new_shape[u.ax] += (m.new - m.old) * u.block * u.segments
-        plan.recipes[key].append(Widen(index, tuple((u.ax, u.axis(f"space {sp.id}"), mappings[sp.id])
-                                                    for sp, u in pairs), step.method, step.noise, step.noise_mode))
-        plan.shapes[key] = tuple(new_shape)
-        how = ", ".join(f"axis {u.ax}: {u.role}" + (f" (blocks of {u.block})" if u.block > 1 else "")
-                        + (f" (channels {u.offset}..{u.offset + u.span - 1})" if u.span else "") for u in uses)
-        changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
-    resize_module(model, {k: plan.shapes[k] for k in by_key})
+    changes = widen_spaces(plan, index, {k: labels[k] for k in plan.recipes if k in labels},
+                           {f"space {i}": m for i, m in mappings.items()}, method=step.method, noise=step.noise,
+                           noise_mode=step.noise_mode)
+    resize_module(model, {k: plan.shapes[k] for k in labels})
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
     coupled = [p for p in space.producers if p != step.layer]
     summary = f"widen {step.layer} {unit} {old} -> {new} ({step.method}" + (
@@ -286,47 +253,26 @@ def _plan_deepen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module
     float_dtype = next((plan.dtypes[k] for k in plan.recipes if k.startswith(anchor + ".")
                         and plan.dtypes[k].is_floating_point), None) or \
         next(d for d in plan.dtypes.values() if d.is_floating_point)
-    recipes, dtypes, shapes, changes = {}, {}, {}, []
+    origins = {}
     for key, t in model.state_dict(keep_vars=True).items():
         owner, _, attr = key.rpartition(".")
         o = origin[owner]
         if o[0] == "old":
             old_key = f"{o[1]}.{attr}" if o[1] else attr
-            recipes[key], dtypes[key], shapes[key] = plan.recipes[old_key], plan.dtypes[old_key], plan.shapes[old_key]
-            if old_key != key:
-                changes.append(TensorChange(key, shapes[key], shapes[key], f"renamed from {old_key}"))
-            continue
-        _, k, rel = o
-        shape = tuple(t.shape)
-        if ins.copy_of is not None:
-            rel_key = f"{rel}.{attr}" if rel else attr
+            origins[key] = Kept(old_key, f"renamed from {old_key}" if old_key != key else None)
+        elif ins.copy_of is not None:
+            rel_key = f"{o[2]}.{attr}" if o[2] else attr
             src = f"{ins.copy_of}.{rel_key}"
-            dtypes[key], shapes[key] = plan.dtypes[src], plan.shapes[src]
-            if rel_key in ins.zeroed:
-                recipes[key] = [Create(index, shapes[key], "const", 0.0)]
-                how = f"zero (the copy of {src}: the branch adds 0)"
-            else:
-                recipes[key] = list(plan.recipes[src])
-                how = f"copy of {src}"
+            origins[key] = (Copied(src, f"zero (the copy of {src}: the branch adds 0)", zero=True)
+                            if rel_key in ins.zeroed else Copied(src, f"copy of {src}"))
         else:
-            mod = created[k]
-            dtypes[key] = float_dtype if t.is_floating_point() else torch.int64
-            shapes[key] = shape
+            mod, shape = created[o[1]], tuple(t.shape)
             if isinstance(mod, (nn.Conv2d, nn.Linear)):
-                if step.method == "net2deeper":
-                    op = Create(index, shape, "identity" if attr == "weight" else "const", 0.0)
-                else:
-                    op = Create(index, shape, "default", fan_in=int(t[0].numel()) if attr == "weight" else
-                                int(mod.weight[0].numel()))
-            else:  # BatchNorm: the identity in eval mode (running 0 / 1, gamma sqrt(1 + eps), beta 0)
-                exact = step.method == "net2deeper"
-                value = {"weight": (1 + mod.eps) ** 0.5 if exact else 1.0, "bias": 0.0, "running_mean": 0.0,
-                         "running_var": 1.0, "num_batches_tracked": 0.0}[attr]
-                op = Create(index, shape, "const", value)
-            recipes[key] = [op]
-            how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
-        changes.append(TensorChange(key, None, shapes[key], how))
-    plan.recipes, plan.dtypes, plan.shapes = recipes, dtypes, shapes
+                op = new_layer_op(index, attr, shape, step.method, int(mod.weight[0].numel()))
+            else:  # BatchNorm
+                op = new_norm_op(index, attr, shape, mod.eps, step.method == "net2deeper")
+            origins[key] = Created(op, float_dtype if t.is_floating_point() else torch.int64)
+    changes = rebuild(plan, index, origins)
     plan.param_keys = frozenset(k for k, _ in model.named_parameters())
     plan.edits.append(ins.edit)
     plan.steps.append(PlannedStep(index, entry, ins.summary, ins.exact, changes, before, plan.params_after))

@@ -19,7 +19,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from .errors import StepError
-from .plan import Create, PlannedStep, Scale, TensorChange
+from .hf import families
+from .planner import Create, PlannedStep, Scale, TensorChange
 
 
 def _class_name(arch_name: str, cls: str) -> str:
@@ -28,8 +29,6 @@ def _class_name(arch_name: str, cls: str) -> str:
 
 
 def plan_upcycle(plan, index: int, entry) -> None:
-    from .hf import families
-
     step = entry.upcycle
     a = plan.arch_after
     cfg = plan.config_out if plan.config_out is not None else plan.config

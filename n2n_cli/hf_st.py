@@ -47,7 +47,7 @@ from . import fsutil
 from .checkpoints import SafetensorsSource, StateDictSource, write_safetensors
 from .errors import CheckpointError, OutputError, StepError
 from .layers import Axis
-from .plan import Load, Widen
+from .planner import Load, Widen
 
 MODULES = "modules.json"
 CONFIG = "config.json"
@@ -195,7 +195,7 @@ def _pool_modes(cfg: dict) -> int:
 
 
 def plan_modules(src: Path, plan) -> STPlan | None:
-    """Plan the module tree of ``src`` for the grown model ``plan`` (an ``hf.HFPlan``); None when
+    """Plan the module tree of ``src`` for the grown model ``plan`` (an ``hf_plan.HFPlan``); None when
     ``src`` is not a sentence-transformers directory. Raises StepError for what cannot stay exact."""
     modules = read_modules(src)
     if modules is None:

@@ -39,7 +39,7 @@ import torch
 
 from .errors import OutputError, UserError
 from .layers import Axis
-from .plan import Load, Widen
+from .planner import Load, Widen
 from .transforms import make_mapping
 
 # state entries that are running averages of gradients (power 1) or of squared gradients (power 2);

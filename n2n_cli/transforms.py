@@ -24,7 +24,7 @@ def generator(*parts) -> torch.Generator:
 
 
 def make_mapping(m) -> torch.Tensor:
-    """The index tensor g of a ``plan.Mapping``."""
+    """The index tensor g of a ``planner.Mapping``."""
     if m.kind == "random":
         extra = torch.randint(0, m.old, (m.new - m.old,), generator=generator(*m.seed, "mapping"))
         return torch.cat([torch.arange(m.old), extra])

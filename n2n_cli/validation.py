@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .errors import SpecError, StepError
 from .model import ModelDescription
-from .plan import build_plan
+from .seq_plan import build_plan
 from .spec import GrowthSpec, HFGrowthSpec, HFStepEntry, lenient_steps, load_model_description, load_spec, step_line
 
 
@@ -61,7 +61,7 @@ def _step_problems(spec_path, entries, numbers, desc, checkpoint, node, seed, re
             return ([], None) if return_plan else []
         from . import hf_verify
         from .api import _open_hf  # the checkpoint readers (and torch) only when a checkpoint is given
-        from .hf import build_hf_plan
+        from .hf_plan import build_hf_plan
 
         with _open_hf(checkpoint) as (source, arch, header):
             hf_verify.check_config(source.config, grown=False, where=str(Path(checkpoint) / "config.json"))

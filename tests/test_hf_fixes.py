@@ -211,8 +211,8 @@ def test_absurd_width_is_refused_before_any_tensor_is_made(tmp_path, cli, monkey
     r = cli("grow", spec, src, tmp_path / "o")
     assert r.exit_code == 2 and "line 2: steps[0].widen.to: Input should be less than or equal to 16777216" \
         in r.stderr, r.output
-    from n2n_cli import hf
-    monkeypatch.setattr(hf, "MAX_PLANNED_BYTES", 10 ** 6)  # the real bound (16 TiB) needs a real model
+    from n2n_cli import hf_plan
+    monkeypatch.setattr(hf_plan, "MAX_PLANNED_BYTES", 10 ** 6)  # the real bound (16 TiB) needs a real model
     r = cli("widen", src, tmp_path / "o", "--dim", "hidden_size", "--to", "4096", "--dry-run")
     assert r.exit_code == 2, r.output
     assert "the planned output is about 10.3 MB (10,338,304 bytes)" in r.stderr and "beyond the 1.0 MB n2n writes" in r.stderr
@@ -245,7 +245,7 @@ def test_a_factor_too_small_to_grow_reads_well(tmp_path, cli, cnn_teacher):
     assert r.exit_code == 2, r.output
     assert ("factor: 1.01 rounds 40 to 40, which is not larger than the current intermediate_size 40" in r.stderr
             and "Use a factor of at least 1.025, or to: 41 or more." in r.stderr), r.stderr
-    # MLP/CNN: the same wording (plan.py)
+    # MLP/CNN: the same wording (planner.check_larger)
     r = cli("widen", cnn_teacher, tmp_path / "o.safetensors", "--model", CNN_YAML, "--layer", "fc1", "--factor", "1.005")
     assert r.exit_code == 2, r.output
     assert "--factor 1.005 rounds 64 to 64, which is not larger than the current width 64 of 'fc1'" in r.stderr, r.stderr

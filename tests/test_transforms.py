@@ -12,7 +12,7 @@ from n2n_cli import api
 from n2n_cli.layers import Axis
 from n2n_cli.model import ModelDescription, to_torch_module
 from n2n_cli.spec import spec_from_steps
-from n2n_cli.plan import Mapping
+from n2n_cli.planner import Mapping
 from n2n_cli.transforms import generator, init_tensor, make_mapping, widen_axis
 
 

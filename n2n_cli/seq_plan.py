@@ -1,129 +1,33 @@
-"""Plan before data: resolve a model description, a checkpoint header and growth steps into
-plain data that says, for every output tensor, how to compute it. No tensor is touched here.
+"""Growth planning for sequential YAML descriptions (``kind: sequential``, what checkpoints grown so
+far carry): the description's layout (``model.compile_layout``: every tensor axis labelled with the
+space of the producer it follows) is what the planner (``n2n_cli.planner``) widens; deepening
+inserts an identity layer (+ batchnorm + activation) into the description and renumbers
+``nn.Sequential`` names. The description after each step is kept (``Plan.model_after``), for
+verification and for the output's metadata. No tensor is touched here.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING
 
 
 if TYPE_CHECKING:
     import torch
 
 from .errors import StepError
-from .layers import ACTIVATIONS, NORMS, PRODUCERS, Axis, Conv2d, Linear, pair
+from .layers import ACTIVATIONS, NORMS, PRODUCERS, Conv2d, Linear, pair
 from .model import INPUT_SPACE, ModelDescription
+from .planner import (Created, Kept, Load, Mapping, Op, PlannedStep, RecipePlan, check_larger, new_layer_op, new_norm_op,
+                      plan_steps, rebuild, widen_spaces)
 from .spec import DeepenStep, StepEntry, WidenStep
 
-# ----------------------------------------------------------------------------- recipe ops
-
-
-@dataclass(frozen=True)
-class Load:
-    key: str
-
-
-@dataclass(frozen=True)
-class Mapping:
-    """Net2WiderNet's g for one widened space: which original unit each new unit copies.
-
-    kind: ``random`` (g(j) = j for old units, uniform for new ones; seeded by ``seed``),
-    ``tile`` (g(j) = j mod old: every unit copied the same number of times, which keeps
-    norm statistics), ``spread`` (g(j) = j * old // new: each unit repeated in place, for
-    key/value heads whose query groups shrink) or ``grouped`` (whole groups of ``group``
-    units follow ``base``: query heads follow their key/value head's mapping).
-
-    ``pad`` trailing new units are zeros instead of copies (LEMON-style widths that are not a
-    multiple: only ``new - pad`` units come from g), and norm parameters of the space are
-    multiplied by ``norm_scale`` (sqrt(k*old/new) keeps RMSNorm exact over a padded stream).
-    ``embed_scale`` compensates a model that multiplies its embeddings by sqrt(hidden_size) (Gemma):
-    sqrt(old/new), so that the scaled embedding of the wider model is the tiled old one.
-    """
-
-    kind: str
-    old: int
-    new: int
-    seed: tuple = ()
-    group: int = 1
-    base: "Mapping | None" = None
-    pad: int = 0
-    norm_scale: float = 1.0
-    embed_scale: float = 1.0  # embedding rows ("embed" axes) times this; a tied head's final norm divided by it
-
-
-@dataclass(frozen=True)
-class Widen:
-    step: int
-    axes: tuple[tuple[int, Axis, Mapping], ...]
-    method: str = "net2wider"
-    noise: float = 0.0
-    noise_mode: str = "zero-sum"
-
-
-@dataclass(frozen=True)
-class Create:
-    step: int
-    shape: tuple[int, ...]
-    init: str  # identity | const | default
-    value: float = 0.0
-    fan_in: int = 1
-
-
-@dataclass(frozen=True)
-class Scale:
-    """Multiply the tensor by ``factor`` and add member ``member`` of ``members`` noise draws of std
-    ``noise`` x the tensor's std, made zero-sum over the members (seeded by ``group``): the experts
-    of a dense-to-MoE upcycle, whose noise must cancel over the experts (``n2n_cli.hf_moe``)."""
-
-    step: int
-    factor: float = 1.0
-    noise: float = 0.0
-    group: str = ""
-    member: int = 0
-    members: int = 1
-
-
-Op = Union[Load, Widen, Create, Scale]
-
 
 @dataclass
-class TensorChange:
-    key: str
-    old_shape: tuple[int, ...] | None  # None: a new tensor
-    new_shape: tuple[int, ...]
-    how: str
+class Plan(RecipePlan):
+    """A sequential description's plan: the recipes, and the description before and after."""
 
-    def to_dict(self) -> dict:
-        return {"key": self.key, "old_shape": list(self.old_shape) if self.old_shape is not None else None,
-                "new_shape": list(self.new_shape), "how": self.how}
-
-
-@dataclass
-class PlannedStep:
-    index: int
-    entry: StepEntry
-    summary: str
-    function_preserving: bool
-    changes: list[TensorChange]
-    params_before: int
-    params_after: int
-    # widen: the space and its widths (for the mapping g)
-    space: str | None = None
-    old_width: int = 0
-    new_width: int = 0
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, **self.entry.to_dict(), "summary": self.summary,
-                "function_preserving": self.function_preserving,
-                "params_before": self.params_before, "params_after": self.params_after,
-                "tensors": [c.to_dict() for c in self.changes]}
-
-
-@dataclass
-class Plan:
     seed: int
     model_before: ModelDescription
     model_after: ModelDescription
@@ -140,18 +44,6 @@ class Plan:
     @property
     def params_after(self) -> int:
         return self.model_after.layout().num_parameters()
-
-    @property
-    def function_preserving(self) -> bool:
-        return all(s.function_preserving for s in self.steps)
-
-    def entries(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
-        return [(k, self.dtypes[k], self.shapes[k]) for k in self.recipes]
-
-    def to_dict(self) -> dict:
-        return {"seed": self.seed, "params_before": self.params_before, "params_after": self.params_after,
-                "function_preserving": self.function_preserving,
-                "steps": [s.to_dict() for s in self.steps]}
 
 
 # ----------------------------------------------------------------------------- planning
@@ -175,18 +67,8 @@ def build_plan(desc: ModelDescription, header: dict[str, tuple[torch.dtype, tupl
     dtypes = {k: header[k][0] for k in layout.tensors}
     shapes = {k: tuple(header[k][1]) for k in layout.tensors}
     plan = Plan(seed, desc, desc, [], recipes, dtypes, shapes)
-    for i, entry in enumerate(steps):
-        try:
-            if entry.widen:
-                _plan_widen(plan, i, entry)
-            else:
-                _plan_deepen(plan, i, entry)
-        except StepError as e:
-            n = numbers[i] if numbers else i
-            if not collect:
-                raise StepError(f"steps[{n}] ({_label(entry)}): {e.message}", hint=e.hint, short=e.short,
-                                flags=e.flags) from None
-            plan.problems.append((n, f"steps[{n}] ({_label(entry)}): {e.message}" + (f" {e.hint}" if e.hint else "")))
+    plan_steps(plan, steps, lambda p, i, e: (_plan_widen if e.widen else _plan_deepen)(p, i, e), _label,
+               collect=collect, numbers=numbers)
     return plan
 
 
@@ -225,39 +107,20 @@ def _plan_widen(plan: Plan, index: int, entry: StepEntry) -> None:
                         hint=f"Widen a hidden layer instead: {', '.join(widenable) or 'none'}.", short="output layer")
     old = space.width
     new = step.new_width(old)
-    if new <= old:
-        if step.to is not None:
-            raise StepError(f"to: {step.to} is not larger than the current width {old} of '{layer.name}'",
-                            hint=f"Use a width above {old}.", flags={"to: ": "--to "})
-        least = math.ceil((old + 1) / old * 1000) / 1000  # the smallest factor (3 decimals) that grows old by one
-        raise StepError(f"factor: {step.factor:g} rounds {old} to {new}, which is not larger than the current width "
-                        f"{old} of '{layer.name}'", hint=f"Use a factor of at least {least:g}, or to: {old + 1} or more.",
-                        flags={"factor: ": "--factor ", "to: ": "--to "})
+    check_larger(new, old, f"width {old} of '{layer.name}'", step.factor if step.to is None else None, "width")
     field_name = "out_features" if layer.type == "linear" else "out_channels"
     layers = list(desc.layers)
     layers[i] = layer.model_copy(update={field_name: new})
     new_desc = ModelDescription(kind=desc.kind, input_shape=desc.input_shape, layers=layers)
-    changes = []
-    for key, info in layout.tensors.items():
-        axes = tuple((ax, a) for ax, a in enumerate(info.axes) if a is not None and a.space == space.name)
-        if not axes:
-            continue
-        old_shape = plan.shapes[key]
-        new_shape = list(old_shape)
-        for ax, a in axes:
-            new_shape[ax] = new_shape[ax] // old * new
-        how = ", ".join(f"axis {ax}: {a.role}" + (f" (blocks of {a.block})" if a.block > 1 else "") for ax, a in axes)
-        mapping = Mapping("random", old, new, (plan.seed, index))
-        plan.recipes[key].append(Widen(index, tuple((ax, a, mapping) for ax, a in axes), step.method, step.noise,
-                                       step.noise_mode))
-        plan.shapes[key] = tuple(new_shape)
-        changes.append(TensorChange(key, old_shape, tuple(new_shape), how))
+    labels = {key: [(ax, a) for ax, a in enumerate(info.axes) if a is not None] for key, info in layout.tensors.items()}
+    changes = widen_spaces(plan, index, labels, {space.name: Mapping("random", old, new, (plan.seed, index))},
+                           method=step.method, noise=step.noise, noise_mode=step.noise_mode)
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
     by = f"to {step.to}" if step.to is not None else f"by factor {step.factor:g}"
     noise = f", {step.noise_mode} noise {step.noise}" if step.noise else ""
     plan.steps.append(PlannedStep(
         index, entry, f"widen {layer.name} {old} -> {new} ({step.method}{noise}, {by})", exact, changes,
-        desc.layout().num_parameters(), new_desc.layout().num_parameters(), space.name, old, new))
+        desc.layout().num_parameters(), new_desc.layout().num_parameters()))
     plan.model_after = new_desc
 
 
@@ -375,35 +238,21 @@ def _plan_deepen(plan: Plan, index: int, entry: StepEntry) -> None:
     new_layout = new_desc.layout()
     old_key = {key: f"{renamed[info.layer]}.{key.rsplit('.', 1)[1]}" if info.layer in renamed else key
                for key, info in new_layout.tensors.items()}
-    # new tensors, in the new layout's order (the recipes dict is rebuilt to follow it)
-    changes = []
-    created: dict[str, list[Op]] = {}
-    new_dtypes: dict[str, torch.dtype] = {}
-    new_shapes: dict[str, tuple[int, ...]] = {}
+    inserted_names = {x.name for x in new_layers if x.parametric}
+    origins = {}
     for key, info in new_layout.tensors.items():
-        if old_key[key] in plan.recipes and info.layer not in {x.name for x in new_layers if x.parametric}:
+        if old_key[key] in plan.recipes and info.layer not in inserted_names:
+            origins[key] = Kept(old_key[key], f"renamed from {old_key[key]} (nn.Sequential numbering)"
+                                if old_key[key] != key else None)
             continue
-        suffix = key.rsplit(".", 1)[1]
+        attr = key.rsplit(".", 1)[1]
         if new_layers[0].name == info.layer:  # the inserted linear/conv
-            if exact:
-                op = Create(index, info.shape, "identity" if suffix == "weight" else "const", 0.0)
-            else:
-                op = Create(index, info.shape, "default", fan_in=fan_in)
-        else:  # its batchnorm: an identity in eval mode (running 0/1, gamma sqrt(1+eps)) or defaults
-            eps = new_layers[1].eps
-            value = {"weight": math.sqrt(1 + eps) if exact else 1.0, "bias": 0.0, "running_mean": 0.0,
-                     "running_var": 1.0, "num_batches_tracked": 0.0}[suffix]
-            op = Create(index, info.shape, "const", value)
-        created[key] = [op]
-        new_dtypes[key] = dtype if info.floating else _int64()
-        new_shapes[key] = info.shape
-        how = {"identity": "identity", "const": f"constant {op.value:g}", "default": "PyTorch default init"}[op.init]
-        changes.append(TensorChange(key, None, info.shape, how))
-    plan.recipes = {k: created[k] if k in created else plan.recipes[old_key[k]] for k in new_layout.tensors}
-    plan.dtypes = {k: new_dtypes[k] if k in created else plan.dtypes[old_key[k]] for k in new_layout.tensors}
-    plan.shapes = {k: new_shapes[k] if k in created else plan.shapes[old_key[k]] for k in new_layout.tensors}
-    changes += [TensorChange(k, plan.shapes[k], plan.shapes[k], f"renamed from {old_key[k]} (nn.Sequential numbering)")
-                for k in new_layout.tensors if old_key[k] != k]
+            op = new_layer_op(index, attr, info.shape, step.method, fan_in)
+        else:  # its batchnorm: an identity in eval mode, or defaults
+            op = new_norm_op(index, attr, info.shape, new_layers[1].eps, exact)
+        origins[key] = Created(op, dtype if info.floating else _int64())
+    changes = rebuild(plan, index, origins)
+    changes = [c for c in changes if c.old_shape is None] + [c for c in changes if c.old_shape is not None]
     inserted = " + ".join(x.describe() for x in new_layers)
     plan.steps.append(PlannedStep(
         index, entry, f"deepen after {layer.name}: insert {inserted} ({step.method})", exact, changes,
