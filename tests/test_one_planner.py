@@ -47,9 +47,26 @@ def digest(path: Path) -> str:
     h = hashlib.sha256()
     for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
         if f.is_file():
-            h.update(f"{f.relative_to(path) if path.is_dir() else f.name}|{f.stat().st_size}|".encode())
-            h.update(f.read_bytes())
+            h.update(f"{f.relative_to(path) if path.is_dir() else f.name}|".encode())
+            h.update(_content(f))
     return h.hexdigest()
+
+
+def _content(f: Path) -> bytes:
+    """A file's bytes; for safetensors, its metadata and tensors with the model code's path made
+    relative (it depends on where the repository lies, and so does the header's padding)."""
+    if f.suffix != ".safetensors":
+        return f.read_bytes()
+    from safetensors import safe_open
+
+    with safe_open(str(f), "pt") as sf:
+        meta = json.dumps(sf.metadata() or {}, sort_keys=True).replace(str(HERE), "<tests>")
+        parts = [meta.encode()]
+        for k in sf.keys():  # in file order
+            t = sf.get_tensor(k).contiguous()
+            parts.append(f"|{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+            parts.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
 
 
 def plan_digest(report: dict) -> str:
