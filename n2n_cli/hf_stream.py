@@ -17,8 +17,12 @@ every student block runs, and the final outputs decide. The per-block comparison
 mismatch starts ("the stream differs after teacher block 7"). A stream widened by tiling
 (HyperCloning, LEMON's zero padding) is compared against the teacher's stream tiled the same way.
 
-Supported: every decoder family n2n grows (the model types with a ``stream`` entry in
-families/*.yaml: :func:`streaming_types`); :func:`supports` says which directories.
+Supported: every family n2n grows (the model types with a ``stream`` entry in families/*.yaml:
+:func:`streaming_types`): the decoders (base models and causal LMs) and the encoders BERT, RoBERTa
+and XLM-RoBERTa (base models: the last hidden states; masked LMs: the logits of their head, as full
+mode compares them; no final norm; the embedding module of transformers fed with the probe tokens'
+rows only). Task heads (classifiers) are verified in full mode; :func:`supports` says which
+directories.
 """
 
 from __future__ import annotations
