@@ -271,3 +271,15 @@ def test_cli_verifies_encoders_blockwise_and_full_on_request(tmp_path, cli, mode
     assert json.loads(r.stdout)["mode"] == "streaming"
     r = cli("verify", src, out, "--verify-mode", "full", "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "full"
+
+
+def test_roberta_probes_fit_its_position_table(tmp_path):
+    """RoBERTa's positions start after the padding index: with 34 position embeddings a sequence
+    holds 32 tokens, so the 33-token probes are left out, as in full mode (not an index error)."""
+    src = make(tmp_path, "roberta", "RobertaForMaskedLM", max_position_embeddings=34)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps(GROWTHS["widen-mlp"], seed=1), src, out, device="cpu", verify=False)
+    kw = {**KW, "max_len": 34}
+    c, full = hf_stream.compare(src, out, **kw), hf_stream.compare(src, out, mode="full", **kw)
+    assert c.mode == "streaming" and c.passed and full.passed
+    assert c.max_abs_teacher == pytest.approx(full.max_abs_teacher, rel=1e-6)
