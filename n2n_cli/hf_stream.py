@@ -17,13 +17,18 @@ every student block runs, and the final outputs decide. The per-block comparison
 mismatch starts ("the stream differs after teacher block 7"). A stream widened by tiling
 (HyperCloning, LEMON's zero padding) is compared against the teacher's stream tiled the same way.
 
-Supported: every decoder family n2n grows (the model types with a ``stream`` entry in
-families/*.yaml: :func:`streaming_types`); :func:`supports` says which directories.
+Supported: every family n2n grows (the model types with a ``stream`` entry in families/*.yaml:
+:func:`streaming_types`): the decoders (base models and causal LMs) and the encoders BERT, RoBERTa
+and XLM-RoBERTa (base models: the last hidden states; masked LMs: the logits of their head, as full
+mode compares them; no final norm; the embedding module of transformers fed with the probe tokens'
+rows only). Task heads (classifiers) are verified in full mode; :func:`supports` says which
+directories.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,6 +83,11 @@ def unsupported(path: str | Path) -> str | None:
     if stream_facts(mt) is None:
         return f"the model type {mt!r} is not one of {', '.join(streaming_types())}"
     archs = config.get("architectures") or []  # a task head (score) is not streamed: full mode verifies it
+    facts = stream_facts(mt)
+    if "mlm_heads" in facts:  # an encoder: its base model and its masked-LM heads
+        head = next((a for a in archs if a != facts["base"] and a not in facts["mlm_heads"]), None)
+        return f"the architecture {head!r} has a task head (only base models and masked LMs are streamed)" \
+            if head else None
     head = next((a for a in archs if not str(a).endswith((*CAUSAL_SUFFIXES, "Model"))), None)
     return f"the architecture {head!r} has a task head (only base models and causal LMs are streamed)" if head else None
 
@@ -112,13 +122,18 @@ class _Model:
                             where=str(path / "config.json"), hint="Use --verify-mode full (loads both models whole).")
         self.module = importlib.import_module(f"transformers.models.{self.facts['module']}.modeling_{self.facts['module']}")
         self.layer_cls = getattr(self.module, self.facts["layer"])
-        norm = self.facts["norm"]  # a class of the module, or a dotted path (torch.nn.LayerNorm)
-        self.norm_cls = _dotted(norm) if "." in norm else getattr(self.module, norm)
+        norm = self.facts.get("norm")  # a class of the module, or a dotted path (torch.nn.LayerNorm); None: no final norm
+        self.norm_cls = None if norm is None else _dotted(norm) if "." in norm else getattr(self.module, norm)
+        if self.arch.renamed:  # an old checkpoint's names (BERT's LayerNorm.gamma): read under today's names
+            self.source.rename(self.arch.renamed)
         self.rotary = getattr(self.module, self.facts["rotary"])(config=self.config).to(device) \
             if self.facts.get("rotary") else None  # None: learned positions (``positions`` table)
         self.dtype, self.device = dtype, device
         self.prefix = self.arch.prefix
-        self.causal = any(a.endswith(CAUSAL_SUFFIXES) for a in (self.config.architectures or []))
+        archs = self.config.architectures or []
+        # the outputs are logits: a causal LM's, or an encoder's masked-LM head's (``mlm_heads``)
+        self.causal = any(a.endswith(CAUSAL_SUFFIXES) for a in archs) if "mlm_heads" not in self.facts \
+            else any(a in self.facts["mlm_heads"] for a in archs)
 
     def get(self, name: str) -> torch.Tensor:
         return self.source.get(self.prefix + name)
@@ -203,6 +218,12 @@ class _Model:
             kw["or_mask_function"] = lambda *args: torch.tensor(True, dtype=torch.bool)
             sliding_kw["or_mask_function"] = getattr(self.module, bi["window_overlay"])(self.config.sliding_window)
         rule = self.facts["masks"]
+        if rule == "encoder":  # as BertModel._create_attention_masks: bidirectional unless the config is a decoder's
+            from transformers.masking_utils import create_bidirectional_mask
+
+            m = create_causal_mask(**kw) if getattr(self.config, "is_decoder", False) else \
+                create_bidirectional_mask(config=self.config, inputs_embeds=h, attention_mask=mask)
+            return lambda i: m
         if rule == "layer_types":
             types = self.config.layer_types
             made = {t: create_sliding_window_causal_mask(**sliding_kw) if t == "sliding_attention"
@@ -228,9 +249,72 @@ class _Model:
         pe = self.rotary(h, position_ids)
         return lambda i: pe
 
+    def rows(self, key: str, ids: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """Rows of a tensor in the files (the rows ``ids``, else ``start:stop``), read alone: only
+        those rows' bytes are read (``pread``), never the whole table."""
+        span = self.source.raw(key)
+        if span is None:  # a pickled shard: torch.load maps it
+            t = self.source.get(key)
+            return t[ids].clone() if ids is not None else t[start:stop].clone()
+        shape, dtype = tuple(span.shape), span.dtype
+        row = span.nbytes // shape[0] if shape[0] else 0
+        if ids is None:
+            stop = shape[0] if stop is None else min(stop, shape[0])
+            spans = [(start, stop)]
+        else:
+            wanted = sorted(set(int(i) for i in ids.reshape(-1).tolist()))
+            spans = []
+            for i in wanted:  # runs of consecutive rows: one read each
+                if spans and spans[-1][1] == i:
+                    spans[-1] = (spans[-1][0], i + 1)
+                else:
+                    spans.append((i, i + 1))
+        parts = []
+        for a, b in spans:
+            buf, n, done = bytearray((b - a) * row), (b - a) * row, 0
+            while done < n:
+                got = os.preadv(span.fd, [memoryview(buf)[done:]], span.offset + a * row + done)
+                if got <= 0:
+                    raise UserError(f"cannot read tensor '{key}': the file is shorter than its header says",
+                                    where=span.where)
+                done += got
+            parts.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(b - a, *shape[1:]) if n
+                         else torch.empty(0, *shape[1:], dtype=dtype))
+        out = torch.cat(parts) if len(parts) != 1 else parts[0]
+        if ids is None:
+            return out
+        pos = {i: n for n, i in enumerate(r for a, b in spans for r in range(a, b))}
+        return out[torch.tensor([pos[int(i)] for i in ids.reshape(-1).tolist()], dtype=torch.long)].reshape(
+            *ids.shape, *shape[1:])
+
+    def _embed_encoder(self, ids: torch.Tensor) -> torch.Tensor:
+        """An encoder's embeddings (``embeddings``: BertEmbeddings and the like) as transformers' own
+        class computes them: the probe tokens' rows, token type 0, the positions the model gives
+        these ids (RoBERTa's start after the padding index and skip padding: ``position_ids``), the
+        LayerNorm; the class is built without its word table (the rows are its inputs_embeds)."""
+        cls = getattr(self.module, self.facts["embeddings"])
+        with torch.device("meta"):
+            emb = cls(self.config)
+        emb.word_embeddings = None  # the rows below are passed as inputs_embeds
+        name = self.prefix + "embeddings."
+        wanted = set(emb.state_dict())
+        sd = {k[len(name):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
+              if k.startswith(name) and k[len(name):] in wanted}
+        emb.load_state_dict(sd, assign=True, strict=True)
+        emb.eval()
+        rows = self.rows(name + "word_embeddings.weight", ids.cpu()).to(self.device, self.dtype)
+        if self.facts.get("position_ids") == "from_input_ids":
+            pos = cls.create_position_ids_from_input_ids(ids, self.config.pad_token_id)
+        else:
+            pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        # the buffers (position_ids, token_type_ids) stay on the meta device: both ids are given
+        return emb(input_ids=None, token_type_ids=torch.zeros_like(ids), position_ids=pos, inputs_embeds=rows)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The probe tokens' embedding rows, scaled as the model scales them (``embed_scale``,
-        ``embed_multiplier``)."""
+        ``embed_multiplier``); an encoder's embedding module (``embeddings``)."""
+        if self.facts.get("embeddings"):
+            return self._embed_encoder(ids)
         h = F.embedding(ids, self.get(self.facts.get("embed", "embed_tokens.weight"))).to(self.device, self.dtype)
         if self.facts.get("positions"):  # learned positions (GPT-2's wpe): the rows of positions 0..n-1 added
             n = ids.shape[-1]
@@ -243,16 +327,20 @@ class _Model:
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm, then (causal LMs) the head, a slice of the vocabulary at a time, and the
-        logits' scaling (``logits_divisor``) or soft-capping (``logit_softcap``)."""
-        name = self.prefix + self.facts.get("final_norm", "norm") + "."
-        sd = {k[len(name):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
-              if k.startswith(name)}
-        with torch.device("meta"):
-            norm = self.norm_cls(h.shape[-1], eps=getattr(self.config, self.facts.get("norm_eps", "rms_norm_eps")))
-        norm.load_state_dict(sd, assign=True, strict=True)
-        h = norm(h)
+        logits' scaling (``logits_divisor``) or soft-capping (``logit_softcap``); an encoder (no final
+        norm): its last hidden states, or its masked-LM head's logits (``mlm_head``)."""
+        if self.facts.get("final_norm", "norm") is not None:
+            name = self.prefix + self.facts.get("final_norm", "norm") + "."
+            sd = {k[len(name):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
+                  if k.startswith(name)}
+            with torch.device("meta"):
+                norm = self.norm_cls(h.shape[-1], eps=getattr(self.config, self.facts.get("norm_eps", "rms_norm_eps")))
+            norm.load_state_dict(sd, assign=True, strict=True)
+            h = norm(h)
         if not self.causal:
             return h
+        if self.facts.get("mlm_head"):
+            return self._mlm_logits(h)
         w = self.source.get("lm_head.weight") if "lm_head.weight" in self.source.keys() \
             else self.get(self.facts.get("embed", "embed_tokens.weight"))
         divisor = getattr(self.config, self.facts["logits_divisor"]) if self.facts.get("logits_divisor") else None
@@ -265,6 +353,34 @@ class _Model:
             if cap is not None:
                 y = torch.tanh(y / cap) * cap
             out.append(y)
+        return torch.cat(out, dim=-1)
+
+    def _mlm_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """A masked-LM head's logits: the head class of transformers (``mlm_head``: dense,
+        activation, LayerNorm, built without its decoder), then the decoder and its bias a slice of
+        the vocabulary at a time. The decoder is the word embedding table and its bias the head's
+        ``bias`` when config.tie_word_embeddings (transformers ties them), else its own tensors."""
+        head = self.facts["mlm_heads"][next(a for a in self.config.architectures if a in self.facts["mlm_heads"])]
+        with torch.device("meta"):
+            mod = getattr(self.module, self.facts["mlm_head"])(self.config)
+        mod.decoder = torch.nn.Identity()  # the vocabulary projection runs below, in slices
+        del mod.bias  # the decoder's bias (tied to it): read below
+        wanted = set(mod.state_dict())
+        sd = {k[len(head):]: self.source.get(k).to(self.device, self.dtype) for k in self.source.keys()
+              if k.startswith(head) and k[len(head):] in wanted}
+        mod.load_state_dict(sd, assign=True, strict=True)
+        x = mod.eval()(h)
+        keys = set(self.source.keys())
+        embed = self.prefix + "embeddings.word_embeddings.weight"
+        tied = getattr(self.config, "tie_word_embeddings", True)
+        w_key = embed if tied or head + "decoder.weight" not in keys else head + "decoder.weight"
+        b_keys = [head + "bias", head + "decoder.bias"] if tied else [head + "decoder.bias", head + "bias"]
+        b_key = next((k for k in b_keys if k in keys), None)
+        bias = self.source.get(b_key).to(self.device, self.dtype) if b_key else None
+        out = []
+        for r in range(0, self.source.shape(w_key)[0], HEAD_ROWS):
+            w = self.rows(w_key, start=r, stop=r + HEAD_ROWS).to(self.device, self.dtype)
+            out.append(F.linear(x, w, None if bias is None else bias[r:r + HEAD_ROWS]))
         return torch.cat(out, dim=-1)
 
     def close(self):
@@ -283,6 +399,7 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
     """Streaming counterpart of :func:`hf_verify.compare_dirs` (same probes, same verdict rule):
     the short probes at their kept positions, and the long probes past every declared attention
     window at their last ``LONG_TAIL`` positions."""
+    max_len = min(max_len, hf_verify._max_tokens(teacher))  # RoBERTa's positions start after the padding index
     batches = probe_batches(vocab, max_len, probes, seed)
     t, s = _Model(Path(teacher), dtype, device), _Model(Path(student), dtype, device)
     long_len = hf_verify.long_probe_length(t.config, s.config)

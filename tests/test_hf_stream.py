@@ -99,7 +99,7 @@ def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
 def test_supports(tmp_path):
     assert hf_stream.supports(make_hf_model(tmp_path, "qwen2", name="q"))
     assert hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))
-    assert not hf_stream.supports(make_hf_model(tmp_path, "bert", name="b"))
+    assert hf_stream.supports(make_hf_model(tmp_path, "bert", name="b"))  # tests/test_stream_encoders.py
     assert not hf_stream.supports(tmp_path / "missing")
 
 

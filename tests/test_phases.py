@@ -49,7 +49,11 @@ def test_grow_reports_phases_timings_and_mode(tmp_path, cli):
 
 
 def test_streaming_mode_refused_for_unsupported_family(tmp_path, cli):
-    src = make_hf_model(tmp_path, "bert")
+    """Every model type n2n grows is streamed; a task head (a classifier) is verified in full mode."""
+    src = tmp_path / "classifier"
+    transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=97, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64)).save_pretrained(src)
     r = cli("verify", src, src, "--verify-mode", "streaming")
-    assert r.exit_code == 2 and "blockwise verification cannot verify this model: the model type 'bert' is not one of" \
-        in r.output
+    assert r.exit_code == 2 and "blockwise verification cannot verify this model: the architecture " \
+        "'BertForSequenceClassification' has a task head (only base models and masked LMs are streamed)" in r.output
