@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -77,6 +77,7 @@ class Space:
     uses: list[Use] = field(default_factory=list)
     frozen: list[str] = field(default_factory=list)  # why it cannot be widened
     tile_only: list[str] = field(default_factory=list)  # why only integer factors (tiling) are exact: LayerNorm
+    spread_only: list[str] = field(default_factory=list)  # why each unit must be repeated in place: GroupNorm
     ties: list[int] = field(default_factory=list)  # spaces that widen with it by the same integer factor
 
 
@@ -105,6 +106,7 @@ class SpaceGraph:
         self.heads: dict[str, int] = {}  # attention module name -> its heads space (units: heads)
         self.heads_refusal: dict[str, str] = {}  # attention module -> why its heads cannot be widened alone
         self.tuple_outs: dict = {}  # fx node of nn.MultiheadAttention -> the features of its output [0]
+        self.split: dict[int, list[int]] = {}  # a space refined into consecutive pieces (see ``refine``)
 
     def new(self, width: int, producer: str | None = None, frozen: str | None = None) -> int:
         i = len(self.parent)
@@ -129,22 +131,54 @@ class SpaceGraph:
             a, b = b, a
         sa, sb = self.spaces[a], self.spaces.pop(b)
         self.parent[b] = a
-        for name in ("producers", "readers", "followers", "uses", "frozen", "tile_only", "ties"):
+        for name in ("producers", "readers", "followers", "uses", "frozen", "tile_only", "spread_only", "ties"):
             getattr(sa, name).extend(x for x in getattr(sb, name) if x not in getattr(sa, name))
 
     def freeze(self, feat: "Feat | None", why: str) -> None:
         if feat is None:
             return
-        for s in feat.segs:
+        for s in self.resolve(feat).segs:
             sp = self.space(s.space)
             if why not in sp.frozen:
                 sp.frozen.append(why)
+
+    def pieces(self, i: int) -> list[int]:
+        """The root spaces that space ``i`` is made of now: itself, or its pieces once refined."""
+        r = self.find(i)
+        return [q for p in self.split[r] for q in self.pieces(p)] if r in self.split else [r]
+
+    def resolve(self, feat: "Feat | None") -> "Feat | None":
+        """``feat`` with every refined space replaced by its pieces (a value traced before the refinement)."""
+        if feat is None or not any(self.find(s.space) in self.split for s in feat.segs):
+            return feat
+        return Feat(feat.dim, tuple(Seg(p, s.block) for s in feat.segs for p in self.pieces(s.space)))
+
+    def refine(self, i: int, widths: list[int]) -> bool:
+        """Split space ``i`` into consecutive pieces of ``widths`` units: a producer whose output is added
+        to a concatenation widens each region with that tower's mapping. Every use of the space becomes
+        one use per piece, at the piece's offset. False (nothing done) where a use cannot be split."""
+        r = self.find(i)
+        sp = self.spaces[r]
+        assert sum(widths) == sp.width and len(widths) > 1
+        if sp.ties or any(u.segments > 1 for u in sp.uses) or any(self.find(h) == r for h in self.heads.values()):
+            return False
+        ids = [self.new(w) for w in widths]
+        start = 0
+        for p, w in zip(ids, widths):
+            q = self.spaces[p]
+            for name in ("producers", "readers", "followers", "frozen", "tile_only", "spread_only"):
+                setattr(q, name, list(getattr(sp, name)))
+            q.uses = [replace(u, offset=u.offset + start * u.block, span=w * u.block) for u in sp.uses]
+            start += w
+        del self.spaces[r]
+        self.split[r] = ids
+        return True
 
     def roots(self) -> list[Space]:
         return [self.spaces[i] for i in sorted(self.spaces)]
 
     def width(self, seg: Seg) -> int:
-        return self.space(seg.space).width * seg.block
+        return sum(self.spaces[p].width for p in self.pieces(seg.space)) * seg.block
 
 
 # ----------------------------------------------------------------------------- tracing
@@ -238,13 +272,25 @@ def _dims(arg, ndim: int) -> list[int]:
     return [d % ndim for d in dims]
 
 
+class _Feats(dict):
+    """fx node -> its features, read back with refined spaces replaced by their pieces."""
+
+    def __init__(self, g: SpaceGraph):
+        super().__init__()
+        self.g = g
+
+    def get(self, key, default=None):
+        return self.g.resolve(super().get(key, default))
+
+
 def trace_spaces(model: nn.Module, gm: fx.GraphModule) -> SpaceGraph:
     g = SpaceGraph()
     modules = dict(model.named_modules())
-    feats: dict[fx.Node, Feat | None] = {}
+    feats = _Feats(g)
     in_axes: dict[tuple[str, int], Feat] = {}  # a weight axis already read: a second call must agree
 
     def record(key: str, ax: int, role: str, feat: Feat, who: str) -> None:
+        feat = g.resolve(feat)
         prev = in_axes.get((key, ax))
         if prev is not None:
             _align(g, prev, feat, f"module '{who}' is called on differently shaped features")
@@ -374,11 +420,16 @@ def _describe(node: fx.Node, modules) -> str:
 
 
 def _align(g: SpaceGraph, a: Feat | None, b: Feat | None, why: str) -> bool:
-    """Merge two values that must hold the same features (operands of an add)."""
+    """Merge two values that must hold the same features (operands of an add). Where their segments
+    differ (a conv's output added to a concatenation), the spaces are refined to common pieces."""
+    a, b = g.resolve(a), g.resolve(b)
     if a is None or b is None:
         g.freeze(a, why)
         g.freeze(b, why)
         return False
+    if a.dim == b.dim and sum(g.width(x) for x in a.segs) == sum(g.width(y) for y in b.segs) and \
+            len({x.block for x in a.segs + b.segs}) == 1:
+        a, b = _refine(g, a, b)
     ok = a.dim == b.dim and len(a.segs) == len(b.segs) and all(
         x.block == y.block and g.width(x) == g.width(y) for x, y in zip(a.segs, b.segs))
     if not ok:
@@ -388,6 +439,33 @@ def _align(g: SpaceGraph, a: Feat | None, b: Feat | None, why: str) -> bool:
     for x, y in zip(a.segs, b.segs):
         g.union(x.space, y.space)
     return True
+
+
+def _same(g: SpaceGraph, a: int, b: int) -> None:
+    """Spaces ``a`` and ``b`` are one (a module called twice), piece by piece if ``a`` was refined."""
+    if g.find(a) != g.find(b):
+        _align(g, Feat(0, (Seg(a),)), Feat(0, (Seg(b),)), "a module called twice writes features that differ")
+
+
+def _refine(g: SpaceGraph, a: Feat, b: Feat) -> tuple[Feat, Feat]:
+    """Split the spaces of ``a`` and ``b`` (same blocks, same total) until their segments line up."""
+    def bounds(f: Feat) -> list[tuple[int, int, int]]:  # (start, width, space) in units
+        out, at = [], 0
+        for x in f.segs:
+            w = g.space(x.space).width
+            out.append((at, w, x.space))
+            at += w
+        return out
+
+    for _ in range(sum(g.space(x.space).width for x in a.segs) + 1):  # each round splits one space
+        ba, bb = bounds(a), bounds(b)
+        cuts = {s + w for s, w, _ in ba + bb}
+        todo = next(((i, [q - p for p, q in zip([0] + inner, inner + [w])]) for s, w, i in ba + bb
+                     if (inner := sorted(c - s for c in cuts if s < c < s + w))), None)
+        if todo is None or not g.refine(*todo):
+            break
+        a, b = g.resolve(a), g.resolve(b)
+    return a, b
 
 
 def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, shape, record, what) -> Feat | None:
@@ -417,7 +495,7 @@ def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, s
             if mod.bias is not None:
                 record(f"{name}.bias", 0, "out", out, name)
         g.module_out.setdefault(name, out.segs[0].space)
-        g.union(g.module_out[name], out.segs[0].space)  # a module called twice has one output space
+        _same(g, g.module_out[name], out.segs[0].space)  # a module called twice has one output space
         g.producer_modules[name] = type(mod).__name__
         return out
     if isinstance(mod, nn.Linear):
@@ -432,7 +510,7 @@ def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, s
         if mod.bias is not None:
             record(f"{name}.bias", 0, "out", out, name)
         g.module_out.setdefault(name, out.segs[0].space)
-        g.union(g.module_out[name], out.segs[0].space)
+        _same(g, g.module_out[name], out.segs[0].space)
         g.producer_modules[name] = type(mod).__name__
         return out
     if isinstance(mod, NORM_MODULES):
