@@ -170,6 +170,10 @@ class SpaceGraph:
                 setattr(q, name, list(getattr(sp, name)))
             q.uses = [replace(u, offset=u.offset + start * u.block, span=w * u.block) for u in sp.uses]
             start += w
+        if sp.tile_only:  # a norm over the whole space: its pieces grow by one factor together
+            for p in ids[1:]:
+                self.spaces[ids[0]].ties.append(p)
+                self.spaces[p].ties.append(ids[0])
         del self.spaces[r]
         self.split[r] = ids
         return True
@@ -525,25 +529,53 @@ def _module(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None, s
         return feat
     if isinstance(mod, nn.Flatten):
         return _flatten(g, feat, _shape(node.args[0]), mod.start_dim, mod.end_dim, what)
-    if isinstance(mod, nn.LayerNorm) and feat is not None and shape is not None and len(mod.normalized_shape) == 1 \
-            and feat.dim == len(shape) - 1 and len(feat.segs) == 1 and feat.segs[0].block == 1 \
-            and mod.elementwise_affine and mod.weight is not None:
-        for k in ("weight", "bias"):
-            if params.get(k) is not None:
-                record(f"{name}.{k}", 0, "norm", feat, name)
-        sp = g.space(feat.segs[0].space)
-        why = (f"{what} normalises over these features: its mean and variance stay the same only when every "
-               "feature is copied the same number of times (the stream tiled by an integer factor)")
-        if why not in sp.tile_only:
-            sp.tile_only.append(why)
+    if isinstance(mod, nn.LayerNorm):
+        if feat is None or shape is None:
+            return feat
+        k = len(mod.normalized_shape)
+        if feat.dim < len(shape) - k:  # normalised over other axes: each feature on its own
+            return feat
+        if mod.weight is None:
+            g.freeze(feat, f"{what} normalises over these features but has no weight: its normalized_shape "
+                           f"{tuple(mod.normalized_shape)} is not a tensor n2n can resize (elementwise_affine=False)")
+            return None
+        for key in ("weight", "bias"):
+            if params.get(key) is not None:
+                record(f"{name}.{key}", feat.dim - (len(shape) - k), "norm", feat, name)
+        _statistics(g, feat, f"{what} normalises over these features: its mean and variance stay the same only "
+                              "when every feature is copied the same number of times (an integer factor)")
         return feat
-    if isinstance(mod, (nn.GroupNorm, nn.LayerNorm)):
-        g.freeze(feat, f"{what} normalises over the widened features: exact only with whole-group tiling, "
-                       "which n2n does not do yet")
+    if isinstance(mod, nn.GroupNorm):
+        if feat is None:
+            return None
+        if feat.dim != 1 or any(s.block != 1 for s in feat.segs):
+            g.freeze(feat, f"{what} normalises groups of an axis n2n does not track as channels")
+            return None
+        for key in ("weight", "bias"):
+            if params.get(key) is not None:
+                record(f"{name}.{key}", 0, "norm", feat, name)
+        _statistics(g, feat, f"{what} normalises {mod.num_groups} groups of channels: with num_groups kept, "
+                              "each group stays the same only when every channel is repeated the same number "
+                              "of times in place (an integer factor)", spread=True)
         return feat
     # a leaf module n2n does not know (attention, a user's custom leaf): opaque
     g.freeze(feat, f"{what} is opaque to n2n (it cannot see how it mixes features)")
     return None
+
+
+def _statistics(g: SpaceGraph, feat: Feat, why: str, spread: bool = False) -> None:
+    """A norm computes statistics over ``feat``: its spaces grow only by one integer factor, all
+    together (a concatenation tiled region by region keeps each feature's share of the statistics),
+    by tiling, or by repeating each unit in place (``spread``: a GroupNorm's groups stay whole)."""
+    spaces = list(dict.fromkeys(g.find(s.space) for s in feat.segs))
+    for i in spaces:
+        sp = g.spaces[i]
+        for reasons in ([sp.tile_only, sp.spread_only] if spread else [sp.tile_only]):
+            if why not in reasons:
+                reasons.append(why)
+    for i in spaces[1:]:
+        g.spaces[spaces[0]].ties.append(i)
+        g.spaces[i].ties.append(spaces[0])
 
 
 def _flatten(g: SpaceGraph, feat: Feat | None, in_shape, start: int, end: int, what: str) -> Feat | None:
@@ -644,6 +676,8 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
             g.freeze(first, f"{what} reduces over the features (a sum or mean over channels changes with copies)")
             return None
         return Feat(first.dim - (0 if keep else sum(1 for x in dims if x < first.dim)), first.segs)
+    if is_fn and t in (F.layer_norm, F.group_norm):
+        return _functional_norm(g, node, first, shape, feats, what)
     if is_fn and t is operator.getitem and args[0] in g.tuple_outs:  # nn.MultiheadAttention(...)[0]
         return g.tuple_outs[args[0]] if args[1] == 0 else None
     if is_fn and t is operator.getitem and first is not None:
@@ -655,4 +689,82 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
     for n in tensor_args:
         g.freeze(feats.get(n), f"{what} is an op n2n cannot see through; make it a leaf module or "
                                "use plain tensor ops")
+    return None
+
+
+def _functional_norm(g: SpaceGraph, node: fx.Node, feat: Feat | None, shape, feats, what) -> Feat | None:
+    """``F.layer_norm(x, normalized_shape, weight, bias)`` / ``F.group_norm(x, num_groups, weight, bias)``
+    seen in the trace: like the modules, and the weight and bias (parameters read in forward) hold
+    the same features. A size written into the call as a constant cannot follow a wider axis."""
+    layer = node.target is F.layer_norm
+    names = ("input", "normalized_shape" if layer else "num_groups", "weight", "bias")
+    a = dict(zip(names, node.args))
+    a.update({k: v for k, v in node.kwargs.items() if k in names})
+    w, b = a.get("weight"), a.get("bias")
+    params = [p for p in (w, b) if isinstance(p, fx.Node)]
+    if feat is None or shape is None:
+        for p in params:
+            g.freeze(feats.get(p), f"its features are the weight of {what}, which reads features n2n does not track")
+        return None
+    nd = len(shape)
+
+    def refuse(why: str) -> None:
+        g.freeze(feat, why)
+        for p in params:
+            g.freeze(feats.get(p), why)
+
+    if layer:
+        ns = a.get("normalized_shape")
+        if isinstance(ns, fx.Node):
+            k = len(_shape(w)) if isinstance(w, fx.Node) and _shape(w) else _shape_slice_len(ns, nd)
+            entries = None
+        else:
+            entries = list(ns) if isinstance(ns, (list, tuple)) else [ns]
+            k = len(entries)
+        if k is None:
+            refuse(f"{what} is given a normalized_shape n2n cannot read; pass x.shape[-1:] or a tuple")
+            return None
+        if feat.dim < nd - k:
+            return feat  # normalised over other axes: each feature on its own
+        at = feat.dim - (nd - k)
+        if entries is not None and not isinstance(entries[at], fx.Node):
+            refuse(f"{what} is given the constant normalized_shape {tuple(entries)}: after widening it would still "
+                   f"normalise over {entries[at]} features; pass a shape read from the tensor (x.shape[-1:]) or "
+                   "the weight (weight.shape)")
+            return None
+        if params and at != k - 1:
+            refuse(f"{what} normalises features that are not the last axis of its weight")
+            return None
+        why = (f"{what} normalises over these features: its mean and variance stay the same only when every "
+               "feature is copied the same number of times (an integer factor)")
+        spread = False
+    else:
+        if isinstance(a.get("num_groups"), fx.Node):
+            refuse(f"{what} computes num_groups in forward: n2n keeps the groups by repeating each channel in "
+                   "place, which needs num_groups to stay; pass a constant")
+            return None
+        if feat.dim != 1 or any(s.block != 1 for s in feat.segs):
+            refuse(f"{what} normalises groups of an axis n2n does not track as channels")
+            return None
+        why = (f"{what} normalises {a.get('num_groups')} groups of channels: with num_groups kept, each group stays "
+               "the same only when every channel is repeated the same number of times in place (an integer factor)")
+        spread = True
+    for p in params:
+        pf = feats.get(p)
+        if pf is None or not _align(g, Feat(pf.dim, feat.segs), pf,
+                                    f"{what} reads a weight or bias that does not hold its input's features"):
+            refuse(f"{what} reads a weight or bias that is not a parameter of its input's width")
+            return None
+    _statistics(g, feat, why, spread=spread)
+    return feat
+
+
+def _shape_slice_len(node: fx.Node, nd: int) -> int | None:
+    """``x.shape[a:]`` (or ``x.size()[a:]``) traced: how many trailing axes it names."""
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], slice) \
+            and node.args[1].stop is None and node.args[1].step is None and isinstance(node.args[1].start, int):
+        src = node.args[0]
+        if isinstance(src, fx.Node) and (src.op == "call_function" and src.target is getattr and src.args[1] == "shape"
+                                         or src.op == "call_method" and src.target == "size" and len(src.args) == 1):
+            return nd - node.args[1].start % nd
     return None

@@ -39,7 +39,9 @@ def _set_sizes(mod: nn.Module) -> None:
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
         mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-        mod.normalized_shape = (mod.weight.shape[0],)
+        mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.GroupNorm) and mod.weight is not None:
+        mod.num_channels = mod.weight.shape[0]  # num_groups is kept: each channel is repeated in place
 
 
 def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
@@ -196,7 +198,8 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
         producers = list(dict.fromkeys(p for sp in pieces for p in sp.producers))
         raise StepError(f"'{step.layer}' cannot be widened exactly: {frozen.frozen[0]}",
                         hint=("Coupled with: " + ", ".join(producers) + ". " if len(producers) > 1 else "")
-                        + "Widen a hidden layer whose output is read by other convs/linears.",
+                        + ("Widen a hidden layer whose output is read by other convs/linears."
+                           if "network output" in frozen.frozen[0] else ""),
                         short=frozen.frozen[0])
     if len({sp.id for sp in pieces}) < len(pieces):
         raise StepError(f"'{step.layer}' cannot be widened: its output is added to a concatenation that holds the "
@@ -224,7 +227,7 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
         if why and piece_new % space.width:
             raise StepError(f"to: {new} is not an integer multiple of the current width {old} of '{step.layer}': "
                             f"{why[0]}", hint=f"Use a multiple of {old} (e.g. factor: 2, to: {2 * old}).",
-                            short="integer multiples only: LayerNorm" if space.tile_only else "integer multiples only")
+                            short="integer multiples only: norm statistics" if space.tile_only else "integer multiples only")
         r = piece_new // space.width
         kind = "spread" if any(sp.spread_only for sp in tied) else "tile"  # spread: GroupNorm keeps num_groups
         mappings[space.id] = Mapping(kind, space.width, piece_new) if why else \
@@ -266,6 +269,10 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
     tied = [n for n, h in g.heads.items() if any(g.find(h) == sp.id for sp in group[1:])]
     if tied:
         summary += f"; heads tiled x{r} (head_dim kept) in {', '.join(tied)}"
+    along = [p for sp in group if sp.id not in {q.id for q in pieces} for p in sp.producers
+             if p != step.layer and p not in coupled and not any(p.startswith(n + ".") for n in tied)]
+    if along:
+        summary += f"; x{r} with it (normalised together): {', '.join(dict.fromkeys(along))}"
     plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before, plan.params_after))
 
 
