@@ -158,3 +158,19 @@ class ComputedGroups(nn.Module):
     def forward(self, x):
         h = self.conv(x)
         return self.fc(F.group_norm(h, h.shape[1] // 4).mean((2, 3)))
+
+
+class NormedPlusConcat(nn.Module):
+    """A LayerNorm'd linear added to a concatenation of two linears: the normalised space is split
+    into one region per tower, and both must grow by the same factor."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(6, 9)
+        self.ln = nn.LayerNorm(9)
+        self.p = nn.Linear(6, 4)
+        self.q = nn.Linear(6, 5)
+        self.head = nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.head(F.gelu(self.ln(self.lin(x)) + torch.cat([self.p(x), self.q(x)], -1)))

@@ -93,6 +93,17 @@ def test_layernorm_over_a_concatenation_grows_every_tower_by_one_factor(tmp_path
     assert _rel(teacher, student, [1, 6]) <= 1e-5
 
 
+def test_a_normalised_value_added_to_a_concatenation_grows_all_its_regions(tmp_path):
+    teacher, path = _teacher(tmp_path, "NormedPlusConcat")
+    report = api.grow(api.spec_from_steps([{"widen": {"layer": "p", "factor": 2}}]), path,
+                      tmp_path / "s.safetensors", model_code=f"{CODE}:NormedPlusConcat", example_input=[1, 6],
+                      probes=4)
+    assert "coupled: lin; x2 with it (normalised together): q" in report["plan"]["steps"][0]["summary"]
+    student = n2n_cli.load_grown(N.NormedPlusConcat(), tmp_path / "s.safetensors")
+    assert (student.p.out_features, student.q.out_features, student.ln.normalized_shape) == (8, 10, (18,))
+    assert _rel(teacher, student, [1, 6]) <= 1e-5
+
+
 def test_layernorm_over_channels_and_space_resizes_its_normalized_shape(tmp_path):
     teacher, path = _teacher(tmp_path, "ChannelsFirstLN")
     api.grow(api.spec_from_steps([{"widen": {"layer": "conv", "factor": 2}}]), path, tmp_path / "s.safetensors",
