@@ -208,9 +208,10 @@ class AttentionParts:
 
 
 def attention_parts(mod: nn.Module) -> AttentionParts | None:
-    if isinstance(mod, nn.MultiheadAttention):
-        if not mod._qkv_same_embed_dim or mod.bias_k is not None or mod.add_zero_attn or mod.in_proj_weight is None:
-            return None
+    if isinstance(mod, nn.MultiheadAttention):  # add_bias_kv: bias_k/bias_v (1, 1, E) follow the heads
+        if not mod._qkv_same_embed_dim:  # kdim/vdim: q, k and v have their own weights (E x E, E x kdim, E x vdim)
+            return AttentionParts("mha", ("q_proj_weight", "k_proj_weight", "v_proj_weight"), "out_proj",
+                                  mod.num_heads, mod.head_dim)
         return AttentionParts("mha", ("",), "out_proj", mod.num_heads, mod.head_dim)
     heads = getattr(mod, "num_heads", None)
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
@@ -351,6 +352,8 @@ def _attention(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None
     """A known attention leaf: reads the stream (q, k, v projections), has a heads space
     (units: heads, blocks of head_dim) and writes a new space (the output projection)."""
     parts = attention_parts(mod)
+    if parts.kind == "mha":
+        return _mha(g, node, mod, name, parts, feats, record, what)
     tensors = [n for n in _nodes(node.args) + _nodes(node.kwargs) if _shape(n) is not None or n in feats]
     ins = [a for a in node.args if isinstance(a, fx.Node)] + [v for v in node.kwargs.values() if isinstance(v, fx.Node)]
     self_attention = len(set(ins)) == 1
@@ -365,32 +368,6 @@ def _attention(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None
     heads = g.new(parts.heads)
     g.heads[name] = heads
     hd = parts.head_dim
-    if parts.kind == "mha":
-        if feat is not None:
-            record(f"{name}.in_proj_weight", 1, "in", feat, name)
-        sp = g.space(heads)
-        sp.uses.append(Use(f"{name}.in_proj_weight", 0, "out", hd, segments=3))
-        if mod.in_proj_bias is not None:
-            sp.uses.append(Use(f"{name}.in_proj_bias", 0, "out", hd, segments=3))
-        sp.uses.append(Use(f"{name}.out_proj.weight", 1, "in", hd))
-        sp.followers.append(name)
-        out = Feat(len(in_shape) - 1, (Seg(g.new(mod.out_proj.out_features, producer=f"{name}.out_proj")),))
-        record(f"{name}.out_proj.weight", 0, "out", out, f"{name}.out_proj")
-        if mod.out_proj.bias is not None:
-            record(f"{name}.out_proj.bias", 0, "out", out, f"{name}.out_proj")
-        g.module_out[f"{name}.out_proj"] = out.segs[0].space
-        g.producer_modules[f"{name}.out_proj"] = "Linear"
-        # embed_dim is the stream read, the heads x head_dim and the output: they grow together
-        for s in ([feat.segs[0].space] if feat is not None else []) + [out.segs[0].space]:
-            g.space(s).ties.append(heads)
-            sp.ties.append(s)
-        if feat is None:
-            sp.frozen.append(f"{what} reads features n2n does not track")
-            g.freeze(out, f"{what} reads features n2n does not track, and its embed_dim is its output's width")
-        g.heads_refusal[name] = (f"nn.MultiheadAttention '{name}' has heads x head_dim = embed_dim, the width of the "
-                                 "stream it reads and writes, so heads cannot be added alone")
-        g.tuple_outs[node] = out
-        return None
     ndim = len(in_shape)
     sp = g.space(heads)
     for q in parts.qkv:
@@ -412,6 +389,86 @@ def _attention(g: SpaceGraph, node, mod: nn.Module, name: str, feat: Feat | None
     g.module_out[f"{name}.{parts.proj}"] = out.segs[0].space
     g.producer_modules[f"{name}.{parts.proj}"] = "Linear"
     return out
+
+
+def _mha(g: SpaceGraph, node, mod: nn.MultiheadAttention, name: str, parts: AttentionParts, feats, record,
+         what) -> None:
+    """nn.MultiheadAttention(query, key, value): its heads x head_dim is its embed_dim, the width of
+    the query stream and of its output, so the three grow together (heads tiled, head_dim kept).
+    Packed (in_proj_weight q|k|v reads one width): key and value are the query's features
+    (self-attention, or cross-attention on a memory of the same features: the spaces are one).
+    With kdim/vdim (q_proj_weight, k_proj_weight, v_proj_weight): key and value are read like a
+    linear reads its input, so their widths grow freely."""
+    names = ("query", "key", "value")
+    a = dict(zip(names, node.args))
+    a.update({k: v for k, v in node.kwargs.items() if k in names})
+    q, k, v = (a.get(n) for n in names)
+    qkv = [n for n in (q, k, v) if isinstance(n, fx.Node)]
+    for n in _nodes(node.args) + _nodes(node.kwargs):  # masks: no features to follow
+        if n not in qkv:
+            g.freeze(feats.get(n), f"it is a mask of {what}")
+    in_shape = _shape(q)
+    fq, fk, fv = (feats.get(n) if isinstance(n, fx.Node) else None for n in (q, k, v))
+    packed = parts.qkv == ("",)
+    why = None
+    last = (lambda f, n: f is not None and _shape(n) is not None and f.dim == len(_shape(n)) - 1)
+    if len(qkv) != 3 or in_shape is None:
+        why = f"{what} is not called as (query, key, value) on tensors"
+    elif not last(fq, q) or len(fq.segs) != 1:
+        why = f"{what} reads query features n2n does not track on its last axis"
+    elif packed and not (all(last(f, n) for f, n in ((fk, k), (fv, v))) and
+                         all(_align(g, fq, f, f"{what} reads key/value features that are not its query's")
+                             for f in dict.fromkeys((fk, fv)) if f is not fq)):
+        why = (f"{what} reads key/value features that are not its query's: its packed in_proj_weight reads one "
+               "width (nn.MultiheadAttention with kdim/vdim keeps them apart)")
+    if why is None and len(feats.get(q).segs) != 1:  # the query was split to match a concatenated key/value
+        why = (f"{what} reads keys/values that concatenate several widths, so its query stream (embed_dim) is no "
+               "longer one width that its heads can tile")
+    feat = None
+    if why is not None:
+        for f in (fq, fk, fv):
+            g.freeze(f, why)
+    else:
+        feat = feats.get(q)
+    heads = g.new(parts.heads)
+    g.heads[name] = heads
+    hd = parts.head_dim
+    sp = g.space(heads)
+    if packed:
+        if feat is not None:
+            record(f"{name}.in_proj_weight", 1, "in", feat, name)
+        sp.uses.append(Use(f"{name}.in_proj_weight", 0, "out", hd, segments=3))
+    else:
+        for w, f, n in zip(parts.qkv, (feat, fk, fv), (q, k, v)):
+            if why is None and f is not None and last(f, n):
+                record(f"{name}.{w}", 1, "in", f, name)
+            elif why is None:
+                g.freeze(f, f"{what} reads {w[0]} features n2n does not track on its last axis")
+            sp.uses.append(Use(f"{name}.{w}", 0, "out", hd))
+    if mod.in_proj_bias is not None:
+        sp.uses.append(Use(f"{name}.in_proj_bias", 0, "out", hd, segments=3))
+    for b in ("bias_k", "bias_v"):
+        if getattr(mod, b) is not None:
+            sp.uses.append(Use(f"{name}.{b}", 2, "out", hd))
+    sp.uses.append(Use(f"{name}.out_proj.weight", 1, "in", hd))
+    sp.followers.append(name)
+    out = Feat(len(in_shape) - 1 if in_shape else 0, (Seg(g.new(mod.out_proj.out_features, producer=f"{name}.out_proj")),))
+    record(f"{name}.out_proj.weight", 0, "out", out, f"{name}.out_proj")
+    if mod.out_proj.bias is not None:
+        record(f"{name}.out_proj.bias", 0, "out", out, f"{name}.out_proj")
+    g.module_out[f"{name}.out_proj"] = out.segs[0].space
+    g.producer_modules[f"{name}.out_proj"] = "Linear"
+    # embed_dim is the query stream read, the heads x head_dim and the output: they grow together
+    for s in ([feat.segs[0].space] if feat is not None else []) + [out.segs[0].space]:
+        g.space(s).ties.append(heads)
+        sp.ties.append(s)
+    if feat is None:
+        sp.frozen.append(why)
+        g.freeze(out, f"{why}, and its embed_dim is its output's width")
+    g.heads_refusal[name] = (f"nn.MultiheadAttention '{name}' has heads x head_dim = embed_dim, the width of the "
+                             "query stream it reads and of its output, so heads cannot be added alone")
+    g.tuple_outs[node] = out
+    return None
 
 
 def _describe(node: fx.Node, modules) -> str:

@@ -70,10 +70,14 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
         _set_sizes(mod)
     for name, parts in attention.items():  # heads follow the resized projections, head_dim stays
         mod = modules[name]
-        if parts.kind == "mha":
+        if parts.kind == "mha" and mod._qkv_same_embed_dim:
             e = mod.in_proj_weight.shape[1]
             mod.embed_dim = mod.kdim = mod.vdim = e
             mod.num_heads = e // parts.head_dim
+        elif parts.kind == "mha":  # kdim/vdim: q, k, v weights of their own
+            mod.embed_dim, mod.kdim, mod.vdim = (mod.q_proj_weight.shape[1], mod.k_proj_weight.shape[1],
+                                                 mod.v_proj_weight.shape[1])
+            mod.num_heads = mod.q_proj_weight.shape[0] // parts.head_dim
         else:
             mod.num_heads = getattr(mod, parts.proj).in_features // parts.head_dim
     return model
