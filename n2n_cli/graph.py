@@ -6,8 +6,13 @@ A space is born at each conv/linear output (its out-channels / out-features). Pe
 spaces of its operands (union-find); a concat on the feature axis makes a value whose feature
 axis is a list of segments (a space each, at an offset); flatten/view over (C, H, W) gives
 channel-major blocks of H*W features. Each conv/linear reading a value is a reader of its
-spaces (the ``in`` role: copies divided by the copy count). Anything the tracer cannot see
-through freezes the spaces it touches, with the reason, so a widen there is refused.
+spaces (the ``in`` role: copies divided by the copy count). An add whose operands are segmented
+differently (a conv's output plus a concatenation) refines the spaces into common pieces, so
+each region of the conv follows its tower. Norms that compute statistics over the widened axis
+(LayerNorm, GroupNorm, their functional forms) allow only an integer factor, every segment by the
+same one (``ties``); GroupNorm keeps num_groups, so each channel is repeated in place ("spread").
+Anything the tracer cannot see through freezes the spaces it touches, with the reason, so a widen
+there is refused.
 """
 
 from __future__ import annotations
