@@ -45,8 +45,10 @@ NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d)
 CARRY_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.gelu, F.silu, torch.sigmoid, torch.tanh, F.sigmoid, F.tanh,
                    F.hardtanh, F.leaky_relu, F.elu, F.hardswish, F.mish, F.dropout, F.max_pool2d, F.avg_pool2d,
                    F.max_pool1d, F.avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.adaptive_avg_pool1d,
-                   F.interpolate, torch.clone, torch.abs}
-CARRY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "abs", "to", "expand"}
+                   F.interpolate, torch.clone, torch.abs, torch.sqrt, torch.rsqrt, torch.pow, operator.pow,
+                   torch.exp, operator.neg, torch.neg, torch.square}
+CARRY_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous", "clone", "float", "detach", "abs", "to", "expand",
+                 "pow", "sqrt", "rsqrt", "exp", "neg", "square", "type_as"}
 BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                     operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
@@ -479,10 +481,12 @@ def _mha(g: SpaceGraph, node, mod: nn.MultiheadAttention, name: str, parts: Atte
 def _describe(node: fx.Node, modules) -> str:
     if node.op == "call_module":
         return f"module '{node.target}' ({type(modules[node.target]).__name__})"
+    stack = node.meta.get("nn_module_stack") or {}
+    inside = f" in module '{next(reversed(stack))}' ({stack[next(reversed(stack))][1].__name__})" if stack else ""
     if node.op == "call_method":
-        return f".{node.target}() (node '{node.name}')"
+        return f".{node.target}() (node '{node.name}'{inside})"
     name = getattr(node.target, "__name__", str(node.target))
-    return f"{name}() (node '{node.name}')"
+    return f"{name}() (node '{node.name}'{inside})"
 
 
 def _align(g: SpaceGraph, a: Feat | None, b: Feat | None, why: str) -> bool:
@@ -673,6 +677,16 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
         if len(ops) == 2:
             a, b = feats.get(ops[0]), feats.get(ops[1])
             sa, sb = _shape(ops[0]), _shape(ops[1])
+            if a is not None and b is not None and len(sa) != len(sb) and a.dim - len(sa) == b.dim - len(sb):
+                # broadcast over leading axes (w[:, None, None] * x, x * weight): same features, counted from the end
+                nd = max(len(sa), len(sb))
+                at = a.dim - len(sa)
+                why = f"{what} combines it with features n2n does not track"
+                if sa[at] == sb[at] and _align(g, Feat(nd + at, a.segs), Feat(nd + at, b.segs), why):
+                    return g.resolve(Feat(nd + at, a.segs))
+                g.freeze(a, why)
+                g.freeze(b, why)
+                return None
             if a is not None and b is not None and len(sa) == len(sb) and a.dim == b.dim and \
                     (sa[a.dim] == 1) != (sb[b.dim] == 1):  # one side broadcasts over the features
                 return a if sb[b.dim] == 1 else b
@@ -734,8 +748,14 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
             g.freeze(first, f"{what} reduces over every axis, the features too")
             return None
         dims = _dims(dims, len(in_shape))
+        if first.dim in dims and (t in ("amax", torch.amax)):
+            return None  # a maximum over copies is the maximum: no constraint, and no features left
+        if first.dim in dims and (t in ("mean", torch.mean)):  # a statistic (hand-written LayerNorm, RMSNorm)
+            _statistics(g, first, f"{what} averages over these features: the mean stays the same only when every "
+                                  "feature is copied the same number of times (an integer factor)")
+            return None
         if first.dim in dims:
-            g.freeze(first, f"{what} reduces over the features (a sum or mean over channels changes with copies)")
+            g.freeze(first, f"{what} sums over the features (a sum over channels changes with copies)")
             return None
         return Feat(first.dim - (0 if keep else sum(1 for x in dims if x < first.dim)), first.segs)
     if is_fn and t in (F.layer_norm, F.group_norm):
@@ -744,10 +764,13 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
         return g.tuple_outs[args[0]] if args[1] == 0 else None
     if is_fn and t is operator.getitem and first is not None:
         idx = args[1] if isinstance(args[1], tuple) else (args[1],)
-        if Ellipsis not in idx and all(isinstance(i, (int, slice)) for i in idx):
-            at = idx[first.dim] if first.dim < len(idx) else slice(None)
-            if at == slice(None):
-                return Feat(first.dim - sum(1 for i in idx[:first.dim] if isinstance(i, int)), first.segs)
+        if Ellipsis not in idx and all(i is None or isinstance(i, (int, slice)) for i in idx):
+            used = [k for k, i in enumerate(idx) if i is not None]  # entries that consume an input axis
+            k = used[first.dim] if first.dim < len(used) else len(idx)
+            at = idx[k] if k < len(idx) else slice(None)
+            if at == slice(None):  # None adds an output axis, an int removes one
+                out = sum(1 for i in idx[:k] if not isinstance(i, int)) + max(0, first.dim - len(used))
+                return Feat(out, first.segs)
     for n in tensor_args:
         g.freeze(feats.get(n), f"{what} is an op n2n cannot see through; make it a leaf module or "
                                "use plain tensor ops")

@@ -174,3 +174,61 @@ class NormedPlusConcat(nn.Module):
 
     def forward(self, x):
         return self.head(F.gelu(self.ln(self.lin(x)) + torch.cat([self.p(x), self.q(x)], -1)))
+
+
+class LayerNorm2d(nn.Module):
+    """ConvNeXt's channels-first LayerNorm, written out: mean and variance over the channels."""
+
+    def __init__(self, c, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(c))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.eps = eps
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's RMSNorm, written out."""
+
+    def __init__(self, d, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class HandWrittenNorms(nn.Module):
+    """Norms written with tensor ops in the user's forward: a channels-first LayerNorm2d in a CNN and
+    an RMSNorm in the MLP head (a mean over the features is kept by copying every feature equally)."""
+
+    def __init__(self, width=6, hidden=10, classes=3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.norm = LayerNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 8, 1)
+        self.fc = nn.Linear(8, hidden)
+        self.rms = RMSNorm(hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        h = self.conv2(F.gelu(self.norm(self.conv(x))))
+        return self.head(F.silu(self.rms(self.fc(h.amax((2, 3))))))
+
+
+class ChannelSum(nn.Module):
+    """A sum over the channels: it changes with every copy, so the channels it sums cannot grow."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(36, 2)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).sum(1).flatten(1))

@@ -1,7 +1,8 @@
 """Norms over a widened axis in models built by the user's code: GroupNorm (num_groups kept, each
 channel repeated in place), LayerNorm over a widened feature axis (tiled: the statistics of [x, x]
-are those of x) in MLPs and CNNs, over a concatenation (every tower by the same factor), and the
-functional F.layer_norm / F.group_norm; refusals where exactness is impossible."""
+are those of x) in MLPs and CNNs, over a concatenation (every tower by the same factor), the
+functional F.layer_norm / F.group_norm, and norms written with tensor ops (a mean over the
+features); refusals where exactness is impossible."""
 
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ CASES = [
      [{"widen": {"layer": m, "factor": 2}} for m in ("stem", "conv")] + [{"widen": {"layer": "conv2", "to": 7}}]),
     ("FunctionalNorms", "F.group_norm (constant num_groups), F.layer_norm (x.shape[-1:], with and without weight)",
      [1, 3, 6, 6], [{"widen": {"layer": m, "factor": f}} for m, f in (("conv", 2), ("fc1", 3), ("fc2", 2))]),
+    ("HandWrittenNorms", "written with tensor ops: ConvNeXt's LayerNorm2d (w[:, None, None] * x), RMSNorm",
+     [1, 3, 6, 6], [{"widen": {"layer": "conv", "factor": 2}}, {"widen": {"layer": "fc", "factor": 3}},
+                    {"widen": {"layer": "conv2", "to": 11}}]),
 ]
 
 
@@ -131,6 +135,13 @@ REFUSALS = [
      "to: 13 is not an integer multiple of the current width 12 of 'fc1': module 'ln1' (LayerNorm) normalises over "
      "these features: its mean and variance stay the same only when every feature is copied the same number of "
      "times"),
+    ("HandWrittenNorms", ["--layer", "conv", "--to", "7"], [1, 3, 6, 6],
+     "to: 7 is not an integer multiple of the current width 6 of 'conv': .mean() (node 'mean' in module 'norm' "
+     "(LayerNorm2d)) averages over these features"),
+    ("HandWrittenNorms", ["--layer", "fc", "--to", "13"], [1, 3, 6, 6],
+     ".mean() (node 'mean_2' in module 'rms' (RMSNorm)) averages over these features"),
+    ("ChannelSum", ["--layer", "conv", "--factor", "2"], [1, 3, 6, 6],
+     "'conv' cannot be widened exactly: .sum() (node 'sum_1') sums over the features"),
     ("FunctionalNorms", ["--layer", "fc2", "--to", "15"], [1, 3, 6, 6],
      "layer_norm() (node 'layer_norm_1') normalises over these features"),
 ]
