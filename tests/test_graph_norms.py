@@ -155,3 +155,24 @@ def test_norm_refusals_name_the_module_and_why(tmp_path, cli, name, args, shape,
     assert r.exit_code == 2, r.output
     assert message in " ".join(r.output.split()), r.output
     assert not out.exists()
+
+
+def test_optimizer_moments_follow_a_groupnorm_widening_exactly(tmp_path):
+    """GroupNorm's in-place repetition ("spread") is an exact copy like tiling: the mapped Adam
+    moments are the grown module's own, and nothing is reported approximate."""
+    from test_optim_state import _ce, accumulate, compare_states
+
+    teacher, path = _teacher(tmp_path, "GNNet")
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(4, 3, 6, 6, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(3)]
+    torch.save(accumulate(teacher, batches, _ce), tmp_path / "opt.pt")
+    report = api.grow(api.spec_from_steps([{"widen": {"layer": "stem", "factor": 2}},
+                                           {"widen": {"layer": "a", "factor": 2}}]), path, tmp_path / "s.safetensors",
+                      model_code=f"{CODE}:GNNet", example_input=[1, 3, 6, 6], optimizer_state=tmp_path / "opt.pt",
+                      optimizer_state_out=tmp_path / "opt-grown.pt")
+    assert "approximate" not in report["optimizer_state"]
+    student = n2n_cli.load_grown(N.GNNet(), tmp_path / "s.safetensors").eval()
+    names = [n for n, _ in student.named_parameters()]
+    mapped = torch.load(tmp_path / "opt-grown.pt", weights_only=True)
+    # d.bias feeds a per-channel GroupNorm: its gradient is zero up to rounding on both sides
+    assert compare_states(mapped, accumulate(student, batches, _ce), names, skip={"d.bias"}) < 5e-5
