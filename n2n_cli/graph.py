@@ -475,7 +475,6 @@ def _mha(g: SpaceGraph, node, mod: nn.MultiheadAttention, name: str, parts: Atte
     g.heads_refusal[name] = (f"nn.MultiheadAttention '{name}' has heads x head_dim = embed_dim, the width of the "
                              "query stream it reads and of its output, so heads cannot be added alone")
     g.tuple_outs[node] = out
-    return None
 
 
 def _describe(node: fx.Node, modules) -> str:

@@ -66,11 +66,11 @@ def test_multihead_attention_growth_is_exact(tmp_path, name, what, steps, check)
 
 REFUSALS = [
     ("KVDimNet", ["--layer", "attn", "--to", "3"],
-     "nn.MultiheadAttention 'attn' has heads x head_dim = embed_dim, the width of the query stream it reads and of "
-     "its output, so heads cannot be added alone"),
+     ("nn.MultiheadAttention 'attn' has heads x head_dim = embed_dim, the width of the query stream it reads and of "
+      "its output, so heads cannot be added alone")),
     ("MemoryConcat", ["--layer", "a", "--factor", "2"],
-     "'a' cannot be widened exactly: module 'attn' (MultiheadAttention) reads keys/values that concatenate several "
-     "widths"),
+     ("'a' cannot be widened exactly: module 'attn' (MultiheadAttention) reads keys/values that concatenate several "
+      "widths")),
     ("MemoryConcat", ["--layer", "p", "--factor", "2"], "module 'attn' (MultiheadAttention) reads keys/values"),
     ("CrossAttnNet", ["--layer", "ctx", "--to", "20"],
      "to: 20 is not an integer multiple of the current width 16 of 'ctx'"),

@@ -40,8 +40,8 @@ def _rel(teacher, student, shape):
 
 
 CASES = [
-    ("GNNet", "GroupNorm: stem and residual block (num_groups 4 and 2), towers normalised together, affine=False, "
-              "per-channel and one group", [1, 3, 6, 6],
+    ("GNNet", ("GroupNorm: stem and residual block (num_groups 4 and 2), towers normalised together, "
+               "affine=False, per-channel and one group"), [1, 3, 6, 6],
      [{"widen": {"layer": m, "factor": 2}} for m in ("stem", "block.conv1", "a", "c", "d", "e")]
      + [{"widen": {"layer": "b", "to": 36}}]),
     ("LNMLP", "LayerNorm after a linear, over a concatenation, pre-norm residual", [1, 6],
@@ -119,25 +119,25 @@ def test_layernorm_over_channels_and_space_resizes_its_normalized_shape(tmp_path
 
 REFUSALS = [
     ("ConstantLN", ["--layer", "fc1", "--factor", "2"], [1, 4],
-     "'fc1' cannot be widened exactly: layer_norm() (node 'layer_norm') is given the constant normalized_shape "
-     "(8,): after widening it would still normalise over 8 features; pass a shape read from the tensor"),
+     ("'fc1' cannot be widened exactly: layer_norm() (node 'layer_norm') is given the constant normalized_shape "
+      "(8,): after widening it would still normalise over 8 features; pass a shape read from the tensor")),
     ("PlainLN", ["--layer", "fc1", "--factor", "2"], [1, 4],
-     "module 'ln' (LayerNorm) normalises over these features but has no weight: its normalized_shape (8,) is not "
-     "a tensor n2n can resize (elementwise_affine=False)"),
+     ("module 'ln' (LayerNorm) normalises over these features but has no weight: its normalized_shape (8,) is not "
+      "a tensor n2n can resize (elementwise_affine=False)")),
     ("ComputedGroups", ["--layer", "conv", "--factor", "2"], [1, 3, 4, 4],
      "group_norm() (node 'group_norm') computes num_groups in forward"),
     ("GNNet", ["--layer", "a", "--to", "6"], [1, 3, 6, 6],
-     "to: 6 is not an integer multiple of the current width 4 of 'a': module 'gn_cat' (GroupNorm) normalises "
-     "5 groups of channels: with num_groups kept"),
+     ("to: 6 is not an integer multiple of the current width 4 of 'a': module 'gn_cat' (GroupNorm) normalises "
+      "5 groups of channels: with num_groups kept")),
     ("GNNet", ["--layer", "stem", "--to", "12"], [1, 3, 6, 6],
      "module 'gn0' (GroupNorm) normalises 4 groups of channels"),
     ("LNMLP", ["--layer", "fc1", "--to", "13"], [1, 6],
-     "to: 13 is not an integer multiple of the current width 12 of 'fc1': module 'ln1' (LayerNorm) normalises over "
-     "these features: its mean and variance stay the same only when every feature is copied the same number of "
-     "times"),
+     ("to: 13 is not an integer multiple of the current width 12 of 'fc1': module 'ln1' (LayerNorm) normalises over "
+      "these features: its mean and variance stay the same only when every feature is copied the same number of "
+      "times")),
     ("HandWrittenNorms", ["--layer", "conv", "--to", "7"], [1, 3, 6, 6],
-     "to: 7 is not an integer multiple of the current width 6 of 'conv': .mean() (node 'mean' in module 'norm' "
-     "(LayerNorm2d)) averages over these features"),
+     ("to: 7 is not an integer multiple of the current width 6 of 'conv': .mean() (node 'mean' in module 'norm' "
+      "(LayerNorm2d)) averages over these features")),
     ("HandWrittenNorms", ["--layer", "fc", "--to", "13"], [1, 3, 6, 6],
      ".mean() (node 'mean_2' in module 'rms' (RMSNorm)) averages over these features"),
     ("ChannelSum", ["--layer", "conv", "--factor", "2"], [1, 3, 6, 6],

@@ -93,7 +93,7 @@ def _widths(model):
             for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
 
 
-@settings(max_examples=int(os.environ.get('N2N_GRAPH_EXAMPLES', 25)), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=int(os.environ.get("N2N_GRAPH_EXAMPLES", "25")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_random_graphs_grow_exactly(data):
     args = data.draw(graphs())
