@@ -668,7 +668,7 @@ def _function(g: SpaceGraph, node: fx.Node, first: Feat | None, shape, feats, wh
         return None  # a size or a dtype, not features
     is_fn, is_m = node.op == "call_function", node.op == "call_method"
     if (is_fn and t in CARRY_FUNCTIONS) or (is_m and t in CARRY_METHODS):
-        for n in tensor_args[1:]:
+        for n in tensor_args[1:] if not (is_m and t in ("type_as", "to")) else []:  # x.type_as(y): y's dtype only
             g.freeze(feats.get(n), f"its output is an extra operand of {what}")
         return first
     if (is_fn and t in BINARY_FUNCTIONS) or (is_m and t in BINARY_METHODS):

@@ -193,15 +193,18 @@ class LayerNorm2d(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """LLaMA's RMSNorm, written out."""
+    """LLaMA's RMSNorm, as its reference code writes it (computed in float32, cast back with type_as)."""
 
     def __init__(self, d, eps=1e-6):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(d))
         self.eps = eps
 
+    def _norm(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return self._norm(x.float()).type_as(x) * self.weight
 
 
 class HandWrittenNorms(nn.Module):
