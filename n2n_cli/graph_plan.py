@@ -40,7 +40,9 @@ def _set_sizes(mod: nn.Module) -> None:
     elif isinstance(mod, nn.modules.batchnorm._BatchNorm):
         mod.num_features = mod.running_mean.shape[0] if mod.running_mean is not None else mod.weight.shape[0]
     elif isinstance(mod, nn.LayerNorm) and mod.weight is not None:
-        mod.normalized_shape = (mod.weight.shape[0],)
+        mod.normalized_shape = tuple(mod.weight.shape)
+    elif isinstance(mod, nn.GroupNorm) and mod.weight is not None:
+        mod.num_channels = mod.weight.shape[0]  # num_groups is kept: each channel is repeated in place
 
 
 def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Module:
@@ -69,10 +71,14 @@ def resize_module(model: nn.Module, shapes: dict[str, tuple[int, ...]]) -> nn.Mo
         _set_sizes(mod)
     for name, parts in attention.items():  # heads follow the resized projections, head_dim stays
         mod = modules[name]
-        if parts.kind == "mha":
+        if parts.kind == "mha" and mod._qkv_same_embed_dim:
             e = mod.in_proj_weight.shape[1]
             mod.embed_dim = mod.kdim = mod.vdim = e
             mod.num_heads = e // parts.head_dim
+        elif parts.kind == "mha":  # kdim/vdim: q, k, v weights of their own
+            mod.embed_dim, mod.kdim, mod.vdim = (mod.q_proj_weight.shape[1], mod.k_proj_weight.shape[1],
+                                                 mod.v_proj_weight.shape[1])
+            mod.num_heads = mod.q_proj_weight.shape[0] // parts.head_dim
         else:
             mod.num_heads = getattr(mod, parts.proj).in_features // parts.head_dim
     return model
@@ -111,8 +117,8 @@ def widenable(g: SpaceGraph) -> dict[str, str]:
     """Each conv/linear: 'yes', or 'no: why' (the first reason its output space is frozen)."""
     out = {}
     for name in g.module_out:
-        sp = g.space(g.module_out[name])
-        out[name] = "yes" if not sp.frozen else f"no: {sp.frozen[0]}"
+        why = next((g.spaces[p].frozen[0] for p in g.pieces(g.module_out[name]) if g.spaces[p].frozen), None)
+        out[name] = "yes" if why is None else f"no: {why}"
     return out
 
 
@@ -123,7 +129,7 @@ def find_module_space(g: SpaceGraph, model: nn.Module, name: str, field_name: st
                             hint="Widen the stream it reads by an integer factor (layer: any module writing it, "
                                  "e.g. the patch embedding, factor: 2): its heads are tiled with it, head_dim kept.",
                             short="nn.MultiheadAttention heads follow embed_dim")
-        return g.space(g.heads[name])
+        return [g.space(g.heads[name])]
     if name not in g.module_out:
         names = dict(model.named_modules())
         producers = sorted(g.module_out)
@@ -135,7 +141,17 @@ def find_module_space(g: SpaceGraph, model: nn.Module, name: str, field_name: st
         raise StepError(f"{field_name}: the model has no module '{name}'",
                         hint=(f"Did you mean: {', '.join(close)}?" if close else
                               f"Conv/linear modules: {', '.join(producers)}."))
-    return g.space(g.module_out[name])
+    return [g.spaces[p] for p in g.pieces(g.module_out[name])]
+
+
+def _shares(widths: list[int], new: int) -> list[int]:
+    """``new`` units over pieces of ``widths`` in proportion (largest remainders first, then order):
+    a factor multiplies every piece."""
+    old = sum(widths)
+    out = [w * new // old for w in widths]
+    for i in sorted(range(len(widths)), key=lambda i: (-(widths[i] * new % old), i))[:new - sum(out)]:
+        out[i] += 1
+    return out
 
 
 def plan_graph(model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int, ...]]], steps: list[StepEntry],
@@ -160,35 +176,52 @@ def _label(entry: StepEntry) -> str:
 def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module, example: torch.Tensor) -> None:
     step = entry.widen
     g = trace_spaces(model, trace(model, example))
-    space = find_module_space(g, model, step.layer)
-    if space.frozen:
-        raise StepError(f"'{step.layer}' cannot be widened exactly: {space.frozen[0]}",
-                        hint=("Coupled with: " + ", ".join(space.producers) + ". " if len(space.producers) > 1 else "")
-                        + "Widen a hidden layer whose output is read by other convs/linears.",
-                        short=space.frozen[0])
-    old = space.width
+    pieces = find_module_space(g, model, step.layer)  # several: a conv added to a concatenation (one per tower)
+    space = pieces[0]
+    frozen = next((sp for sp in pieces if sp.frozen), None)
+    if frozen is not None:
+        producers = list(dict.fromkeys(p for sp in pieces for p in sp.producers))
+        raise StepError(f"'{step.layer}' cannot be widened exactly: {frozen.frozen[0]}",
+                        hint=("Coupled with: " + ", ".join(producers) + ". " if len(producers) > 1 else "")
+                        + ("Widen a hidden layer whose output is read by other convs/linears."
+                           if "network output" in frozen.frozen[0] else ""),
+                        short=frozen.frozen[0])
+    if len({sp.id for sp in pieces}) < len(pieces):
+        raise StepError(f"'{step.layer}' cannot be widened: its output is added to a concatenation that holds the "
+                        "same features twice, so its regions would have to grow together",
+                        hint="Widen the module that writes the repeated features instead.", short="repeated features")
+    old = sum(sp.width for sp in pieces)
     new = step.new_width(old)
     heads = step.layer in g.heads
     unit = "heads" if heads else "width"
     if new <= old:
         raise StepError(f"the new {unit} {new} is not larger than the current {unit} {old} of '{step.layer}'",
                         hint=f"Use a {unit} above {old}.")
-    group = _tied(g, space)
-    tile_why = [w for sp in group for w in sp.tile_only] + (
-        ["it is the embed_dim of nn.MultiheadAttention, whose heads (head_dim kept) are tiled with it"]
-        if len(group) > 1 else [])
-    for sp in group[1:]:
-        if sp.frozen:
-            raise StepError(f"'{step.layer}' cannot be widened exactly: a space that must grow with it cannot: "
-                            f"{sp.frozen[0]}", short=sp.frozen[0])
-    r = new // old
-    if tile_why and new % old:
-        raise StepError(f"to: {new} is not an integer multiple of the current width {old} of '{step.layer}': "
-                        f"{tile_why[0]}", hint=f"Use a multiple of {old} (e.g. factor: 2, to: {2 * old}).",
-                        short="integer multiples only: LayerNorm" if space.tile_only else "integer multiples only")
-    mappings = {space.id: Mapping("tile", old, new) if tile_why else Mapping("random", old, new, (plan.seed, index))}
-    for sp in group[1:]:
-        mappings[sp.id] = Mapping("tile", sp.width, sp.width * r)
+    mappings, group, tile_why, spread, r = {}, [], [], False, 1
+    for space, piece_new in zip(pieces, _shares([sp.width for sp in pieces], new)):
+        if piece_new == space.width:
+            continue
+        tied = _tied(g, space)
+        why = [w for sp in tied for w in sp.tile_only] + (
+            ["it is the embed_dim of nn.MultiheadAttention, whose heads (head_dim kept) are tiled with it"]
+            if len(tied) > 1 else [])
+        for sp in tied[1:]:
+            if sp.frozen:
+                raise StepError(f"'{step.layer}' cannot be widened exactly: a space that must grow with it cannot: "
+                                f"{sp.frozen[0]}", short=sp.frozen[0])
+        if why and piece_new % space.width:
+            raise StepError(f"to: {new} is not an integer multiple of the current width {old} of '{step.layer}': "
+                            f"{why[0]}", hint=f"Use a multiple of {old} (e.g. factor: 2, to: {2 * old}).",
+                            short="integer multiples only: norm statistics" if space.tile_only else "integer multiples only")
+        r = piece_new // space.width
+        kind = "spread" if any(sp.spread_only for sp in tied) else "tile"  # spread: GroupNorm keeps num_groups
+        mappings[space.id] = Mapping(kind, space.width, piece_new) if why else \
+            Mapping("random", space.width, piece_new, (plan.seed, index) + ((space.id,) if len(pieces) > 1 else ()))
+        for sp in tied[1:]:
+            mappings[sp.id] = Mapping(kind, sp.width, sp.width * r)
+        group += tied
+        tile_why += why
+        spread = spread or kind == "spread"
     labels: dict[str, list] = {}
     for sp in group:
         for u in sp.uses:
@@ -199,13 +232,18 @@ def _plan_widen(plan: GraphPlan, index: int, entry: StepEntry, model: nn.Module,
                            noise_mode=step.noise_mode)
     resize_module(model, {k: plan.shapes[k] for k in labels})
     exact = step.method == "net2wider" and (step.noise == 0 or step.noise_mode == "zero-sum")
-    coupled = [p for p in space.producers if p != step.layer]
+    coupled = list(dict.fromkeys(p for sp in pieces if sp.id in mappings for p in sp.producers if p != step.layer))
     summary = f"widen {step.layer} {unit} {old} -> {new} ({step.method}" + (
-        ", whole heads copied, head_dim kept" if heads else "") + (f", tiled x{r}" if tile_why else "") + ")" + (
+        ", whole heads copied, head_dim kept" if heads else "") + (
+        (f", each unit repeated x{r} in place" if spread else f", tiled x{r}") if tile_why else "") + ")" + (
         f"; coupled: {', '.join(coupled)}" if coupled else "")
     tied = [n for n, h in g.heads.items() if any(g.find(h) == sp.id for sp in group[1:])]
     if tied:
         summary += f"; heads tiled x{r} (head_dim kept) in {', '.join(tied)}"
+    along = [p for sp in group if sp.id not in {q.id for q in pieces} for p in sp.producers
+             if p != step.layer and p not in coupled and not any(p.startswith(n + ".") for n in tied)]
+    if along:
+        summary += f"; x{r} with it (normalised together): {', '.join(dict.fromkeys(along))}"
     plan.steps.append(PlannedStep(index, entry, summary, exact, changes, before, plan.params_after))
 
 

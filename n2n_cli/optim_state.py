@@ -330,7 +330,7 @@ def inexact(plan, student_names: list[str]) -> dict[str, str]:
                 out[name] = f"{op.method} (the new units are not copies)"
             elif op.noise:
                 out[name] = "symmetry-breaking noise (the copies' gradients differ a little)"
-            elif any(m.kind == "spread" for _, _, m in op.axes):
+            elif any(m.kind == "spread" and axis.space.startswith("kv_heads") for _, axis, m in op.axes):
                 out[name] = ("key/value heads repeated: each copy is read by part of the query group, so its "
                              "gradient is a part of the teacher's; the copies get the mean (their first moments "
                              "sum to the teacher's)")

@@ -384,9 +384,22 @@ class Towers(nn.Module):
         return torch.cat([self.a(x), self.b(x)], 1)
 
 
+class ConvLN(nn.Module):
+    """conv, LayerNorm over the channels (channels-last, as ConvNeXt), ReLU."""
+
+    def __init__(self, cin, w):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, w, 3, padding=1)
+        self.ln = nn.LayerNorm(w)
+
+    def forward(self, x):
+        return F.relu(self.ln(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
 class RandomGraph(nn.Module):
     """Built from ``arch``: a list of [kind, widths...]: ["cbr", w] conv-bn-relu, ["res"] a BasicBlock
-    (residual add), ["cat", a, b] concatenated towers; then flatten and a linear head."""
+    (residual add), ["cat", a, b] concatenated towers, ["gn", w, groups] conv-GroupNorm-relu,
+    ["ln", w] conv-LayerNorm(channels)-relu; then flatten and a linear head."""
 
     def __init__(self, arch, c=4, hw=6, hidden=0, classes=3):
         super().__init__()
@@ -398,6 +411,12 @@ class RandomGraph(nn.Module):
                 ch = w[0]
             elif kind == "res":
                 mods.append(BasicBlock(ch, ch))
+            elif kind == "gn":
+                mods.append(nn.Sequential(nn.Conv2d(ch, w[0], 3, padding=1), nn.GroupNorm(w[1], w[0]), nn.ReLU()))
+                ch = w[0]
+            elif kind == "ln":
+                mods.append(ConvLN(ch, w[0]))
+                ch = w[0]
             else:
                 mods.append(Towers(ch, w[0], w[1]))
                 ch = w[0] + w[1]

@@ -233,9 +233,10 @@ def test_ops_n2n_cannot_see_through_are_refused(tmp_path, cli):
     save_file(model.state_dict(), str(tmp_path / "c.safetensors"))
     base = ["widen", tmp_path / "c.safetensors", tmp_path / "o.safetensors", "--model-code", f"{code}:Chunky",
             "--factor", "2", "--example-input", "1,3,8,8"]
-    r = cli(*base, "--layer", "a")
+    r = cli(*base[:5], "--to", "12", *base[7:], "--layer", "a")  # GroupNorm(2, 8): each channel repeated in place, x2 only
     assert r.exit_code == 2
-    assert "module 'gn' (GroupNorm) normalises over the widened features" in r.output
+    assert "to: 12 is not an integer multiple of the current width 8 of 'a': module 'gn' (GroupNorm) normalises " \
+        "2 groups of channels" in r.output, r.output
     r = cli(*base, "--layer", "c")
     assert r.exit_code == 2 and "chunk() (node 'chunk') is an op n2n cannot see through" in r.output
     save_file(Z.perturb(mod.Branchy()).state_dict(), str(tmp_path / "b.safetensors"))
