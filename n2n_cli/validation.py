@@ -60,10 +60,10 @@ def _step_problems(spec_path, entries, numbers, desc, checkpoint, node, seed, re
         if checkpoint is None:
             return ([], None) if return_plan else []
         from . import hf_verify
-        from .api import _open_hf  # the checkpoint readers (and torch) only when a checkpoint is given
+        from .sources import open_hf  # the checkpoint readers (and torch) only when a checkpoint is given
         from .hf_plan import build_hf_plan
 
-        with _open_hf(checkpoint) as (source, arch, header):
+        with open_hf(checkpoint) as (source, arch, header):
             hf_verify.check_config(source.config, grown=False, where=str(Path(checkpoint) / "config.json"))
             plan = build_hf_plan(source.config, arch, header, entries, seed, collect=True, numbers=numbers)
             if not plan.problems:  # as grow does: transformers must accept the grown config.json
@@ -74,7 +74,7 @@ def _step_problems(spec_path, entries, numbers, desc, checkpoint, node, seed, re
     else:
         header = None
         if checkpoint is not None:
-            from .api import check_checkpoint, resolve_model
+            from .sources import check_checkpoint, resolve_model
             from .checkpoints import open_checkpoint
 
             with open_checkpoint(checkpoint) as source:
