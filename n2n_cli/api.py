@@ -294,6 +294,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         seed = spec.seed if seed is None else seed
         check_later(hf_verify.check_config, source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
+        budget = probes is None and "probes" not in spec.verify.model_fields_set  # hf_stream.probe_budget
         probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         check_later(hf_verify.check_config, plan.new_config())
@@ -353,7 +354,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                 dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
                 c = hf_stream.compare(src, staged, mode=verify_mode, progress=progress, vocab=arch.vocab,
                                       max_len=min(arch.positions or 64, 64), probes=probes, seed=seed, atol=atol,
-                                      rtol=rtol, device=resolve_device(device), dtype=dtype, grown=True)
+                                      rtol=rtol, device=resolve_device(device), dtype=dtype, grown=True, budget=budget)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:
