@@ -21,8 +21,11 @@ Supported: the llama family (llama, mistral, qwen2); :func:`supports` says which
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import importlib
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -61,6 +64,10 @@ def supports(path: str | Path) -> bool:
         config = hf_io._read_config(Path(path))
     except Exception:
         return False
+    return _supported(config)
+
+
+def _supported(config: dict) -> bool:
     archs = config.get("architectures") or []  # a task head (score) is not streamed: full mode verifies it
     return config.get("model_type") in STREAMING_TYPES and all(a.endswith(("ForCausalLM", "Model")) for a in archs)
 
@@ -172,27 +179,43 @@ def _tile(h: torch.Tensor, width: int) -> torch.Tensor:
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int, seed: int, atol: float,
                  rtol: float, device: torch.device, dtype: torch.dtype,
                  progress: Callable[[str, int, int], None] | None = None, grown: bool = False,
-                 budget: bool = False) -> StreamComparison:
+                 budget: bool = False, ahead: TeacherAhead | None = None) -> StreamComparison:
     """Streaming counterpart of :func:`hf_verify.compare_dirs` (same probes, same verdict rule):
     the short probes at their kept positions, and the long probes past every declared attention
     window at their last ``LONG_TAIL`` positions. With ``budget`` (``probes`` is the default, not
     the user's), a teacher of more than ``BUDGET_PARAMETERS`` parameters runs the first
-    ``BUDGET_SEQUENCES`` short probes of each length (:func:`probe_budget`); the long probes always."""
+    ``BUDGET_SEQUENCES`` short probes of each length (:func:`probe_budget`); the long probes always.
+    ``ahead``: the teacher's side, computed while the student was written (:func:`teacher_ahead`),
+    used when it ran on these same probes."""
+    s = _Model(Path(student), dtype, device)
+    side = ahead.result() if ahead is not None else None
+    if side is not None and side.key != (Path(teacher), vocab, max_len, probes, seed, str(device), dtype, budget,
+                                         hf_verify.long_probe_length(side.t.config, s.config)):
+        side.t.close()
+        side = None  # not these probes (the student's config.json is not the planned one): run it here
+    if side is None:
+        t = _Model(Path(teacher), dtype, device)
+        side = _TeacherSide(t, *_probes(t, s.config, vocab=vocab, max_len=max_len, probes=probes, seed=seed,
+                                        budget=budget), key=None)
+    try:
+        c = _run(side, s, atol=atol, rtol=rtol, seed=seed, device=device, dtype=dtype, progress=progress)
+        c.probe_budget = side.note
+        return c
+    finally:
+        side.t.close()
+        s.close()
+
+
+def _probes(t: _Model, student_config, *, vocab, max_len, probes, seed, budget) -> tuple[list, str | None]:
+    """The probe batches ``(ids, mask[, kept positions])`` and the budget's note (None: no budget)."""
     batches = probe_batches(vocab, max_len, probes, seed)
-    t, s = _Model(Path(teacher), dtype, device), _Model(Path(student), dtype, device)
     batches, note = probe_budget(batches, t.source) if budget else (batches, None)
-    long_len = hf_verify.long_probe_length(t.config, s.config)
+    long_len = hf_verify.long_probe_length(t.config, student_config)
     for ids, mask in hf_verify.long_batches(vocab, long_len, seed) if long_len else []:
         keep = mask.bool()
         keep[:, :-hf_verify.LONG_TAIL] = False
         batches.append((ids, mask, keep))
-    try:
-        c = _run(t, s, batches, atol=atol, rtol=rtol, seed=seed, device=device, dtype=dtype, progress=progress)
-        c.probe_budget = note
-        return c
-    finally:
-        t.close()
-        s.close()
+    return batches, note
 
 
 # --------------------------------------------------------------------------- cost at scale
@@ -202,6 +225,8 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
 BUDGET_PARAMETERS = 10**8
 #: probe sequences kept per short length under the budget: the first ones, right-padded and not alike
 BUDGET_SEQUENCES = 4
+#: the teacher's side runs ahead (all its streams held at once) only when they take at most this
+AHEAD_BYTES = 256 * 2**20
 
 
 def probe_budget(batches, source) -> tuple[list, str | None]:
@@ -262,21 +287,152 @@ def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a[:n].view(torch.int64), b[:n].view(torch.int64)) and torch.equal(a[n:], b[n:])
 
 
-def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, progress) -> StreamComparison:
+class _TeacherSide:
+    """The teacher's side of a comparison, which never depends on the student: per probe batch,
+    the residual stream after the embeddings (stream 0) and after each block k - 1 (stream k),
+    the masks and position embeddings its blocks get, and its outputs at the kept positions.
+    Computed on demand (:meth:`stream`: in lockstep with the student, earlier streams dropped with
+    :meth:`release`) or all at once (:meth:`run_all`: ahead, in a thread while the student is
+    written, when the streams fit in ``AHEAD_BYTES``)."""
+
+    def __init__(self, t: _Model, batches: list, note: str | None, key: tuple | None):
+        self.t, self.batches, self.note, self.key = t, batches, note, key
+        self.memory = _Memory(t.device, t.dtype)
+        self.state, first = [], []
+        with torch.no_grad():
+            for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
+                ids, mask = ids.to(t.device), mask.to(t.device)
+                pos = torch.arange(ids.shape[1], device=t.device).unsqueeze(0)
+                h = t.embed(ids)
+                self.state.append({"ids": ids, "mask": mask, "pos": pos, "keep": keep[0].to(t.device) if keep else
+                                   mask.bool(), "masks": t.masks(h, mask, pos), "pe": t.rotary(h, pos)})
+                first.append(h)
+        self.streams: dict[int, list[torch.Tensor]] = {0: first}
+        self.done = 0  # blocks run
+        self._outputs: list[torch.Tensor] | None = None
+
+    def stream_bytes(self) -> int:
+        """What all the streams take at once."""
+        return sum(h.numel() * h.element_size() for h in self.streams[0]) * (self.t.arch.layers + 1)
+
+    def stream(self, k: int) -> list[torch.Tensor]:
+        while self.done < k:
+            i = self.done
+            layer = self.t.block(i, self.memory)
+            with torch.no_grad(), full_precision():
+                out = [layer(h, attention_mask=st["masks"](i), position_embeddings=st["pe"], position_ids=st["pos"],
+                             past_key_values=None, use_cache=False) for h, st in zip(self.streams[i], self.state)]
+            del layer
+            self.streams[i + 1] = [o[0] if isinstance(o, tuple) else o for o in out]
+            self.done += 1
+        return self.streams[k]
+
+    def release(self, k: int) -> None:
+        """Streams before ``k`` are not needed any more (those still needed to compute it are kept)."""
+        for n in [n for n in self.streams if n < min(k, self.done)]:
+            del self.streams[n]
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The final norm and head (causal LMs) at the kept positions, per batch (compute dtype)."""
+        if self._outputs is None:
+            h = self.stream(self.t.arch.layers)
+            with torch.no_grad(), full_precision():
+                self._outputs = [self.t.head(x)[st["keep"]] for x, st in zip(h, self.state)]
+        return self._outputs
+
+    def run_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
+        for k in range(1, self.t.arch.layers + 1):
+            if cancelled():
+                return
+            self.stream(k)
+        self.outputs()
+
+
+class TeacherAhead:
+    """The teacher's side computed in a thread (:func:`teacher_ahead`); :meth:`result` waits for it
+    (None if it could not run ahead; the comparison then computes it itself)."""
+
+    def __init__(self, start: Callable[[], _TeacherSide | None]):
+        self._cancel = False
+        self._future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(start,), name="n2n-teacher-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, start):
+        try:
+            side = start()
+            if side is not None:
+                side.run_all(lambda: self._cancel)
+            self._future.set_result(None if self._cancel else side)
+        except BaseException as e:  # noqa: BLE001 (raised again by result(), in the caller's thread)
+            self._future.set_exception(e)
+
+    def result(self) -> _TeacherSide | None:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        """Stop at the next block, wait, close the teacher's files (also when they were used)."""
+        self._cancel = True
+        self._thread.join()
+        if self._future.exception() is None and self._future.result() is not None:
+            self._future.result().t.close()
+
+
+@contextlib.contextmanager
+def teacher_ahead(teacher: Path, student_config: dict, *, mode: str = "auto", vocab: int, max_len: int, probes: int,
+                  seed: int, device: torch.device, dtype: torch.dtype, budget: bool = False,
+                  after: Callable[[], object] | None = None):
+    """Yields a :class:`TeacherAhead` computing the teacher's side of :func:`compare_dirs` in a
+    thread (while the student is being written: it does not depend on the student), or None when
+    the comparison will not be blockwise. Pass it to :func:`compare` as ``ahead``; on leaving, a
+    computation still running is stopped at the next block and its memory freed. ``after``: what
+    the thread waits for first (another thread importing transformers: its import is not
+    thread-safe, a second ``import transformers`` can return the module half-initialized)."""
+    try:
+        config = hf_io._read_config(Path(teacher))
+    except Exception:
+        config = {}
+    if mode == "full" or not (_supported(config) and _supported(student_config)):
+        yield None
+        return
+
+    def start() -> _TeacherSide | None:
+        if after is not None:
+            after()
+        transformers = require_transformers()
+        s_config = transformers.AutoConfig.for_model(student_config["model_type"],
+                                                     **{k: v for k, v in student_config.items() if k != "model_type"})
+        t = _Model(Path(teacher), dtype, device)
+        long_len = hf_verify.long_probe_length(t.config, s_config)
+        side = _TeacherSide(t, *_probes(t, s_config, vocab=vocab, max_len=max_len, probes=probes, seed=seed,
+                                        budget=budget),
+                            key=(Path(teacher), vocab, max_len, probes, seed, str(device), dtype, budget, long_len))
+        if side.stream_bytes() > AHEAD_BYTES:
+            t.close()
+            return None
+        return side
+
+    ahead = TeacherAhead(start)
+    try:
+        yield ahead
+    finally:
+        ahead.cancel()
+
+
+def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, progress) -> StreamComparison:
+    t = side.t
     T, S = t.arch.layers, s.arch.layers
     with torch.no_grad(), full_precision():
-        state = []  # per batch: teacher stream, student stream, kept positions, teacher masks, student masks, pos, rope
-        for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
-            ids, mask = ids.to(device), mask.to(device)
-            pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-            ht, hs = t.embed(ids), s.embed(ids)
-            state.append({"t": ht, "s": hs, "keep": keep[0].to(device) if keep else mask.bool(), "tm": t.masks(ht, mask, pos), "sm": s.masks(hs, mask, pos),
-                          "pos": pos, "tpe": t.rotary(ht, pos), "spe": s.rotary(hs, pos)})
+        state = []  # per batch: student stream, student masks, rope (the rest is the teacher side's)
+        for ts in side.state:
+            hs = s.embed(ts["ids"])
+            state.append({"s": hs, "sm": s.masks(hs, ts["mask"], ts["pos"]), "spe": s.rotary(hs, ts["pos"]),
+                          "keep": ts["keep"], "pos": ts["pos"]})
         first, worst, compared, inserted, copied = None, 0.0, 0, [], []
 
-        def check(where: str):
+        def check(k: int, where: str):
             nonlocal first, worst, compared
-            a = torch.cat([_tile(st["t"], st["s"].shape[-1])[st["keep"]] for st in state]).double()
+            a = torch.cat([_tile(h, st["s"].shape[-1])[st["keep"]] for h, st in zip(side.stream(k), state)]).double()
             b = torch.cat([st["s"][st["keep"]] for st in state]).double()
             err, ref = float((a - b).abs().max()), float(a.abs().max())
             ok = bool(torch.isfinite(b).all()) and err <= atol + rtol * ref
@@ -292,7 +448,9 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
                 return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
             return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
-        def copy_of_teacher(i: int, j: int, ready: dict[str, torch.Tensor]) -> bool:
+        memory = _Memory(device, dtype)
+
+        def copy_of_teacher(i: int, j: int) -> bool:
             """May student block j be skipped, its output taken from teacher block i's?
 
             Sound when (1) the block's tensors are byte-identical (names, dtypes, shapes, bytes),
@@ -303,76 +461,66 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             (the position ids are the same tensor). A block's forward is a function of exactly
             these, so the student's block computes bitwise what the teacher's block computes;
             running it again could only repeat the teacher's result. (A deepen whose inserted
-            blocks leave the stream bitwise unchanged keeps (3) for every original block.) Each
-            teacher tensor compared is converted as read, into ``ready``, for running the block."""
-            if not all(same(st["t"], st["s"]) and same(st["tm"](i), st["sm"](j)) and same(st["tpe"], st["spe"])
-                       for st in state):
+            blocks leave the stream bitwise unchanged keeps (3) for every original block.)"""
+            if not all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"], st["spe"])
+                       for h, ts, st in zip(side.stream(i), side.state, state)):
                 return False
             tk, sk = t.block_keys(i), s.block_keys(j)
             if sorted(tk) != sorted(sk) or t.signature(i) != s.signature(j):
                 return False
             for name in tk:
                 a, b = t.source.raw(tk[name]), s.source.raw(sk[name])
-                if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape):
-                    return False
-                ta = memory[t].bytes(t.source, tk[name])
-                equal = _same_bytes(ta, memory[s].bytes(s.source, sk[name]))
-                ready[name] = memory[t].tensor(t.source, tk[name], name, raw=ta)
-                if not equal:
+                if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
+                        or not _same_bytes(side.memory.bytes(t.source, tk[name]), memory.bytes(s.source, sk[name])):
                     return False
             return True
 
-        memory = {t: _Memory(device, dtype), s: _Memory(device, dtype)}
-
-        def run(side: _Model, i: int, key: str, masks: str, pe: str, ready: dict | None = None):
-            layer = side.block(i, memory[side], ready)
+        def run(j: int):
+            layer = s.block(j, memory)
             for st in state:
-                out = layer(st[key], attention_mask=st[masks](i), position_embeddings=st[pe], position_ids=st["pos"],
+                out = layer(st["s"], attention_mask=st["sm"](j), position_embeddings=st["spe"], position_ids=st["pos"],
                             past_key_values=None, use_cache=False)
-                st[key] = out[0] if isinstance(out, tuple) else out
+                st["s"] = out[0] if isinstance(out, tuple) else out
             del layer
 
-        check("after the embeddings")
+        check(0, "after the embeddings")
         i = 0
         for j in range(S):
             if progress:
                 progress("verifying (blockwise)", j, S)
             if i > 0 and (S - j > T - i) and s.zero_output(j):
-                run(s, j, "s", "sm", "spe")  # an inserted block: the stream must come out unchanged
+                run(j)  # an inserted block: the stream must come out unchanged
                 inserted.append(j)
                 continue
             if i > 0:
-                check(f"after teacher block {i - 1} (student block {j - 1})")
+                check(i, f"after teacher block {i - 1} (student block {j - 1})")
             if i < T:
-                ready: dict[str, torch.Tensor] = {}
-                skip = copy_of_teacher(i, j, ready)
-                run(t, i, "t", "tm", "tpe", ready)
+                skip = copy_of_teacher(i, j)
                 i += 1
+                side.release(i)
                 if skip:
-                    for st in state:
-                        st["s"] = st["t"]
+                    for h, st in zip(side.stream(i), state):
+                        st["s"] = h
                     copied.append(j)
                     continue
-            run(s, j, "s", "sm", "spe")
-        while i < T:  # a student with fewer blocks: run the teacher's rest (the outputs will differ)
-            run(t, i, "t", "tm", "tpe")
-            i += 1
-        check(f"after teacher block {T - 1} (student block {S - 1})")
+            run(j)
+        # a student with fewer blocks: the teacher's rest runs too (the outputs will differ)
+        check(T, f"after teacher block {T - 1} (student block {S - 1})")
         if progress:
             progress("verifying (blockwise)", S, S)
         # the outputs compared in float64 a few positions at a time (the logits of every probe
         # position over a 32k vocabulary in float64 would be the largest thing in memory)
         parts = []
-        for st in state:
-            a_all, b_all = t.head(st["t"])[st["keep"]], s.head(st["s"])[st["keep"]]
+        for a_all, st in zip(side.outputs(), state):
+            b_all = s.head(st["s"])[st["keep"]]
             for r in range(0, a_all.shape[0], COMPARE_ROWS):
                 a, b = a_all[r:r + COMPARE_ROWS].to("cpu", torch.float64), b_all[r:r + COMPARE_ROWS].to("cpu", torch.float64)
                 if not t.causal and b.shape[-1] != a.shape[-1]:
                     a = _tile(a, b.shape[-1])
                 parts.append((len(a), compare_outputs(a, b, atol=atol, rtol=rtol, probes=0, seed=seed, device=device,
                                                       dtype=dtype)))
-            del a_all, b_all
-    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches))
+            del b_all
+    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in side.batches))
     if not t.causal:
         c.argmax_agreement = None
     if first is None and not c.passed:
@@ -431,11 +579,13 @@ class FullComparison(Comparison):
 
 
 def compare(teacher: Path, student: Path, *, mode: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None, budget: bool = False, **kw) -> Comparison:
+            progress: Callable[[str, int, int], None] | None = None, budget: bool = False,
+            ahead: TeacherAhead | None = None, **kw) -> Comparison:
     """Verify ``student`` against ``teacher`` blockwise (``streaming``: one block in memory), by
     loading both models whole with transformers (``full``), or (``auto``) blockwise whenever
     both directories are of a family the streaming verifier supports, else whole. ``budget``:
-    the probes are the default ones, which a big model runs on a budget (:func:`probe_budget`)."""
+    the probes are the default ones, which a big model runs on a budget (:func:`probe_budget`);
+    ``ahead``: the teacher's side, computed already (:func:`teacher_ahead`)."""
     from .errors import UserError
 
     if mode not in VERIFY_MODES:
@@ -445,5 +595,5 @@ def compare(teacher: Path, student: Path, *, mode: str = "auto",
         raise UserError(f"blockwise verification supports the model types {', '.join(STREAMING_TYPES)} only",
                         where=str(student), hint="Use --verify-mode full (loads both models whole).")
     if mode == "streaming" or (mode == "auto" and able):
-        return compare_dirs(teacher, student, progress=progress, budget=budget, **kw)
+        return compare_dirs(teacher, student, progress=progress, budget=budget, ahead=ahead, **kw)
     return FullComparison(**hf_verify.compare_dirs(teacher, student, **kw).to_dict())
