@@ -57,6 +57,12 @@ class StreamComparison(Comparison):
     student_blocks_copied: list[int] = field(default_factory=list)
     probe_budget: str | None = None  # the budget the probes ran on at scale (:func:`probe_budget`), if any
 
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d["probe_budget"] is None:  # no budget: the same record as before budgets existed
+            del d["probe_budget"]
+        return d
+
 
 def supports(path: str | Path) -> bool:
     """Can :func:`compare_dirs` verify the model in this directory (by its config.json)?"""
