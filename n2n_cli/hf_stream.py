@@ -305,7 +305,7 @@ class _TeacherSide:
         self.t, self.batches, self.note, self.key = t, batches, note, key
         self.memory = _Memory(t.device, t.dtype)
         self.state, first = [], []
-        with torch.no_grad():
+        with torch.no_grad(), full_precision():
             for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
                 ids, mask = ids.to(t.device), mask.to(t.device)
                 pos = torch.arange(ids.shape[1], device=t.device).unsqueeze(0)
@@ -352,6 +352,7 @@ class _TeacherSide:
                 return
             self.stream(k)
         self.outputs()
+        self.memory._out.clear()  # every block has run: its converted tensors are not needed again
 
 
 class TeacherAhead:
