@@ -6,7 +6,13 @@ model's ``forward`` calls them): embed the probes once (only the probe tokens' r
 embedding are read), then for each teacher block load its tensors from the safetensors files,
 run it, run the student's corresponding block(s), compare the residual streams, free the block;
 the final norm and head at the end (the head read a slice of the vocabulary at a time). Memory:
-one block in the compute dtype plus the activations, whatever the model's size.
+one block in the compute dtype plus the activations, whatever the model's size. The teacher's
+side never depends on the student: while a grown student is being written, it runs ahead in a
+thread (:func:`teacher_ahead`), keeping its stream after every block for the comparison.
+
+At scale the probes' cost is blocks x tokens: a model over ``BUDGET_PARAMETERS`` parameters runs
+the first ``BUDGET_SEQUENCES`` probe sequences of each length (plus the long probes past every
+attention window, in full) unless the user chose the probes (:func:`probe_budget`).
 
 Which student blocks correspond to teacher block i: the student's blocks are taken in order;
 a block whose output projections are all zero (LLaMA Pro's inserted blocks) is an inserted
@@ -107,16 +113,15 @@ class _Model:
         dropped = self.arch.family.dropped  # old buffers (rotary inv_freq) that transformers ignores too
         return {k[len(key):]: k for k in self.source.keys() if k.startswith(key) and not (dropped and k.endswith(dropped))}
 
-    def block(self, i: int, memory: _Memory | None = None, ready: dict[str, torch.Tensor] | None = None) -> torch.nn.Module:
+    def block(self, i: int, memory: _Memory | None = None) -> torch.nn.Module:
         """Block ``i`` with its weights from the files (built on the meta device, then assigned),
         each tensor converted to the compute dtype as it is read (never the block twice in memory;
         the files are read with ``pread``, nothing stays mapped); with ``memory``, into its reused
-        buffers (the block is valid until the next one is loaded there), ``ready``: tensors already there."""
+        buffers (the block is valid until the next one is loaded there)."""
         if memory is None:
             sd = {name: self.source.get(k).to(self.device, self.dtype) for name, k in self.block_keys(i).items()}
         else:
-            sd = {name: ready[name] if ready and name in ready else memory.tensor(self.source, k, name)
-                  for name, k in self.block_keys(i).items()}
+            sd = {name: memory.tensor(self.source, k, name) for name, k in self.block_keys(i).items()}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
@@ -275,9 +280,9 @@ class _Memory:
             self._read = torch.empty(span.nbytes, dtype=torch.uint8)
         return source.read_bytes(key, out=self._read)
 
-    def tensor(self, source, key: str, name: str, raw: torch.Tensor | None = None) -> torch.Tensor:
-        """``key`` in the compute dtype, in the buffer for ``name`` (``raw``: its bytes, read already)."""
-        raw = self.bytes(source, key) if raw is None else raw
+    def tensor(self, source, key: str, name: str) -> torch.Tensor:
+        """``key`` in the compute dtype, in the buffer for ``name``."""
+        raw = self.bytes(source, key)
         t = source.get(key) if raw is None else raw.view(source.dtype(key)).reshape(source.shape(key))
         out = self._out.get(name)
         if out is None or out.shape != t.shape:
