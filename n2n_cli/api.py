@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import importlib.util
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -192,6 +193,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         seed = spec.seed if seed is None else seed
         check_later(hf_verify.check_config, source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
+        budget = probes is None and "probes" not in spec.verify.model_fields_set  # hf_stream.probe_budget
         probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)
         check_later(hf_verify.check_config, plan.new_config())
@@ -208,8 +210,8 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             report["optimizer_state"] = optim_state.summary(*opt)
         if dry_run:
             return report
-        if do_verify:
-            hf_verify.require_transformers()
+        if do_verify and importlib.util.find_spec("transformers") is None:
+            hf_verify.require_transformers()  # refused before writing (imported in a thread beside the writing)
         spec_used = spec.model_copy(update={"seed": seed, "steps": [  # the mapping used, recorded
             e.model_copy(update={"widen": e.widen.model_copy(update={"mapping": plan.mapping_of[i]})})
             if i in plan.mapping_of else e for i, e in enumerate(spec.steps)]})
@@ -222,7 +224,13 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         entries = plan.entries()
         outputs.before_writing(out, hf_io.planned_bytes(entries, src) + (st.written_bytes() if st else 0))
         done = iter(range(1, len(entries) + 1))
-        with fsutil.temp_beside(out, "stage", directory=True) as holder:
+        # the teacher's side of the blockwise comparison runs in a thread beside the writing
+        probe_kw = dict(vocab=arch.vocab, max_len=min(arch.positions or 64, 64), probes=probes, seed=seed,
+                        device=resolve_device(device), dtype=compute_dtype([d for d, _ in header.values()], verify_dtype),
+                        budget=budget) if do_verify else {}
+        with fsutil.temp_beside(out, "stage", directory=True) as holder, \
+                (hf_stream.teacher_ahead(src, plan.new_config(), mode=verify_mode, after=configs_ok, **probe_kw) if do_verify
+                 else contextlib.nullcontext()) as ahead:
             staged = holder / out.name
             mat = Materializer(plan, source, check=True, raw=True, device=resolve_device(device))  # checked as read; copies as raw bytes
             try:
@@ -248,10 +256,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
             if do_verify:
                 if progress:
                     progress("verifying", 0, 1)
-                dtype = compute_dtype([d for d, _ in header.values()], verify_dtype)
-                c = hf_stream.compare(src, staged, mode=verify_mode, progress=progress, vocab=arch.vocab,
-                                      max_len=min(arch.positions or 64, 64), probes=probes, seed=seed, atol=atol,
-                                      rtol=rtol, device=resolve_device(device), dtype=dtype, grown=True)
+                dtype = probe_kw["dtype"]
+                c = hf_stream.compare(src, staged, mode=verify_mode, progress=progress, atol=atol, rtol=rtol,
+                                      grown=True, ahead=ahead, **probe_kw)
                 if progress:
                     progress("verifying", 1, 1)
                 if plan.function_preserving:

@@ -157,12 +157,13 @@ class HFDirSource(TensorSource):
                 raise CheckpointError(f"cannot open ({e.strerror})", where=str(self.path / shard)) from None
         return fd
 
-    def read_bytes(self, key: str) -> torch.Tensor:
-        """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored),
+    def read_bytes(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored;
+        or the first bytes of ``out``, a uint8 tensor at least that long, reused by the caller),
         read with ``pread``: a pass-through copy needs no decoding, and nothing stays mapped."""
         shard = self._where[key]
         offset, n = self._span[key]
-        buf = torch.empty(n, dtype=torch.uint8)
+        buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
         view = memoryview(buf.numpy()) if n else memoryview(b"")
         try:
             fd = self._fd(shard)

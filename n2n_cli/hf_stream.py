@@ -7,7 +7,13 @@ is data: the ``stream`` entries of families/*.yaml): embed the probes once (only
 embedding are read), then for each teacher block load its tensors from the safetensors files,
 run it, run the student's corresponding block(s), compare the residual streams, free the block;
 the final norm and head at the end (the head read a slice of the vocabulary at a time). Memory:
-one block in the compute dtype plus the activations, whatever the model's size.
+one block in the compute dtype plus the activations, whatever the model's size. The teacher's
+side never depends on the student: while a grown student is being written, it runs ahead in a
+thread (:func:`teacher_ahead`), keeping its stream after every block for the comparison.
+
+At scale the probes' cost is blocks x tokens: a model over ``BUDGET_PARAMETERS`` parameters runs
+the first ``BUDGET_SEQUENCES`` probe sequences of each length (plus the long probes past every
+attention window, in full) unless the user chose the probes (:func:`probe_budget`).
 
 Which student blocks correspond to teacher block i: the student's blocks are taken in order;
 a block whose output projections are all zero (LLaMA Pro's inserted blocks) is an inserted
@@ -27,8 +33,12 @@ directories.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import importlib
 import os
+import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -58,6 +68,13 @@ class StreamComparison(Comparison):
     # student blocks not run: byte-identical copies of their teacher block with bitwise-equal
     # inputs (their output is the teacher block's; see ``copy_of_teacher`` in :func:`_run`)
     student_blocks_copied: list[int] = field(default_factory=list)
+    probe_budget: str | None = None  # the budget the probes ran on at scale (:func:`probe_budget`), if any
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if d["probe_budget"] is None:  # no budget: the same record as before budgets existed
+            del d["probe_budget"]
+        return d
 
 
 def stream_facts(model_type: str | None) -> dict | None:
@@ -79,6 +96,14 @@ def unsupported(path: str | Path) -> str | None:
         config = hf_io._read_config(Path(path))
     except Exception:
         return f"{path} has no readable config.json"
+    return _unsupported(config)
+
+
+def _supported(config: dict) -> bool:
+    return _unsupported(config) is None
+
+
+def _unsupported(config: dict) -> str | None:
     mt = config.get("model_type")
     if stream_facts(mt) is None:
         return f"the model type {mt!r} is not one of {', '.join(streaming_types())}"
@@ -170,11 +195,15 @@ class _Model:
             sd[name] = self.source.get(k).to(self.device, self.dtype)
         return sd
 
-    def block(self, i: int) -> torch.nn.Module:
+    def block(self, i: int, memory: _Memory | None = None) -> torch.nn.Module:
         """Block ``i`` with its weights from the files (built on the meta device, then assigned),
         each tensor converted to the compute dtype as it is read (never the block twice in memory;
-        the files are read with ``pread``, nothing stays mapped)."""
-        sd = self._state(i)
+        the files are read with ``pread``, nothing stays mapped); with ``memory``, into its reused
+        buffers (the block is valid until the next one is loaded there)."""
+        if memory is None or self.facts.get("experts") or self.facts.get("renamed"):
+            sd = self._state(i)  # renamed or stacked (fused experts) tensors: fresh ones
+        else:
+            sd = {name: memory.tensor(self.source, k, name) for name, k in self.block_keys(i).items()}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
@@ -395,40 +424,264 @@ def _tile(h: torch.Tensor, width: int) -> torch.Tensor:
 
 def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, probes: int, seed: int, atol: float,
                  rtol: float, device: torch.device, dtype: torch.dtype,
-                 progress: Callable[[str, int, int], None] | None = None, grown: bool = False) -> StreamComparison:
+                 progress: Callable[[str, int, int], None] | None = None, grown: bool = False,
+                 budget: bool = False, ahead: TeacherAhead | None = None) -> StreamComparison:
     """Streaming counterpart of :func:`hf_verify.compare_dirs` (same probes, same verdict rule):
     the short probes at their kept positions, and the long probes past every declared attention
-    window at their last ``LONG_TAIL`` positions."""
+    window at their last ``LONG_TAIL`` positions. With ``budget`` (``probes`` is the default, not
+    the user's), a teacher of more than ``BUDGET_PARAMETERS`` parameters runs the first
+    ``BUDGET_SEQUENCES`` short probes of each length (:func:`probe_budget`); the long probes always.
+    ``ahead``: the teacher's side, computed while the student was written (:func:`teacher_ahead`),
+    used when it ran on these same probes."""
     max_len = min(max_len, hf_verify._max_tokens(teacher))  # RoBERTa's positions start after the padding index
+    s = _Model(Path(student), dtype, device)
+    side = ahead.result() if ahead is not None else None
+    if side is not None and side.key != (Path(teacher), vocab, max_len, probes, seed, str(device), dtype, budget,
+                                         hf_verify.long_probe_length(side.t.config, s.config)):
+        side.t.close()
+        side = None  # not these probes (the student's config.json is not the planned one): run it here
+    if side is None:
+        t = _Model(Path(teacher), dtype, device)
+        side = _TeacherSide(t, *_probes(t, s.config, vocab=vocab, max_len=max_len, probes=probes, seed=seed,
+                                        budget=budget), key=None)
+    try:
+        c = _run(side, s, atol=atol, rtol=rtol, seed=seed, device=device, dtype=dtype, progress=progress)
+        c.probe_budget = side.note
+        return c
+    finally:
+        side.t.close()
+        s.close()
+
+
+def _probes(t: _Model, student_config, *, vocab, max_len, probes, seed, budget) -> tuple[list, str | None]:
+    """The probe batches ``(ids, mask[, kept positions])`` and the budget's note (None: no budget)."""
     batches = probe_batches(vocab, max_len, probes, seed)
-    t, s = _Model(Path(teacher), dtype, device), _Model(Path(student), dtype, device)
-    long_len = hf_verify.long_probe_length(t.config, s.config)
+    batches, note = probe_budget(batches, t.source) if budget else (batches, None)
+    long_len = hf_verify.long_probe_length(t.config, student_config)
     for ids, mask in hf_verify.long_batches(vocab, long_len, seed) if long_len else []:
         keep = mask.bool()
         keep[:, :-hf_verify.LONG_TAIL] = False
         batches.append((ids, mask, keep))
+    return batches, note
+
+
+# --------------------------------------------------------------------------- cost at scale
+
+#: a teacher with more parameters than this verifies on a probe budget unless the probes are the
+#: user's (--probes, a spec's verify.probes): each probe token costs a forward of every block
+BUDGET_PARAMETERS = 10**8
+#: probe sequences kept per short length under the budget: the first ones, right-padded and not alike
+BUDGET_SEQUENCES = 4
+#: the teacher's side runs ahead (all its streams held at once) only when they take at most this
+AHEAD_BYTES = 256 * 2**20
+
+
+def probe_budget(batches, source) -> tuple[list, str | None]:
+    """The first ``BUDGET_SEQUENCES`` sequences of each short-probe batch (a subset of the full
+    probes: the same seeded tokens) when the model in ``source`` is bigger than
+    ``BUDGET_PARAMETERS``, and a note saying so (None, batches unchanged, when it is not). What
+    the budget keeps is what catches errors that only some positions show: every length (the
+    longest past nothing here; the long probes past every attention window are added apart, in
+    full), padded and unpadded sequences; a wrong weight, rope or norm changes every position."""
+    params = sum(math.prod(source.shape(k)) for k in source.keys())
+    full = sum(len(ids) for ids, _ in batches)
+    if params <= BUDGET_PARAMETERS or all(len(ids) <= BUDGET_SEQUENCES for ids, _ in batches):
+        return batches, None
+    kept = [(ids[:BUDGET_SEQUENCES], mask[:BUDGET_SEQUENCES]) for ids, mask in batches]
+    n = sum(len(ids) for ids, _ in kept)
+    tokens, all_tokens = sum(ids.numel() for ids, _ in kept), sum(ids.numel() for ids, _ in batches)
+    return kept, (f"a model of {params / 1e9:.2f}B parameters verifies on a probe budget by default: {n} of the "
+                  f"{full} probe sequences ({tokens} of {all_tokens} tokens; every length, padded and not), plus "
+                  f"the probes past every attention window in full; --probes N runs N")
+
+
+class _Memory:
+    """Reused memory for loading one side's blocks: a read buffer for a tensor's bytes and, per
+    tensor name, the tensor in the compute dtype. A fresh allocation of a block's size costs more
+    than converting it (the kernel maps and zeroes new pages each time, and frees them again); a
+    block built here is valid until the next block of its side is loaded here."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype):
+        self.device, self.dtype = device, dtype
+        self._read = torch.empty(0, dtype=torch.uint8)
+        self._out: dict[str, torch.Tensor] = {}
+
+    def bytes(self, source, key: str) -> torch.Tensor | None:
+        """``key``'s bytes as stored, in the read buffer (valid until the next read); None for a
+        tensor that is not in a safetensors file."""
+        span = source.raw(key)
+        if span is None:
+            return None
+        if len(self._read) < span.nbytes:
+            self._read = torch.empty(span.nbytes, dtype=torch.uint8)
+        return source.read_bytes(key, out=self._read)
+
+    def tensor(self, source, key: str, name: str) -> torch.Tensor:
+        """``key`` in the compute dtype, in the buffer for ``name``."""
+        raw = self.bytes(source, key)
+        t = source.get(key) if raw is None else raw.view(source.dtype(key)).reshape(source.shape(key))
+        out = self._out.get(name)
+        if out is None or out.shape != t.shape:
+            out = self._out[name] = torch.empty(t.shape, dtype=self.dtype, device=self.device)
+        return out.copy_(t)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Two uint8 tensors equal, compared 8 bytes at a time (4x faster than byte by byte)."""
+    if a.numel() != b.numel():
+        return False
+    n = a.numel() // 8 * 8
+    return torch.equal(a[:n].view(torch.int64), b[:n].view(torch.int64)) and torch.equal(a[n:], b[n:])
+
+
+class _TeacherSide:
+    """The teacher's side of a comparison, which never depends on the student: per probe batch,
+    the residual stream after the embeddings (stream 0) and after each block k - 1 (stream k),
+    the masks and position embeddings its blocks get, and its outputs at the kept positions.
+    Computed on demand (:meth:`stream`: in lockstep with the student, earlier streams dropped with
+    :meth:`release`) or all at once (:meth:`run_all`: ahead, in a thread while the student is
+    written, when the streams fit in ``AHEAD_BYTES``)."""
+
+    def __init__(self, t: _Model, batches: list, note: str | None, key: tuple | None):
+        self.t, self.batches, self.note, self.key = t, batches, note, key
+        self.memory = _Memory(t.device, t.dtype)
+        self.state, first = [], []
+        with torch.no_grad(), full_precision():
+            for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
+                ids, mask = ids.to(t.device), mask.to(t.device)
+                pos = torch.arange(ids.shape[1], device=t.device).unsqueeze(0)
+                h = t.embed(ids)
+                self.state.append({"ids": ids, "mask": mask, "pos": pos, "keep": keep[0].to(t.device) if keep else
+                                   mask.bool(), "masks": t.masks(h, mask, pos), "pe": t.positions(h, pos)})
+                first.append(h)
+        self.streams: dict[int, list[torch.Tensor]] = {0: first}
+        self.done = 0  # blocks run
+        self._outputs: list[torch.Tensor] | None = None
+
+    def stream_bytes(self) -> int:
+        """What all the streams take at once."""
+        return sum(h.numel() * h.element_size() for h in self.streams[0]) * (self.t.arch.layers + 1)
+
+    def stream(self, k: int) -> list[torch.Tensor]:
+        while self.done < k:
+            i = self.done
+            layer = self.t.block(i, self.memory)
+            with torch.no_grad(), full_precision():
+                out = [layer(h, attention_mask=st["masks"](i), position_embeddings=st["pe"](i), position_ids=st["pos"],
+                             past_key_values=None, use_cache=False) for h, st in zip(self.streams[i], self.state)]
+            del layer
+            self.streams[i + 1] = [o[0] if isinstance(o, tuple) else o for o in out]
+            self.done += 1
+        return self.streams[k]
+
+    def release(self, k: int) -> None:
+        """Streams before ``k`` are not needed any more (those still needed to compute it are kept)."""
+        for n in [n for n in self.streams if n < min(k, self.done)]:
+            del self.streams[n]
+
+    def outputs(self) -> list[torch.Tensor]:
+        """The final norm and head (causal LMs) at the kept positions, per batch (compute dtype)."""
+        if self._outputs is None:
+            h = self.stream(self.t.arch.layers)
+            with torch.no_grad(), full_precision():
+                self._outputs = [self.t.head(x)[st["keep"]] for x, st in zip(h, self.state)]
+        return self._outputs
+
+    def run_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
+        for k in range(1, self.t.arch.layers + 1):
+            if cancelled():
+                return
+            self.stream(k)
+        self.outputs()
+        self.memory._out.clear()  # every block has run: its converted tensors are not needed again
+
+
+class TeacherAhead:
+    """The teacher's side computed in a thread (:func:`teacher_ahead`); :meth:`result` waits for it
+    (None if it could not run ahead; the comparison then computes it itself)."""
+
+    def __init__(self, start: Callable[[], _TeacherSide | None]):
+        self._cancel = False
+        self._future = concurrent.futures.Future()
+        self._thread = threading.Thread(target=self._run, args=(start,), name="n2n-teacher-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, start):
+        try:
+            side = start()
+            if side is not None:
+                side.run_all(lambda: self._cancel)
+            self._future.set_result(None if self._cancel else side)
+        except BaseException as e:  # noqa: BLE001 (raised again by result(), in the caller's thread)
+            self._future.set_exception(e)
+
+    def result(self) -> _TeacherSide | None:
+        return self._future.result()
+
+    def cancel(self) -> None:
+        """Stop at the next block, wait, close the teacher's files (also when they were used)."""
+        self._cancel = True
+        self._thread.join()
+        if self._future.exception() is None and self._future.result() is not None:
+            self._future.result().t.close()
+
+
+@contextlib.contextmanager
+def teacher_ahead(teacher: Path, student_config: dict, *, mode: str = "auto", vocab: int, max_len: int, probes: int,
+                  seed: int, device: torch.device, dtype: torch.dtype, budget: bool = False,
+                  after: Callable[[], object] | None = None):
+    """Yields a :class:`TeacherAhead` computing the teacher's side of :func:`compare_dirs` in a
+    thread (while the student is being written: it does not depend on the student), or None when
+    the comparison will not be blockwise. Pass it to :func:`compare` as ``ahead``; on leaving, a
+    computation still running is stopped at the next block and its memory freed. ``after``: what
+    the thread waits for first (another thread importing transformers: its import is not
+    thread-safe, a second ``import transformers`` can return the module half-initialized)."""
     try:
-        return _run(t, s, batches, atol=atol, rtol=rtol, seed=seed, device=device, dtype=dtype, progress=progress)
+        config = hf_io._read_config(Path(teacher))
+    except Exception:
+        config = {}
+    if mode == "full" or not (_supported(config) and _supported(student_config)):
+        yield None
+        return
+    max_len = min(max_len, hf_verify._max_tokens(teacher))  # as compare_dirs does
+
+    def start() -> _TeacherSide | None:
+        if after is not None:
+            after()
+        transformers = require_transformers()
+        s_config = transformers.AutoConfig.for_model(student_config["model_type"],
+                                                     **{k: v for k, v in student_config.items() if k != "model_type"})
+        t = _Model(Path(teacher), dtype, device)
+        long_len = hf_verify.long_probe_length(t.config, s_config)
+        side = _TeacherSide(t, *_probes(t, s_config, vocab=vocab, max_len=max_len, probes=probes, seed=seed,
+                                        budget=budget),
+                            key=(Path(teacher), vocab, max_len, probes, seed, str(device), dtype, budget, long_len))
+        if side.stream_bytes() > AHEAD_BYTES:
+            t.close()
+            return None
+        return side
+
+    ahead = TeacherAhead(start)
+    try:
+        yield ahead
     finally:
-        t.close()
-        s.close()
+        ahead.cancel()
 
 
-def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, progress) -> StreamComparison:
+def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, progress) -> StreamComparison:
+    t = side.t
     T, S = t.arch.layers, s.arch.layers
     with torch.no_grad(), full_precision():
-        state = []  # per batch: teacher stream, student stream, kept positions, teacher masks, student masks, pos, rope
-        for ids, mask, *keep in batches:  # keep: the positions compared (default: those the mask keeps)
-            ids, mask = ids.to(device), mask.to(device)
-            pos = torch.arange(ids.shape[1], device=device).unsqueeze(0)
-            ht, hs = t.embed(ids), s.embed(ids)
-            state.append({"t": ht, "s": hs, "keep": keep[0].to(device) if keep else mask.bool(), "tm": t.masks(ht, mask, pos), "sm": s.masks(hs, mask, pos),
-                          "pos": pos, "tpe": t.positions(ht, pos), "spe": s.positions(hs, pos)})
+        state = []  # per batch: student stream, student masks, rope (the rest is the teacher side's)
+        for ts in side.state:
+            hs = s.embed(ts["ids"])
+            state.append({"s": hs, "sm": s.masks(hs, ts["mask"], ts["pos"]), "spe": s.positions(hs, ts["pos"]),
+                          "keep": ts["keep"], "pos": ts["pos"]})
         first, worst, compared, inserted, copied = None, 0.0, 0, [], []
 
-        def check(where: str):
+        def check(k: int, where: str):
             nonlocal first, worst, compared
-            a = torch.cat([_tile(st["t"], st["s"].shape[-1])[st["keep"]] for st in state]).double()
+            a = torch.cat([_tile(h, st["s"].shape[-1])[st["keep"]] for h, st in zip(side.stream(k), state)]).double()
             b = torch.cat([st["s"][st["keep"]] for st in state]).double()
             err, ref = float((a - b).abs().max()), float(a.abs().max())
             ok = bool(torch.isfinite(b).all()) and err <= atol + rtol * ref
@@ -444,6 +697,8 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
                 return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
             return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
+        memory = _Memory(device, dtype)
+
         def copy_of_teacher(i: int, j: int) -> bool:
             """May student block j be skipped, its output taken from teacher block i's?
 
@@ -456,8 +711,8 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             these, so the student's block computes bitwise what the teacher's block computes;
             running it again could only repeat the teacher's result. (A deepen whose inserted
             blocks leave the stream bitwise unchanged keeps (3) for every original block.)"""
-            if not all(same(st["t"], st["s"]) and same(st["tm"](i), st["sm"](j)) and same(st["tpe"](i), st["spe"](j))
-                       for st in state):
+            if not all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"](i), st["spe"](j))
+                       for h, ts, st in zip(side.stream(i), side.state, state)):
                 return False
             tk, sk = t.block_keys(i), s.block_keys(j)
             if sorted(tk) != sorted(sk) or t.signature(i) != s.signature(j):
@@ -465,58 +720,56 @@ def _run(t: _Model, s: _Model, batches, *, atol, rtol, seed, device, dtype, prog
             for name in tk:
                 a, b = t.source.raw(tk[name]), s.source.raw(sk[name])
                 if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
-                        or not torch.equal(t.source.read_bytes(tk[name]), s.source.read_bytes(sk[name])):
+                        or not _same_bytes(side.memory.bytes(t.source, tk[name]), memory.bytes(s.source, sk[name])):
                     return False
             return True
 
-        def run(side: _Model, i: int, key: str, masks: str, pe: str):
-            layer = side.block(i)
+        def run(j: int):
+            layer = s.block(j, memory)
             for st in state:
-                out = layer(st[key], attention_mask=st[masks](i), position_embeddings=st[pe](i), position_ids=st["pos"],
+                out = layer(st["s"], attention_mask=st["sm"](j), position_embeddings=st["spe"](j), position_ids=st["pos"],
                             past_key_values=None, use_cache=False)
-                st[key] = out[0] if isinstance(out, tuple) else out
+                st["s"] = out[0] if isinstance(out, tuple) else out
             del layer
 
-        check("after the embeddings")
+        check(0, "after the embeddings")
         i = 0
         for j in range(S):
             if progress:
                 progress("verifying (blockwise)", j, S)
             if i > 0 and (S - j > T - i) and s.zero_output(j):
-                run(s, j, "s", "sm", "spe")  # an inserted block: the stream must come out unchanged
+                run(j)  # an inserted block: the stream must come out unchanged
                 inserted.append(j)
                 continue
             if i > 0:
-                check(f"after teacher block {i - 1} (student block {j - 1})")
+                check(i, f"after teacher block {i - 1} (student block {j - 1})")
             if i < T:
                 skip = copy_of_teacher(i, j)
-                run(t, i, "t", "tm", "tpe")
                 i += 1
+                side.release(i)
                 if skip:
-                    for st in state:
-                        st["s"] = st["t"]
+                    for h, st in zip(side.stream(i), state):
+                        st["s"] = h
                     copied.append(j)
                     continue
-            run(s, j, "s", "sm", "spe")
-        while i < T:  # a student with fewer blocks: run the teacher's rest (the outputs will differ)
-            run(t, i, "t", "tm", "tpe")
-            i += 1
-        check(f"after teacher block {T - 1} (student block {S - 1})")
+            run(j)
+        # a student with fewer blocks: the teacher's rest runs too (the outputs will differ)
+        check(T, f"after teacher block {T - 1} (student block {S - 1})")
         if progress:
             progress("verifying (blockwise)", S, S)
         # the outputs compared in float64 a few positions at a time (the logits of every probe
         # position over a 32k vocabulary in float64 would be the largest thing in memory)
         parts = []
-        for st in state:
-            a_all, b_all = t.head(st["t"])[st["keep"]], s.head(st["s"])[st["keep"]]
+        for a_all, st in zip(side.outputs(), state):
+            b_all = s.head(st["s"])[st["keep"]]
             for r in range(0, a_all.shape[0], COMPARE_ROWS):
                 a, b = a_all[r:r + COMPARE_ROWS].to("cpu", torch.float64), b_all[r:r + COMPARE_ROWS].to("cpu", torch.float64)
                 if not t.causal and b.shape[-1] != a.shape[-1]:
                     a = _tile(a, b.shape[-1])
                 parts.append((len(a), compare_outputs(a, b, atol=atol, rtol=rtol, probes=0, seed=seed, device=device,
                                                       dtype=dtype)))
-            del a_all, b_all
-    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in batches))
+            del b_all
+    c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in side.batches))
     if not t.causal:
         c.argmax_agreement = None
     if first is None and not c.passed:
@@ -575,10 +828,15 @@ class FullComparison(Comparison):
 
 
 def compare(teacher: Path, student: Path, *, mode: str = "auto",
-            progress: Callable[[str, int, int], None] | None = None, **kw) -> Comparison:
+            progress: Callable[[str, int, int], None] | None = None, budget: bool = False,
+            ahead: TeacherAhead | None = None, **kw) -> Comparison:
     """Verify ``student`` against ``teacher`` blockwise (``streaming``: one block in memory), by
     loading both models whole with transformers (``full``), or (``auto``) blockwise whenever
-    both directories are of a family the streaming verifier supports, else whole."""
+    both directories are of a family the streaming verifier supports, else whole. ``budget``:
+    the probes are the default ones, which a big model runs on a budget (:func:`probe_budget`);
+    ``ahead``: the teacher's side, computed already (:func:`teacher_ahead`)."""
+    from .errors import UserError
+
     if mode not in VERIFY_MODES:
         raise UserError(f"verify mode '{mode}' is not one of {', '.join(VERIFY_MODES)}")
     why = unsupported(teacher) or unsupported(student)
@@ -587,5 +845,5 @@ def compare(teacher: Path, student: Path, *, mode: str = "auto",
         raise UserError(f"blockwise verification cannot verify this model: {why}",
                         where=str(student), hint="Use --verify-mode full (loads both models whole).")
     if mode == "streaming" or (mode == "auto" and able):
-        return compare_dirs(teacher, student, progress=progress, **kw)
+        return compare_dirs(teacher, student, progress=progress, budget=budget, ahead=ahead, **kw)
     return FullComparison(**hf_verify.compare_dirs(teacher, student, **kw).to_dict())

@@ -1,0 +1,208 @@
+"""Blockwise verification at scale (issue 8): the probe budget of big models catches what the full
+probes catch (a wrong weight, rope, norm, attention window), says what ran, and gives way to the
+user's --probes; the teacher's side computed ahead, in a thread beside the writing, gives the
+comparison the lockstep one gives."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from helpers import VOCAB, make_hf_model  # noqa: E402
+from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
+from n2n_cli.spec import spec_from_steps  # noqa: E402
+
+KW = dict(vocab=VOCAB, max_len=64, probes=64, seed=0, atol=1e-5, rtol=1e-4, device=torch.device("cpu"),
+          dtype=torch.float32)
+
+
+@pytest.fixture
+def budget_everywhere(monkeypatch):
+    """Tiny models get the budget that big ones get by default."""
+    monkeypatch.setattr(hf_stream, "BUDGET_PARAMETERS", 0)
+
+
+def both(src, out):
+    return hf_stream.compare_dirs(src, out, **KW), hf_stream.compare_dirs(src, out, budget=True, **KW)
+
+
+def deepened(tmp_path, family="llama", **kw):
+    src = make_hf_model(tmp_path, family, num_hidden_layers=3, **kw)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [0, 2]}}], seed=1), src, out, device="cpu", verify=False)
+    return src, out
+
+
+def edit(out, **fields):
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(fields)
+    (out / "config.json").write_text(json.dumps(cfg))
+
+
+def scale(out, key, factor, row=None):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(out / "model.safetensors")
+    if row is None:
+        sd[key] = sd[key] * factor
+    else:
+        sd[key][row] *= factor
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_the_budget_runs_a_prefix_of_the_full_probes_and_says_so(tmp_path, budget_everywhere):
+    src, out = deepened(tmp_path)
+    full, budget = both(src, out)
+    assert full.passed and budget.passed
+    assert full.probes == 63 and budget.probes == 3 * hf_stream.BUDGET_SEQUENCES
+    assert full.to_dict().get("probe_budget") is None and "probe_budget" not in full.to_dict()
+    assert "12 of the 63 probe sequences (216 of 1134 tokens" in budget.probe_budget
+    assert "--probes N runs N" in budget.probe_budget
+    batches = hf_verify.probe_batches(VOCAB, 64, 64, 0)
+    kept, note = hf_stream.probe_budget(batches, hf_stream.hf_io.open_hf_dir(src))
+    for (ids, mask), (k_ids, k_mask) in zip(batches, kept):  # the same seeded tokens, padded and not
+        assert torch.equal(k_ids, ids[:4]) and torch.equal(k_mask, mask[:4])
+        assert {bool(m.all()) for m in k_mask} == {True, False}
+
+
+def test_no_budget_below_the_threshold(tmp_path):
+    src, out = deepened(tmp_path)
+    c = hf_stream.compare_dirs(src, out, budget=True, **KW)
+    assert c.passed and c.probes == 63 and c.probe_budget is None
+
+
+@pytest.mark.parametrize("family,kw,wrong", [
+    ("llama", {}, "weight"),  # one weight of one copied block
+    ("llama", {}, "row"),  # one row of one inserted block's output projection
+    ("llama", {}, "rope"),
+    ("llama", {}, "norm"),  # the final norm
+    ("mistral", {"sliding_window": 7}, "window"),  # a wider window: only positions past 7 see it
+    ("qwen2", {"layer_types": ["sliding_attention", "full_attention", "full_attention"], "use_sliding_window": True,
+               "sliding_window": 6, "max_window_layers": 1}, "layer_types"),  # which layers slide, shifted
+], ids=["weight", "row", "rope", "norm", "window", "layer-types"])
+def test_the_budget_catches_what_the_full_probes_catch(tmp_path, budget_everywhere, family, kw, wrong):
+    src, out = deepened(tmp_path, family, **kw)  # student blocks 0 1 2 3 4: teacher 0, inserted, 1, 2, inserted
+    if wrong == "weight":
+        scale(out, "model.layers.2.mlp.up_proj.weight", 1.05, row=3)
+    elif wrong == "row":
+        scale(out, "model.layers.4.self_attn.o_proj.weight", 0.0, row=0)
+        from safetensors.torch import load_file, save_file
+        sd = load_file(out / "model.safetensors")
+        sd["model.layers.4.self_attn.o_proj.weight"][5, 7] = 1e-3  # no longer an inserted (zero) block
+        save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    elif wrong == "rope":
+        edit(out, rope_parameters={"rope_theta": 20000.0, "rope_type": "default"})
+    elif wrong == "norm":
+        scale(out, "model.norm.weight", 1.01)
+    elif wrong == "window":
+        edit(out, sliding_window=9)
+    else:
+        types = json.loads((out / "config.json").read_text())["layer_types"]
+        assert types[2] == "full_attention"  # teacher block 1
+        edit(out, layer_types=["sliding_attention"] * len(types))
+    full, budget = both(src, out)
+    assert not full.passed and not budget.passed, (full, budget)
+    where = (lambda c: (c.first_divergence or "").split(":")[0])
+    assert where(budget) == where(full), (full.first_divergence, budget.first_divergence)
+    assert budget.probe_budget is not None
+
+
+@pytest.mark.parametrize("window", [7, None])
+def test_the_long_probes_stay_in_full(tmp_path, budget_everywhere, window):
+    src, out = deepened(tmp_path, "mistral", sliding_window=window)
+    full, budget = both(src, out)
+    long = 2 if window else 0  # two sequences past the window
+    assert full.probes == 63 + long and budget.probes == 12 + long
+
+
+def test_grow_uses_the_budget_unless_the_probes_are_the_users(tmp_path, budget_everywhere):
+    src = make_hf_model(tmp_path, "llama")
+    steps = [{"widen": {"dim": "intermediate_size", "factor": 2}}]
+    r = api.grow(spec_from_steps(steps, seed=1), src, tmp_path / "a", device="cpu")
+    v = r["verification"]["exact"]
+    assert v["passed"] and v["probes"] == 12 and "probe budget" in v["probe_budget"]
+    facts = json.loads((tmp_path / "a" / "n2n_verification.json").read_text())
+    assert facts["exact"]["probe_budget"] == v["probe_budget"]  # the record says what ran
+    r = api.grow(spec_from_steps(steps, seed=1), src, tmp_path / "b", device="cpu", probes=64)
+    assert r["verification"]["exact"]["probes"] == 63 and "probe_budget" not in r["verification"]["exact"]
+    spec = spec_from_steps(steps, seed=1).model_copy(update={"verify": hf_stream_verify(probes=64)})
+    r = api.grow(spec, src, tmp_path / "c", device="cpu")
+    assert r["verification"]["exact"]["probes"] == 63
+    for name in "abc":  # the weights are the same whatever the probes
+        assert (tmp_path / name / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+
+
+def hf_stream_verify(**kw):
+    from n2n_cli.spec import VerifySpec
+
+    return VerifySpec(**kw)
+
+
+def test_grow_computes_the_teachers_side_ahead_in_a_thread(tmp_path, monkeypatch):
+    """The teacher's blocks run in a thread while the student is written; the verdict and the
+    measured errors are the lockstep comparison's."""
+    src = make_hf_model(tmp_path, "qwen2", layer_types=["sliding_attention", "full_attention"], use_sliding_window=True,
+                        sliding_window=6, max_window_layers=1)
+    threads = []
+    real = hf_stream._TeacherSide.run_all
+
+    def spy(self, *a, **k):
+        threads.append(threading.current_thread().name)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(hf_stream._TeacherSide, "run_all", spy)
+    steps = [{"widen": {"dim": "intermediate_size", "factor": 2, "noise": 0.1}}, {"deepen": {"after": [1]}}]
+    r = api.grow(spec_from_steps(steps, seed=1), src, tmp_path / "out", device="cpu")
+    assert threads == ["n2n-teacher-ahead"]
+    ahead = r["verification"]["exact"]
+    plain = hf_stream.compare_dirs(src, tmp_path / "out", vocab=VOCAB, max_len=64, probes=64, seed=1,
+                                   atol=ahead["atol"], rtol=ahead["rtol"], device=torch.device("cpu"),
+                                   dtype=torch.float32).to_dict()
+    assert ahead["passed"] and ahead == plain
+    assert not [t for t in threading.enumerate() if t.name == "n2n-teacher-ahead"]
+
+
+def test_a_teacher_side_for_other_probes_is_not_used(tmp_path):
+    """Planned with a config whose window differs from the student's on disk (other long probes):
+    the comparison computes the teacher's side again, for the probes it needs."""
+    src, out = deepened(tmp_path, "mistral", sliding_window=7)
+    planned = json.loads((out / "config.json").read_text())
+    with hf_stream.teacher_ahead(src, {**planned, "sliding_window": 20}, **{k: v for k, v in KW.items()
+                                                                             if k not in ("atol", "rtol")}) as ahead:
+        assert ahead is not None and ahead.result().key[-1] != 23
+        c = hf_stream.compare_dirs(src, out, ahead=ahead, **KW)
+    assert c.passed and c.to_dict() == hf_stream.compare_dirs(src, out, **KW).to_dict()
+
+
+def test_leaving_early_stops_the_thread(tmp_path):
+    src, out = deepened(tmp_path)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in KW.items() if k not in ("atol", "rtol")}
+    with pytest.raises(RuntimeError, match="the writer failed"):
+        with hf_stream.teacher_ahead(src, planned, **kw):
+            raise RuntimeError("the writer failed")
+    assert not [t for t in threading.enumerate() if t.name == "n2n-teacher-ahead"]
+    with hf_stream.teacher_ahead(src, planned, mode="full", **kw) as ahead:
+        assert ahead is None
+    headed = {**planned, "architectures": ["LlamaForSequenceClassification"]}
+    with hf_stream.teacher_ahead(src, headed, **kw) as ahead:
+        assert ahead is None  # a task head: full mode verifies it, nothing runs ahead
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 8, 9, 17])
+def test_same_bytes(n):
+    a = torch.arange(n, dtype=torch.uint8)
+    assert hf_stream._same_bytes(a, a.clone())
+    assert not hf_stream._same_bytes(a, torch.arange(n + 1, dtype=torch.uint8))
+    if n:
+        b = a.clone()
+        b[-1] ^= 1
+        assert not hf_stream._same_bytes(a, b)
+        b = a.clone()
+        b[0] ^= 1
+        assert not hf_stream._same_bytes(a, b)
