@@ -421,7 +421,7 @@ def _verify_plan(steps: list[StepEntry], plan: Plan, source: TensorSource, desc:
 
 def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription | str | Path | None = None,
            student_model: ModelDescription | str | Path | None = None, device: str = "cpu", seed: int = 0,
-           probes: int = 64, atol: float | None = None, rtol: float | None = None,
+           probes: int | None = None, atol: float | None = None, rtol: float | None = None,
            verify_dtype: str | None = None, progress: Progress | None = None, model_code: str | None = None,
            model_args: dict | None = None, example_input=None, verify_mode: str = "auto") -> dict:
     """Check that ``student`` is ``teacher`` grown: the certificate (when the student records its
@@ -429,8 +429,11 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
     on seeded probes. Raises VerificationFailed (exit 3) when either fails, TeacherMismatch (exit 2)
     when the teacher is not the one the student was grown from, ModelError (exit 2) when the
     architectures cannot be teacher and grown student. ``model_code`` (or the student's recorded
-    n2n_model_code): both run through the user's module."""
+    n2n_model_code): both run through the user's module. ``probes``: 64 when not given (a Hugging
+    Face model over 1e8 parameters then runs on the documented probe budget, as grow does)."""
     from . import graph_api
+
+    budget, probes = probes is None, probes or 64
 
     code, _ = graph_api.model_code_of(None, Path(student), model_code, model_args, example_input) \
         if not Path(student).is_dir() else (None, None)
@@ -439,7 +442,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
                                 atol=atol, rtol=rtol, verify_dtype=verify_dtype)
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                          verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode)
+                          verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode, budget=budget)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -553,7 +556,7 @@ def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, 
 
 
 def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None,
-               verify_mode="auto") -> dict:
+               verify_mode="auto", budget: bool = False) -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (t_src, t_arch, t_head), _open_hf(student) as (s_src, s_arch, s_head):
@@ -578,7 +581,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
                           max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,
-                          device=resolve_device(device), dtype=dtype).to_dict()
+                          device=resolve_device(device), dtype=dtype, budget=budget).to_dict()
     if hf_st.read_modules(teacher) is not None and hf_st.read_modules(student) is not None:
         # sentence-transformers directories: what users consume is the embedding after pooling,
         # Dense and Normalize (which the hidden states alone do not check), as grow compares it

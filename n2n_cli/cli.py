@@ -635,7 +635,10 @@ def verify(
     student_model: Annotated[Optional[Path], typer.Option("--student-model", help="Student's model description "
                                                           "(default: its n2n metadata).")] = None,
     device: DeviceOpt = "auto", seed: Annotated[int, typer.Option("--seed", help="Probe seed.")] = 0,
-    probes: Annotated[int, typer.Option("--probes", min=1, max=MAX_PROBES, help="Number of random probe inputs.")] = 64,
+    probes: Annotated[Optional[int], typer.Option(
+        "--probes", min=1, max=MAX_PROBES,
+        help="Number of random probe inputs (default 64; a Hugging Face model over 1e8 parameters runs a documented "
+             "budget of them unless you give --probes).")] = None,
     atol: AtolOpt = None, rtol: RtolOpt = None, report: ReportOpt = None, json_: JsonOpt = False,
     quiet: QuietOpt = False, verify_dtype: VerifyDtypeOpt = None,
     model_code: ModelCodeOpt = None, model_args: ModelArgsOpt = None, example_input: ExampleInputOpt = None,

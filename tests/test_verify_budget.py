@@ -206,3 +206,17 @@ def test_same_bytes(n):
         b = a.clone()
         b[0] ^= 1
         assert not hf_stream._same_bytes(a, b)
+
+
+def test_verify_uses_the_budget_unless_the_probes_are_the_users(tmp_path, budget_everywhere, cli):
+    """`n2n verify` of a big model runs the same budget as grow; --probes runs what it says."""
+    src, out = deepened(tmp_path)
+    r = api.verify(src, out, device="cpu")
+    assert r["passed"] and r["probes"] == 12 and "probe budget" in r["probe_budget"]
+    r = api.verify(src, out, device="cpu", probes=64)
+    assert r["passed"] and r["probes"] == 63 and "probe_budget" not in r
+    res = cli("verify", src, out, "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["probes"] == 12
+    res = cli("verify", src, out, "--probes", "64", "--json")
+    assert json.loads(res.stdout)["probes"] == 63
