@@ -344,10 +344,11 @@ class _Model:
         ``embed_multiplier``); an encoder's embedding module (``embeddings``)."""
         if self.facts.get("embeddings"):
             return self._embed_encoder(ids)
-        h = F.embedding(ids, self.get(self.facts.get("embed", "embed_tokens.weight"))).to(self.device, self.dtype)
+        # only the probe tokens' rows are read (a 7B model's table is 262 MB in bf16)
+        h = self.rows(self.prefix + self.facts.get("embed", "embed_tokens.weight"), ids.cpu()).to(self.device, self.dtype)
         if self.facts.get("positions"):  # learned positions (GPT-2's wpe): the rows of positions 0..n-1 added
             n = ids.shape[-1]
-            h = h + self.source.get(self.prefix + self.facts["positions"])[:n].to(self.device, self.dtype)
+            h = h + self.rows(self.prefix + self.facts["positions"], start=0, stop=n).to(self.device, self.dtype)
         if self.facts.get("embed_scale") == "sqrt_hidden":  # as GemmaTextScaledWordEmbedding: in the weights' dtype
             h = h * torch.tensor(self.config.hidden_size ** 0.5).to(h.dtype)
         if self.facts.get("embed_multiplier"):
@@ -370,13 +371,13 @@ class _Model:
             return h
         if self.facts.get("mlm_head"):
             return self._mlm_logits(h)
-        w = self.source.get("lm_head.weight") if "lm_head.weight" in self.source.keys() \
-            else self.get(self.facts.get("embed", "embed_tokens.weight"))
+        w_key = "lm_head.weight" if "lm_head.weight" in self.source.keys() \
+            else self.prefix + self.facts.get("embed", "embed_tokens.weight")
         divisor = getattr(self.config, self.facts["logits_divisor"]) if self.facts.get("logits_divisor") else None
         cap = getattr(self.config, self.facts["logit_softcap"], None) if self.facts.get("logit_softcap") else None
         out = []
-        for r in range(0, w.shape[0], HEAD_ROWS):
-            y = h @ w[r:r + HEAD_ROWS].to(self.device, self.dtype).T
+        for r in range(0, self.source.shape(w_key)[0], HEAD_ROWS):  # a slice of the vocabulary read at a time
+            y = h @ self.rows(w_key, start=r, stop=r + HEAD_ROWS).to(self.device, self.dtype).T
             if divisor is not None:
                 y = y / divisor
             if cap is not None:

@@ -108,6 +108,28 @@ def test_streaming_forward_is_transformers_forward(tmp_path, model_type):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2"])  # untied head, tied head, learned positions
+def test_embedding_and_head_tables_are_never_read_whole(tmp_path, monkeypatch, model_type):
+    """Memory: the probe tokens' embedding rows and the head's vocabulary slices are read alone
+    (a 7B model's table is 262 MB in bf16, in float32 twice that); reading a whole table fails."""
+    from n2n_cli import hf_io
+
+    src = make_hf_model(tmp_path, "llama") if model_type == "llama" else make(tmp_path, model_type, layers=2)
+    with hf_io.open_hf_dir(src) as source:
+        assert ("lm_head.weight" in source.keys()) == (model_type == "llama")  # untied / tied heads
+    b = batches()
+    full = full_outputs(src, b)
+    get = hf_io.HFDirSource.get
+
+    def guarded(self, key):
+        assert not key.endswith(("embed_tokens.weight", "lm_head.weight", "wte.weight", "wpe.weight")), key
+        return get(self, key)
+
+    monkeypatch.setattr(hf_io.HFDirSource, "get", guarded)
+    monkeypatch.setattr(hf_stream, "HEAD_ROWS", 16)  # several vocabulary slices
+    assert rel_error(full, hf_stream.forward(src, b)) <= 1e-5
+
+
 @pytest.mark.parametrize("model_type,kw", [
     ("gemma3_text", dict(use_bidirectional_attention=True)),  # bidirectional masks (symmetric windows)
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),  # the layer index enters the attention's scaling
