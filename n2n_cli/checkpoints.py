@@ -298,6 +298,9 @@ def place_file(tmp: Path, out: Path, *, force: bool,
         raise OutputError(f"cannot move the new file into place ({e.strerror})", where=str(out)) from None
 
 
+WRITEBACK_BYTES = 64 << 20  # start writing to disk every 64 MiB produced (the final fsync waits less)
+
+
 def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
                       produce: Callable[[str], torch.Tensor], metadata: dict[str, str],
                       on_tensor: Callable[[str], None] | None = None, name: str | None = None) -> None:
@@ -316,6 +319,7 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned, as safetensors does
     buf = None
+    flushed = 0  # bytes whose write-back to disk was started (fsutil.start_writeback)
     try:
         with open(path, "wb", buffering=0) as f:
             write_all(f, memoryview(struct.pack("<Q", len(raw)) + raw))
@@ -329,6 +333,10 @@ def write_safetensors(path: Path, entries: list[tuple[str, torch.dtype, tuple[in
                 else:
                     write_all(f, memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
                 del t
+                written = f.tell()
+                if written - flushed >= WRITEBACK_BYTES:
+                    fsutil.start_writeback(f.fileno(), flushed, written - flushed)
+                    flushed = written
                 if on_tensor:
                     on_tensor(key)
             os.fsync(f.fileno())

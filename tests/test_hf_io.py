@@ -508,3 +508,23 @@ def test_gpt2_loads_with_transformers(tmp_path):
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(grown.eval()(ids).logits, model(ids).logits)
+
+
+def test_early_writeback_changes_when_not_what(tmp_path, monkeypatch):
+    """write_safetensors starts write-back every WRITEBACK_BYTES (sync_file_range): same bytes
+    with it, without it (a C library lacking the call), and called with growing offsets."""
+    import torch
+    from n2n_cli import checkpoints, fsutil
+
+    tensors = {f"t{i}": torch.randn(300, 100, generator=torch.Generator().manual_seed(i)) for i in range(5)}
+    entries = [(k, t.dtype, tuple(t.shape)) for k, t in tensors.items()]
+    monkeypatch.setattr(checkpoints, "WRITEBACK_BYTES", 100_000)  # every tensor (120 kB each)
+    calls = []
+    real = fsutil.start_writeback
+    monkeypatch.setattr(fsutil, "start_writeback", lambda fd, off, n: (calls.append((off, n)), real(fd, off, n)))
+    checkpoints.write_safetensors(tmp_path / "a.safetensors", entries, tensors.__getitem__, {"format": "pt"})
+    assert len(calls) == 5 and all(a[0] + a[1] == b[0] for a, b in zip(calls, calls[1:]))
+    monkeypatch.setattr(fsutil, "start_writeback", real)
+    monkeypatch.setattr(fsutil, "_sync_file_range_fn", False)  # unavailable: a no-op
+    checkpoints.write_safetensors(tmp_path / "b.safetensors", entries, tensors.__getitem__, {"format": "pt"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
