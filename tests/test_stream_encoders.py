@@ -18,9 +18,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers import VOCAB, randomize_hf_norms  # noqa: E402
-from n2n_cli import api, hf_io, hf_stream, hf_verify  # noqa: E402
+from n2n_cli import api, hf_io, hf_stream  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
 from test_hf_stream import batches  # noqa: E402
+from test_stream_families import full_outputs, rel_error  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
@@ -62,15 +63,6 @@ def probe(model_type: str):
         ids[:, 2] = PAD[model_type]
         ids[0, -1] = PAD[model_type]
     return b
-
-
-def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def full_outputs(path: Path, b) -> torch.Tensor:
-    model, causal = hf_verify.load_model(path, torch.float32, torch.device("cpu"))
-    return hf_verify.outputs(model, causal, b, torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- (1) the forward

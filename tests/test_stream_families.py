@@ -16,18 +16,16 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from helpers import VOCAB, make_hf_model, randomize_hf_norms  # noqa: E402
+from helpers import VOCAB, make_hf_model  # noqa: E402
 from moe_models import make_moe_model  # noqa: E402
 from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
+from test_families import make as make_family  # noqa: E402
 from test_hf_stream import batches  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 transformers.logging.disable_progress_bar()
 
-DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=40, num_attention_heads=4,
-               num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
-               eos_token_id=2)
 MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
 WINDOW = 6  # every family with a window gets this one (the probes of 16 and 33 tokens go past it)
 
@@ -71,17 +69,7 @@ def make(tmp_path: Path, model_type: str, layers: int = 2, name: str = "teacher"
         return make_hf_model(tmp_path, "gpt2", name=name, **cfg)
     if model_type in MOE_TYPES:  # routers scaled up so that the top-k choice differs from token to token
         return make_moe_model(tmp_path, model_type, name=name, **cfg)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(model_type, **{**DECODER, **cfg}))
-    randomize_hf_norms(model)
-    with torch.no_grad():  # q/k norms and the like without a bias: perturb every 1-d parameter
-        for n, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in n.lower():
-                p.uniform_(0.5, 1.5)
-    path = tmp_path / name
-    model.save_pretrained(path)
-    return path
+    return make_family(tmp_path, model_type, name=name, **cfg)  # norms and biases perturbed
 
 
 def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
