@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -269,7 +268,7 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
                          "deviation": {**c.to_dict(), "passed": None},
                          "note": "approximate growth (allow_approximate): the deviation is measured, not judged"}
                 if st is not None:
-                    v["sentence_embeddings"] = _verify_st(st, src, staged, v, atol=c.atol, rtol=c.rtol,
+                    v["sentence_embeddings"] = _verify_st(st.normalized, src, staged, v, atol=c.atol, rtol=c.rtol,
                                                           device=resolve_device(device), dtype=dtype, seed=seed)
                 report["verification"] = v
                 clock.mark("verify")
@@ -292,14 +291,15 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         return report
 
 
-def _verify_st(st, teacher: Path, student: Path, v: dict, **kw) -> dict:
+def _verify_st(normalized: bool | None, teacher: Path, student: Path, v: dict, **kw) -> dict:
     """Sentence embeddings of both directories with sentence-transformers (when installed): the
-    student's, de-tiled, must be the teacher's; without sentence-transformers, a note."""
+    student's, de-tiled, must be the teacher's; without sentence-transformers, a note.
+    ``normalized``: a Normalize follows the tiled output (None: told by the student's norms)."""
     if not hf_st.installed():
         return {"passed": None, "skipped": True,
                 "note": "sentence-transformers is not installed: the transformer's hidden states were verified, "
                         "the module tree (pooling, dense, normalize) was not run"}
-    e = hf_st.compare_embeddings(teacher, student, normalized=st.normalized, **kw)
+    e = hf_st.compare_embeddings(teacher, student, normalized=normalized, **kw)
     if v["passed"] is None:  # approximate growth: measured, not judged
         e["passed"] = None
     elif not e["passed"]:
@@ -585,7 +585,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     if hf_st.read_modules(teacher) is not None and hf_st.read_modules(student) is not None:
         # sentence-transformers directories: what users consume is the embedding after pooling,
         # Dense and Normalize (which the hidden states alone do not check), as grow compares it
-        e = _verify_st(SimpleNamespace(normalized=None), teacher, student, c, atol=atol, rtol=rtol,
+        e = _verify_st(None, teacher, student, c, atol=atol, rtol=rtol,
                        device=resolve_device(device), dtype=dtype, seed=seed)
         c["sentence_embeddings"] = e
         if e.get("passed") is False:
