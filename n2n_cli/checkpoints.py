@@ -49,15 +49,19 @@ class RawSpan:
         done = 0
         while done < self.nbytes:
             n = min(step, self.nbytes - done)
-            got = 0
-            while got < n:
-                k = os.preadv(self.fd, [view[got:n]], self.offset + done + got)
-                if k <= 0:
-                    raise CheckpointError("the file is shorter than its header says (changed while n2n ran?)",
-                                          where=self.where)
-                got += k
+            self.read_into(view[:n], done)
             yield buf[:n]
             done += n
+
+    def read_into(self, view: memoryview, at: int) -> None:
+        """Fill ``view`` with the span's bytes from ``at`` (relative to its start), with ``pread``."""
+        got = 0
+        while got < len(view):
+            k = os.preadv(self.fd, [view[got:]], self.offset + at + got)
+            if k <= 0:
+                raise CheckpointError("the file is shorter than its header says (changed while n2n ran?)",
+                                      where=self.where)
+            got += k
 
     def all_finite(self, buf: torch.Tensor) -> bool:
         from .transforms import all_finite

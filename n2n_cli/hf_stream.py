@@ -36,7 +36,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import importlib
-import os
 import math
 import threading
 from dataclasses import dataclass, field
@@ -300,13 +299,8 @@ class _Model:
                     spans.append((i, i + 1))
         parts = []
         for a, b in spans:
-            buf, n, done = bytearray((b - a) * row), (b - a) * row, 0
-            while done < n:
-                got = os.preadv(span.fd, [memoryview(buf)[done:]], span.offset + a * row + done)
-                if got <= 0:
-                    raise UserError(f"cannot read tensor '{key}': the file is shorter than its header says",
-                                    where=span.where)
-                done += got
+            buf, n = bytearray((b - a) * row), (b - a) * row
+            span.read_into(memoryview(buf), a * row)
             parts.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(b - a, *shape[1:]) if n
                          else torch.empty(0, *shape[1:], dtype=dtype))
         out = torch.cat(parts) if len(parts) != 1 else parts[0]
