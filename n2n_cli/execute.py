@@ -97,11 +97,14 @@ class Materializer:
                 t = _create(op, dtype, work, generator(self.plan.seed, op.step, "init", key))
             elif isinstance(op, Widen):
                 t = t.to(self.device)  # only computed tensors travel; copies stay where they are
-                for ax, axis, mapping in op.axes:
+                for k, (ax, axis, mapping) in enumerate(op.axes):
+                    # nothing but copies after this axis, then the rounding to the output dtype
+                    last = op is recipe[-1] and t.dtype == dtype and all(
+                        a.role == "out" for _, a, _ in op.axes[k + 1:])
                     t = widen_axis(t, ax, axis, self._mapping(mapping), method=op.method, noise=op.noise,
                                    noise_mode=op.noise_mode, rng=generator(self.plan.seed, op.step, "widen", key, ax),
                                    pad=mapping.pad, norm_scale=mapping.norm_scale, embed_scale=mapping.embed_scale,
-                                   work=work if t.is_floating_point() else None)
+                                   work=work if t.is_floating_point() else None, last=last)
             elif isinstance(op, Scale):
                 t = _scale(op, t.to(self.device), work, self.plan.seed)
         assert t is not None

@@ -430,10 +430,10 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
     used when it ran on these same probes."""
     max_len = min(max_len, hf_verify._max_tokens(teacher))  # RoBERTa's positions start after the padding index
     s = _Model(Path(student), dtype, device)
-    side = ahead.result() if ahead is not None else None
+    side = ahead.started() if ahead is not None else None
     if side is not None and side.key != (Path(teacher), vocab, max_len, probes, seed, str(device), dtype, budget,
                                          hf_verify.long_probe_length(side.t.config, s.config)):
-        side.t.close()
+        ahead.cancel()  # stops its thread and closes its files
         side = None  # not these probes (the student's config.json is not the planned one): run it here
     if side is None:
         t = _Model(Path(teacher), dtype, device)
@@ -535,7 +535,10 @@ class _TeacherSide:
     the masks and position embeddings its blocks get, and its outputs at the kept positions.
     Computed on demand (:meth:`stream`: in lockstep with the student, earlier streams dropped with
     :meth:`release`) or all at once (:meth:`run_all`: ahead, in a thread while the student is
-    written, when the streams fit in ``AHEAD_BYTES``)."""
+    written, when the streams fit in ``AHEAD_BYTES``). While that thread (the runner) computes,
+    :meth:`stream` and :meth:`outputs` called from another thread wait for what they ask for, so
+    the student's side runs block by block behind the teacher's instead of after all of it; the
+    runner's own buffers (``memory``) are the runner's alone until it has finished."""
 
     def __init__(self, t: _Model, batches: list, note: str | None, key: tuple | None):
         self.t, self.batches, self.note, self.key = t, batches, note, key
@@ -552,12 +555,26 @@ class _TeacherSide:
         self.streams: dict[int, list[torch.Tensor]] = {0: first}
         self.done = 0  # blocks run
         self._outputs: list[torch.Tensor] | None = None
+        self._cv = threading.Condition()  # guards streams, done and _outputs while a runner computes
+        self.runner: threading.Thread | None = None  # the thread in run_all, set before others see this side
+        self._error: BaseException | None = None  # what stopped the runner, raised again to its waiters
+
+    def _wait(self, ready: Callable[[], bool]) -> None:
+        """Called from another thread than a running runner: wait until ``ready()`` or the runner
+        stopped (then its error, if any, is raised here; else whatever is missing is computed
+        here). The caller holds ``self._cv``."""
+        while self.runner is not None and self.runner is not threading.current_thread() and not ready():
+            self._cv.wait()
+        if self._error is not None and not ready():
+            raise self._error
 
     def stream_bytes(self) -> int:
         """What all the streams take at once."""
         return sum(h.numel() * h.element_size() for h in self.streams[0]) * (self.t.arch.layers + 1)
 
     def stream(self, k: int) -> list[torch.Tensor]:
+        with self._cv:
+            self._wait(lambda: self.done >= k)
         while self.done < k:
             i = self.done
             layer = self.t.block(i, self.memory)
@@ -565,38 +582,59 @@ class _TeacherSide:
                 out = [layer(h, attention_mask=st["masks"](i), position_embeddings=st["pe"](i), position_ids=st["pos"],
                              past_key_values=None, use_cache=False) for h, st in zip(self.streams[i], self.state)]
             del layer
-            self.streams[i + 1] = [o[0] if isinstance(o, tuple) else o for o in out]
-            self.done += 1
-        return self.streams[k]
+            with self._cv:
+                self.streams[i + 1] = [o[0] if isinstance(o, tuple) else o for o in out]
+                self.done += 1
+                self._cv.notify_all()
+        with self._cv:
+            return self.streams[k]
 
     def release(self, k: int) -> None:
         """Streams before ``k`` are not needed any more (those still needed to compute it are kept)."""
-        for n in [n for n in self.streams if n < min(k, self.done)]:
-            del self.streams[n]
+        with self._cv:
+            for n in [n for n in self.streams if n < min(k, self.done)]:
+                del self.streams[n]
 
     def outputs(self) -> list[torch.Tensor]:
         """The final norm and head (causal LMs) at the kept positions, per batch (compute dtype)."""
+        with self._cv:
+            self._wait(lambda: self._outputs is not None)
         if self._outputs is None:
             h = self.stream(self.t.arch.layers)
             with torch.no_grad(), full_precision():
-                self._outputs = [self.t.head(x)[st["keep"]] for x, st in zip(h, self.state)]
+                outputs = [self.t.head(x)[st["keep"]] for x, st in zip(h, self.state)]
+            with self._cv:
+                self._outputs = outputs
+                self._cv.notify_all()
         return self._outputs
 
     def run_all(self, cancelled: Callable[[], bool] = lambda: False) -> None:
-        for k in range(1, self.t.arch.layers + 1):
-            if cancelled():
-                return
-            self.stream(k)
-        self.outputs()
-        self.memory._out.clear()  # every block has run: its converted tensors are not needed again
+        """Every stream and the outputs (in the runner: the thread that set ``runner``)."""
+        try:
+            for k in range(1, self.t.arch.layers + 1):
+                if cancelled():
+                    return
+                self.stream(k)
+            self.outputs()
+            self.memory._out.clear()  # every block has run: its converted tensors are not needed again
+        except BaseException as e:
+            self._error = e
+            raise
+        finally:
+            with self._cv:
+                self.runner = None
+                self._cv.notify_all()
 
 
 class TeacherAhead:
-    """The teacher's side computed in a thread (:func:`teacher_ahead`); :meth:`result` waits for it
-    (None if it could not run ahead; the comparison then computes it itself)."""
+    """The teacher's side computed in a thread (:func:`teacher_ahead`); :meth:`started` waits until
+    it is set up and returns it while its blocks still run (its streams wait for the thread),
+    :meth:`result` waits for all of it (both None if it could not run ahead; the comparison then
+    computes it itself)."""
 
     def __init__(self, start: Callable[[], _TeacherSide | None]):
         self._cancel = False
+        self._started = concurrent.futures.Future()
         self._future = concurrent.futures.Future()
         self._thread = threading.Thread(target=self._run, args=(start,), name="n2n-teacher-ahead", daemon=True)
         self._thread.start()
@@ -605,10 +643,18 @@ class TeacherAhead:
         try:
             side = start()
             if side is not None:
+                side.runner = threading.current_thread()  # before anyone sees it: its streams wait for this thread
+            self._started.set_result(side)
+            if side is not None:
                 side.run_all(lambda: self._cancel)
             self._future.set_result(None if self._cancel else side)
-        except BaseException as e:  # noqa: BLE001 (raised again by result(), in the caller's thread)
+        except BaseException as e:  # noqa: BLE001 (raised again by started()/result(), in the caller's thread)
+            if not self._started.done():
+                self._started.set_exception(e)
             self._future.set_exception(e)
+
+    def started(self) -> _TeacherSide | None:
+        return self._started.result()
 
     def result(self) -> _TeacherSide | None:
         return self._future.result()
@@ -617,8 +663,8 @@ class TeacherAhead:
         """Stop at the next block, wait, close the teacher's files (also when they were used)."""
         self._cancel = True
         self._thread.join()
-        if self._future.exception() is None and self._future.result() is not None:
-            self._future.result().t.close()
+        if self._started.exception() is None and self._started.result() is not None:
+            self._started.result().t.close()
 
 
 @contextlib.contextmanager
@@ -693,6 +739,7 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
         memory = _Memory(device, dtype)
+        tmemory = _Memory(device, dtype)  # the teacher's bytes read here (its side's buffers are its runner's)
 
         def copy_of_teacher(i: int, j: int) -> bool:
             """May student block j be skipped, its output taken from teacher block i's?
@@ -706,18 +753,18 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             these, so the student's block computes bitwise what the teacher's block computes;
             running it again could only repeat the teacher's result. (A deepen whose inserted
             blocks leave the stream bitwise unchanged keeps (3) for every original block.)"""
-            if not all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"](i), st["spe"](j))
-                       for h, ts, st in zip(side.stream(i), side.state, state)):
-                return False
+            # the weights first: they do not wait for the teacher's side, which may still be
+            # computing stream i in its thread (``tmemory``: this thread's own read buffer)
             tk, sk = t.block_keys(i), s.block_keys(j)
             if sorted(tk) != sorted(sk) or t.signature(i) != s.signature(j):
                 return False
             for name in tk:
                 a, b = t.source.raw(tk[name]), s.source.raw(sk[name])
                 if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
-                        or not _same_bytes(side.memory.bytes(t.source, tk[name]), memory.bytes(s.source, sk[name])):
+                        or not _same_bytes(tmemory.bytes(t.source, tk[name]), memory.bytes(s.source, sk[name])):
                     return False
-            return True
+            return all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"](i), st["spe"](j))
+                       for h, ts, st in zip(side.stream(i), side.state, state))
 
         def run(j: int):
             layer = s.block(j, memory)

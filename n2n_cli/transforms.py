@@ -38,6 +38,25 @@ def make_mapping(m) -> torch.Tensor:
     raise ValueError(f"unknown mapping kind {m.kind!r}")
 
 
+def select_units(t: torch.Tensor, u: int, g: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(u, g)``, the same values, faster where it can: a tile mapping (``g`` =
+    0..old-1 repeated) is a ``repeat`` (a copy of whole runs; 4x faster than a gather on an inner
+    axis of a 2048 x 5632 bf16 matrix), an inner axis otherwise advanced indexing (1.6x faster
+    than ``index_select`` there); the outer axis stays ``index_select`` (whole rows, fastest)."""
+    old, new = t.shape[u], g.numel()
+    if new % old == 0 and torch.equal(g, torch.arange(new, device=g.device) % old):
+        reps = [1] * t.dim()
+        reps[u] = new // old
+        return t.repeat(reps)
+    if u == 0:
+        return t.index_select(0, g)
+    return t[(slice(None),) * u + (g,)]
+
+
+# the largest integer count a half dtype holds exactly (a divisor it can represent)
+_EXACT_COUNTS = {torch.bfloat16: 256, torch.float16: 2048}
+
+
 def _bshape(t: torch.Tensor, ax: int) -> list[int]:
     """Shape that broadcasts a vector along axis ``ax`` of ``t``."""
     shape = [1] * t.dim()
@@ -47,7 +66,7 @@ def _bshape(t: torch.Tensor, ax: int) -> list[int]:
 
 def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method: str, noise: float,
                noise_mode: str, rng: torch.Generator, pad: int = 0, norm_scale: float = 1.0,
-               work: torch.dtype | None = None, embed_scale: float = 1.0) -> torch.Tensor:
+               work: torch.dtype | None = None, embed_scale: float = 1.0, last: bool = False) -> torch.Tensor:
     """Widen axis ``ax`` of ``t`` (which lives in ``axis.space``) from ``old`` units to len(g) + pad.
 
     The axis is viewed as (segments, units, block); units are what the space counts. Roles:
@@ -58,6 +77,13 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     Arithmetic runs in ``work`` (default: ``t``'s dtype). Copies are exact in any dtype, so the
     units are selected in ``t``'s own dtype (half the bytes of float32 for bf16) and converted
     only when something is computed: the values are the same as converting first.
+
+    ``last``: the caller rounds the result to ``t``'s dtype right after this axis (nothing but
+    copies follows). Then a plain ``in`` division of a bfloat16/float16 tensor by float32 counts
+    runs in the tensor's own dtype, which PyTorch computes as float32(x) / float32(c) rounded to
+    float32 and then to the half dtype: the very roundings of converting, dividing in float32
+    and converting back, so the same bytes (tests/test_transforms_bytes.py checks every bfloat16
+    and float16 value), without two float32 copies of the tensor.
     """
     work = work or t.dtype
     if axis.span:
@@ -89,10 +115,12 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
         return done(torch.cat([t, extra], dim=u))
     if method != "net2wider":
         raise ValueError(f"unknown widen method {method!r}")
-    out = t.index_select(u, g)
+    out = select_units(t, u, g)
     scaled = axis.role in ("norm", "norm_in") and norm_scale != 1.0
     embed = axis.role == "embed" and embed_scale != 1.0
-    if scaled or embed or axis.role in ("in", "norm_in"):
+    own = (last and axis.role == "in" and noise == 0 and work == torch.float32
+           and g.numel() and int(torch.bincount(g).max()) <= _EXACT_COUNTS.get(out.dtype, 0))
+    if (scaled or embed or axis.role in ("in", "norm_in")) and not own:
         out = out.to(work)
     shift = axis.norm_shift if (scaled or axis.role == "norm_in") else 0.0
     if shift:
@@ -104,7 +132,7 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if axis.role == "norm_in" and embed_scale != 1.0:
         out.div_(embed_scale)  # a tied head reads the embedding scaled by embed_scale: undo it on the logits
     if axis.role in ("in", "norm_in"):
-        counts = torch.bincount(g, minlength=old).to(work)
+        counts = torch.bincount(g, minlength=old).to(out.dtype if own else work)
         out.div_(counts[g].reshape(_bshape(out, u)))
         if noise > 0 and axis.role == "in":
             std = float(t.cpu().std()) if t.numel() > 1 else 0.0  # on the CPU: the same bits on every device

@@ -220,3 +220,63 @@ def test_verify_uses_the_budget_unless_the_probes_are_the_users(tmp_path, budget
     assert json.loads(res.stdout)["probes"] == 12
     res = cli("verify", src, out, "--probes", "64", "--json")
     assert json.loads(res.stdout)["probes"] == 63
+
+
+def test_the_student_side_runs_behind_the_teacher_side_while_it_computes(tmp_path, monkeypatch):
+    """The comparison starts as soon as the teacher's side is set up: the student's blocks wait for
+    each teacher stream as the thread produces it (not for all of them), and the verdict and
+    figures are those of the lockstep comparison."""
+    src, out = deepened(tmp_path)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in KW.items() if k not in ("atol", "rtol")}
+    gate = threading.Event()
+    events = []
+    real_block = hf_stream._Model.block
+
+    def slow_block(self, i, memory=None):
+        if threading.current_thread().name == "n2n-teacher-ahead":
+            if i == 1:
+                assert gate.wait(30), "the comparison never started while the teacher's side was computing"
+            events.append(("teacher", i))
+        else:
+            events.append(("student", i))
+            gate.set()  # the student's side started before the teacher's block 1 ran
+        return real_block(self, i, memory)
+
+    monkeypatch.setattr(hf_stream._Model, "block", slow_block)
+    with hf_stream.teacher_ahead(src, planned, **kw) as ahead:
+        assert ahead is not None
+        c = hf_stream.compare_dirs(src, out, ahead=ahead, **KW)
+        assert ahead.result() is not None
+    assert events.index(("teacher", 1)) > min(events.index(e) for e in events if e[0] == "student")
+    assert c.passed and c.to_dict() == hf_stream.compare_dirs(src, out, **KW).to_dict()
+
+
+def test_an_error_in_the_teacher_thread_reaches_the_comparison(tmp_path, monkeypatch):
+    """A failure of the thread while the comparison waits for a stream is raised in the
+    comparison (not a hang, not a silent recomputation)."""
+    src, out = deepened(tmp_path)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in KW.items() if k not in ("atol", "rtol")}
+    real_block = hf_stream._Model.block
+
+    def failing(self, i, memory=None):
+        if threading.current_thread().name == "n2n-teacher-ahead" and i == 2:
+            raise OSError("disk went away")
+        return real_block(self, i, memory)
+
+    monkeypatch.setattr(hf_stream._Model, "block", failing)
+    result = {}
+
+    def run():
+        try:
+            with hf_stream.teacher_ahead(src, planned, **kw) as ahead:
+                hf_stream.compare_dirs(src, out, ahead=ahead, **KW)
+        except BaseException as e:  # noqa: BLE001
+            result["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the comparison hangs when the teacher's thread fails"
+    assert isinstance(result.get("error"), OSError) and "disk went away" in str(result["error"])
