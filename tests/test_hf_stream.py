@@ -4,6 +4,7 @@ supports; it passes exact growth, and locates a mismatch at the block where it s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -114,6 +115,7 @@ def test_byte_identical_blocks_with_equal_inputs_are_not_run_twice(tmp_path, fam
     c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
                                device=torch.device("cpu"), dtype=torch.float32)
     assert c.passed and c.student_blocks_inserted == [1, 3] and c.student_blocks_copied == [0, 2], c
+    assert c.student_head_copied  # same final norm and head bytes, bitwise-equal final stream
     full = hf_verify.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
                                   device=torch.device("cpu"), dtype=torch.float32)
     assert full.passed and c.max_abs_error == full.max_abs_error == 0.0
@@ -132,3 +134,60 @@ def test_identical_weights_under_a_different_config_are_run(tmp_path):
                                device=torch.device("cpu"), dtype=torch.float32)
     assert c.student_blocks_copied == [] and not c.passed, c
     assert c.first_divergence.startswith("the residual stream differs after teacher block 0"), c
+
+
+@pytest.mark.parametrize("what", ["head", "final_norm", "eps"])
+def test_a_head_that_differs_is_run(tmp_path, what):
+    """The student's head is taken from the teacher's only when its bytes and config are the
+    teacher's: one changed value of lm_head or of the final norm, or the norms' eps in config.json,
+    and it runs, and the difference is found in the outputs (not in the streams)."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=2, tie_word_embeddings=False)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [0]}}], seed=1), src, out, device="cpu", verify=False)
+    if what == "eps":
+        cfg = json.loads((out / "config.json").read_text())
+        cfg["rms_norm_eps"] = 0.5
+        (out / "config.json").write_text(json.dumps(cfg))
+    else:
+        f = out / "model.safetensors"
+        sd = load_file(f)
+        key = "lm_head.weight" if what == "head" else "model.norm.weight"
+        sd[key][3] += 0.5
+        save_file(sd, f, metadata={"format": "pt"})
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert not c.student_head_copied and not c.passed, c
+    if what != "eps":
+        assert c.first_divergence == "the residual streams agree after every block; the final norm or the head differs"
+
+
+def test_bytes_compared_in_place_window_by_window(tmp_path, monkeypatch):
+    """The in-place comparisons map a file MAP_BYTES at a time: a difference or a non-zero value
+    in any window (the last, short one included), at any offset, is seen."""
+    from n2n_cli.checkpoints import RawSpan
+
+    monkeypatch.setattr(hf_stream, "MAP_BYTES", 24)
+    data = bytes(range(7)) + bytes(100)  # an unaligned start, 100 zero bytes
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(data)
+    fa, fb = (os.open(tmp_path / n, os.O_RDONLY) for n in ("a", "b"))
+    try:
+        span = lambda fd, off=7, n=100: RawSpan(fd, off, n, torch.uint8, (n,), "x")  # noqa: E731
+        assert hf_stream._same_file_bytes(span(fa), span(fb))
+        assert not hf_stream._same_file_bytes(span(fa), span(fb, n=96))
+        for at in (0, 23, 24, 71, 99):
+            changed = bytearray(data)
+            changed[7 + at] = 1
+            (tmp_path / "b").write_bytes(changed)
+            assert not hf_stream._same_file_bytes(span(fa), span(fb)), at
+            # a zero test (is a block's output projection zero?) sees the value in any window
+            fake = type("M", (), {"source": type("S", (), {"raw": lambda self, k: span(fb)})()})()
+            assert hf_stream._Model._any(fake, "k"), at
+        (tmp_path / "b").write_bytes(data)
+        fake = type("M", (), {"source": type("S", (), {"raw": lambda self, k: span(fb)})()})()
+        assert not hf_stream._Model._any(fake, "k")
+    finally:
+        os.close(fa)
+        os.close(fb)
