@@ -515,6 +515,9 @@ BUDGET_PARAMETERS = 10**8
 BUDGET_SEQUENCES = 4
 #: the teacher's side runs ahead (all its streams held at once) only when they take at most this
 AHEAD_BYTES = 256 * 2**20
+#: the student's blocks run while the teacher's thread still runs its own only when both sides'
+#: block buffers together take at most this (else peak memory would hold two blocks)
+BESIDE_BYTES = 768 * 2**20
 
 
 def probe_budget(batches, source) -> tuple[list, str | None]:
@@ -666,6 +669,16 @@ class _TeacherSide:
                 self._cv.notify_all()
         with self._cv:
             return self.streams[k]
+
+    def wait_runner(self) -> None:
+        """Wait until the runner (if any) has run every block and freed its block buffers."""
+        with self._cv:
+            self._wait(lambda: self.runner is None)
+
+    def block_bytes(self) -> int:
+        """What one block of this side takes in the compute dtype (its reused buffers)."""
+        item = torch.empty((), dtype=self.t.dtype).element_size()
+        return sum(math.prod(self.t.source.shape(k)) for k in self.t.block_keys(0).values()) * item
 
     def release(self, k: int) -> None:
         """Streams before ``k`` are not needed any more (those still needed to compute it are kept)."""
@@ -843,7 +856,13 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             return all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"](i), st["spe"](j))
                        for h, ts, st in zip(side.stream(i), side.state, state))
 
+        # the student's blocks run beside the teacher's thread when both sides' block buffers fit
+        # in BESIDE_BYTES; else (a 7B model's block is 0.8 GB in float32) after it, one at a time
+        beside = 2 * side.block_bytes() <= BESIDE_BYTES
+
         def run(j: int):
+            if not beside:
+                side.wait_runner()
             layer = s.block(j, memory)
             for st in state:
                 out = layer(st["s"], attention_mask=st["sm"](j), position_embeddings=st["spe"](j), position_ids=st["pos"],

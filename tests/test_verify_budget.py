@@ -280,3 +280,27 @@ def test_an_error_in_the_teacher_thread_reaches_the_comparison(tmp_path, monkeyp
     t.join(60)
     assert not t.is_alive(), "the comparison hangs when the teacher's thread fails"
     assert isinstance(result.get("error"), OSError) and "disk went away" in str(result["error"])
+
+
+def test_big_blocks_run_after_the_teacher_thread(tmp_path, monkeypatch):
+    """When both sides' block buffers would not fit in BESIDE_BYTES (a 7B model's block is 0.8 GB
+    in float32), no student block is loaded before the teacher's thread has run all of its own
+    (one block in memory at a time, as the memory bound promises); the verdict is the same."""
+    src, out = deepened(tmp_path)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in KW.items() if k not in ("atol", "rtol")}
+    monkeypatch.setattr(hf_stream, "BESIDE_BYTES", 0)
+    events = []
+    real_block = hf_stream._Model.block
+
+    def spy(self, i, memory=None):
+        events.append("teacher" if threading.current_thread().name == "n2n-teacher-ahead" else "student")
+        return real_block(self, i, memory)
+
+    monkeypatch.setattr(hf_stream._Model, "block", spy)
+    with hf_stream.teacher_ahead(src, planned, **kw) as ahead:
+        c = hf_stream.compare_dirs(src, out, ahead=ahead, **KW)
+    first_student = events.index("student")
+    assert events[:first_student] == ["teacher"] * 3 and "teacher" not in events[first_student:]
+    monkeypatch.setattr(hf_stream, "BESIDE_BYTES", 768 * 2**20)
+    assert c.passed and c.to_dict() == hf_stream.compare_dirs(src, out, **KW).to_dict()
