@@ -244,15 +244,9 @@ class _Model:
         if (self._config_signature(), self.causal, tuple(self.config.architectures or ())) != \
                 (other._config_signature(), other.causal, tuple(other.config.architectures or ())):
             return False
-        mine, theirs = self.outside_blocks(), other.outside_blocks()
-        if mine != theirs:
-            return False
-        for k in mine:
-            a, b = self.source.raw(k), other.source.raw(k)
-            if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
-                    or not _same_file_bytes(a, b):
-                return False
-        return True
+        mine = self.outside_blocks()
+        return mine == other.outside_blocks() and all(_same_stored(self.source.raw(k), other.source.raw(k))
+                                                      for k in mine)
 
     def outside_blocks(self) -> list[str]:
         """The names of the tensors no block reads."""
@@ -276,7 +270,7 @@ class _Model:
             return bool(self.source.get(key).any())
         for window in _windows(span):
             with _mapped(window) as raw:
-                if span.nbytes and (bool(raw[:1 << 16].view(span.dtype).any()) or bool(raw.view(span.dtype).any())):
+                if bool(raw[:1 << 16].view(span.dtype).any()) or bool(raw.view(span.dtype).any()):
                     return True
         return False
 
@@ -560,7 +554,7 @@ class _Memory:
         if span is None:  # not in a safetensors file
             return out.copy_(source.get(key))
         with _mapped(span) as raw:
-            return out.copy_(raw.view(span.dtype).reshape(shape) if span.nbytes else torch.empty(shape, dtype=span.dtype))
+            return out.copy_(raw.view(span.dtype).reshape(shape))
 
 
 @contextlib.contextmanager
@@ -587,6 +581,13 @@ def _windows(span, size: int = MAP_BYTES):
     """``span`` as consecutive spans of at most ``size`` bytes (a multiple of 8)."""
     return [RawSpan(span.fd, span.offset + at, min(size, span.nbytes - at), span.dtype, (), span.where)
             for at in range(0, span.nbytes, size)] or [span]
+
+
+def _same_stored(a, b) -> bool:
+    """Two stored tensors (``RawSpan``s; None: not in a safetensors file) with the same dtype,
+    shape and bytes."""
+    return a is not None and b is not None and a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) \
+        and _same_file_bytes(a, b)
 
 
 def _same_file_bytes(a, b) -> bool:
@@ -848,11 +849,8 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             tk, sk = t.block_keys(i), s.block_keys(j)
             if sorted(tk) != sorted(sk) or t.signature(i) != s.signature(j):
                 return False
-            for name in tk:
-                a, b = t.source.raw(tk[name]), s.source.raw(sk[name])
-                if a is None or b is None or a.dtype != b.dtype or tuple(a.shape) != tuple(b.shape) \
-                        or not _same_file_bytes(a, b):
-                    return False
+            if not all(_same_stored(t.source.raw(tk[name]), s.source.raw(sk[name])) for name in tk):
+                return False
             return all(same(h, st["s"]) and same(ts["masks"](i), st["sm"](j)) and same(ts["pe"](i), st["spe"](j))
                        for h, ts, st in zip(side.stream(i), side.state, state))
 

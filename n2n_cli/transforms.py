@@ -118,8 +118,9 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     out = select_units(t, u, g)
     scaled = axis.role in ("norm", "norm_in") and norm_scale != 1.0
     embed = axis.role == "embed" and embed_scale != 1.0
+    counts = torch.bincount(g, minlength=old) if axis.role in ("in", "norm_in") else None
     own = (last and axis.role == "in" and noise == 0 and work == torch.float32
-           and g.numel() and int(torch.bincount(g).max()) <= _EXACT_COUNTS.get(out.dtype, 0))
+           and counts.numel() and int(counts.max()) <= _EXACT_COUNTS.get(out.dtype, 0))
     if (scaled or embed or axis.role in ("in", "norm_in")) and not own:
         out = out.to(work)
     shift = axis.norm_shift if (scaled or axis.role == "norm_in") else 0.0
@@ -132,7 +133,7 @@ def widen_axis(t: torch.Tensor, ax: int, axis: Axis, g: torch.Tensor, *, method:
     if axis.role == "norm_in" and embed_scale != 1.0:
         out.div_(embed_scale)  # a tied head reads the embedding scaled by embed_scale: undo it on the logits
     if axis.role in ("in", "norm_in"):
-        counts = torch.bincount(g, minlength=old).to(out.dtype if own else work)
+        counts = counts.to(out.dtype if own else work)
         out.div_(counts[g].reshape(_bshape(out, u)))
         if noise > 0 and axis.role == "in":
             std = float(t.cpu().std()) if t.numel() > 1 else 0.0  # on the CPU: the same bits on every device
