@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +15,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 CNN_YAML = SPECS / "models" / "mnist-cnn.yaml"
 MLP_YAML = SPECS / "models" / "mlp.yaml"
+
+
+def load_module(path: Path, name: str):
+    """Import the Python file at ``path`` (a script of scripts/, a test's model code) as module
+    ``name``, registered in ``sys.modules`` as dataclasses need while a class is built (a caller
+    that loads it for a while may pop it again)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return module
 
 
 def randomize_norms(net: torch.nn.Module, gen: torch.Generator) -> None:

@@ -5,7 +5,6 @@ recorded with the old code path (float32/float64 round trip for every tensor).""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from helpers import CNN_YAML, MLP_YAML, make_teacher
+from helpers import CNN_YAML, MLP_YAML, load_module, make_teacher
 from n2n_cli import api
 from n2n_cli.spec import load_model_description, spec_from_steps
 
@@ -37,9 +36,7 @@ def tensor_digest(path: Path) -> str:
 
 
 def llama(tmp_path: Path, dtype: str) -> Path:
-    spec = importlib.util.spec_from_file_location("bench_llm", ROOT / "scripts" / "bench_llm.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_module(ROOT / "scripts" / "bench_llm.py", "bench_llm")
     bench.build_checkpoint(tmp_path / f"llama-{dtype}", "tiny", dtype, seed=3)
     return tmp_path / f"llama-{dtype}"
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import models_zoo as Z
+from helpers import load_module
 import n2n_cli
 from n2n_cli import api
 from n2n_cli.usercode import build_model
@@ -225,10 +226,7 @@ class Branchy(nn.Module):
 
 def test_ops_n2n_cannot_see_through_are_refused(tmp_path, cli):
     code = _write(tmp_path, "opaque.py", OPAQUE)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("opaque_t", code)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_module(code, "opaque_t")
     model = Z.perturb(mod.Chunky())
     save_file(model.state_dict(), str(tmp_path / "c.safetensors"))
     base = ["widen", tmp_path / "c.safetensors", tmp_path / "o.safetensors", "--model-code", f"{code}:Chunky",

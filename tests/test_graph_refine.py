@@ -3,12 +3,12 @@ space is refined into one region per tower, each widened with its tower's mappin
 
 from __future__ import annotations
 
-import importlib.util
 
 import torch
 from safetensors.torch import save_file
 
 import models_zoo as Z
+from helpers import load_module
 import n2n_cli
 from n2n_cli import api
 
@@ -44,9 +44,7 @@ class Repeated(nn.Module):
 def _setup(tmp_path, name):
     path = tmp_path / "models.py"
     path.write_text(CODE)
-    spec = importlib.util.spec_from_file_location("refine_models_t", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_module(path, "refine_models_t")
     teacher = Z.perturb(getattr(mod, name)())
     save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "t.safetensors"))
     return mod, teacher, f"{path}:{name}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -10,17 +9,15 @@ from pathlib import Path
 
 import pytest
 
+from helpers import load_module
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "grow_lm.py"
 
 
 @pytest.fixture(scope="module")
 def grow_lm():
-    spec = importlib.util.spec_from_file_location("grow_lm", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_module(SCRIPT, "grow_lm")
+    sys.modules.pop("grow_lm", None)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
 import sys
@@ -12,18 +11,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import load_module
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "reproduce_net2net.py"
 RUNS = ("teacher", "wider_random_pad", "wider_net2wider", "deeper_random_init", "deeper_net2deeper")
 
 
 @pytest.fixture(scope="module")
 def repro():
-    spec = importlib.util.spec_from_file_location("reproduce_net2net", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield load_module(SCRIPT, "reproduce_net2net")
+    sys.modules.pop("reproduce_net2net", None)
 
 
 @pytest.fixture(scope="module")
