@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from . import fsutil, outputs
+from .digests import file_sha256
 from .errors import CheckpointError, OutputError
 from .fsutil import current_umask
 
@@ -237,14 +237,6 @@ def open_checkpoint(path: str | os.PathLike) -> TensorSource:
     raise CheckpointError(
         f"unknown checkpoint type '{suffix}'", where=str(path),
         hint="Use .safetensors, or a PyTorch state dict saved as .pt, .pth, .bin or .ckpt.")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- writing

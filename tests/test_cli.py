@@ -477,3 +477,27 @@ def test_reader_leaving_the_pipe_is_exit_141_quietly(args):
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141, err
     assert "Traceback" not in err and "internal error" not in err
+
+
+def test_the_process_ends_without_interpreter_teardown_but_flushes_everything(tmp_path):
+    """main() leaves with os._exit (the interpreter's teardown with torch loaded costs 0.3-1 s):
+    no atexit handler runs, yet stdout on a pipe carries the whole JSON report, a finished command
+    exits 0 and a refused one keeps its exit code and its message."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    marker = tmp_path / "atexit-ran"
+    code = (f"import atexit, sys; atexit.register(lambda: open({str(marker)!r}, 'w').close()); "
+            "from n2n_cli.cli import main; sys.argv = ['n2n'] + sys.argv[1:]; main()")
+    run = lambda *a: subprocess.run([sys.executable, "-c", code, *map(str, a)], cwd=root, capture_output=True,
+                                    text=True, timeout=300)
+    r = run("inspect", "specs/teachers/mnist-cnn.safetensors", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    assert report["ok"] is True and len(report["tensors"]) > 3
+    assert not marker.exists()
+    r = run("inspect", tmp_path / "missing.safetensors")
+    assert r.returncode == 2 and "missing.safetensors" in r.stderr, r.stderr
+    assert not marker.exists()
