@@ -7,7 +7,7 @@ from functools import lru_cache
 
 import torch
 
-from .checkpoints import CHUNK, RawSpan, TensorSource
+from .checkpoints import RawSpan, TensorSource
 from .planner import Create, Load, RecipePlan, Scale, Widen
 from .transforms import all_finite, generator, init_tensor, make_mapping, widen_axis
 
@@ -37,7 +37,6 @@ class Materializer:
         if self.device.type == "mps":  # no float64 there, and untested: MPS verifies, the CPU transforms
             self.device = torch.device("cpu")
         self._mapping = lru_cache(maxsize=None)(lambda m: make_mapping(m).to(self.device))
-        self._buf: torch.Tensor | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: list[tuple[str, concurrent.futures.Future]] = []
 
@@ -56,8 +55,7 @@ class Materializer:
                     # the GIL); :meth:`finish` waits for the verdicts
                     if self._pool is None:
                         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-                        self._buf = torch.empty(CHUNK, dtype=torch.uint8)
-                    self._pending.append((recipe[0].key, self._pool.submit(span.all_finite, self._buf)))
+                    self._pending.append((recipe[0].key, self._pool.submit(span.all_finite)))
                     self.checked.add(recipe[0].key)
                 return span
         return self.tensor(key)
@@ -76,7 +74,7 @@ class Materializer:
         self._pending = []
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = self._buf = None
+            self._pool = None
 
     def tensor(self, key: str) -> torch.Tensor:
         """The output tensor ``key`` as a tensor."""

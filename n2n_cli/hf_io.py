@@ -136,8 +136,13 @@ class HFDirSource(TensorSource):
         handle = self._open.get(shard)
         if isinstance(handle, StateDictSource):
             return handle.get(self._stored.get(key, key))
-        shape, dtype = self._info[key]
-        return self.read_bytes(key).view(dtype).reshape(shape)
+        try:
+            return self.raw(key).tensor()  # in place: the file's pages, copied only where written to
+        except OSError as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e.strerror or e})",
+                                  where=str(self.path / shard)) from None
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot read tensor '{key}' ({e.message})", where=e.where) from None
 
     def raw(self, key: str) -> RawSpan | None:
         """Where ``key``'s bytes lie in its safetensors file (None for a pickled shard)."""

@@ -37,18 +37,15 @@ import concurrent.futures
 import contextlib
 import importlib
 import math
-import mmap
 import threading
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import hf_io
-from .checkpoints import RawSpan
 from .hf import arch_from_config, families
 from . import hf_verify
 from .hf_verify import probe_batches, require_transformers
@@ -58,7 +55,6 @@ from .verify import Comparison, compare_outputs, full_precision
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # architectures whose outputs are logits
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
 COMPARE_ROWS = 256  # output positions compared in float64 at a time
-MAP_BYTES = 64 << 20  # bytes of a file mapped at a time to compare them in place
 
 
 @dataclass
@@ -268,8 +264,8 @@ class _Model:
         span = self.source.raw(key)
         if span is None:
             return bool(self.source.get(key).any())
-        for window in _windows(span):
-            with _mapped(window) as raw:
+        for window in span.windows():
+            with window.mapped() as raw:
                 if bool(raw[:1 << 16].view(span.dtype).any()) or bool(raw.view(span.dtype).any()):
                     return True
         return False
@@ -553,34 +549,8 @@ class _Memory:
         span = source.raw(key)
         if span is None:  # not in a safetensors file
             return out.copy_(source.get(key))
-        with _mapped(span) as raw:
+        with span.mapped() as raw:
             return out.copy_(raw.view(span.dtype).reshape(shape))
-
-
-@contextlib.contextmanager
-def _mapped(span) -> Iterator[torch.Tensor]:
-    """A tensor's bytes in its file (a ``checkpoints.RawSpan``) as a uint8 tensor over a read-only
-    mapping, unmapped on leaving: a comparison reads the page cache in place instead of copying
-    it into a buffer first (3-4x faster), and the pages count in RSS only while mapped."""
-    if span.nbytes == 0:
-        yield torch.empty(0, dtype=torch.uint8)
-        return
-    start = span.offset - span.offset % mmap.ALLOCATIONGRANULARITY
-    with mmap.mmap(span.fd, span.offset - start + span.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                   offset=start) as m:
-        with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
-            warnings.simplefilter("ignore", UserWarning)
-            t = torch.frombuffer(m, dtype=torch.uint8, count=span.nbytes, offset=span.offset - start)
-        try:
-            yield t
-        finally:
-            del t  # the mapping closes only when no tensor uses it
-
-
-def _windows(span, size: int = MAP_BYTES):
-    """``span`` as consecutive spans of at most ``size`` bytes (a multiple of 8)."""
-    return [RawSpan(span.fd, span.offset + at, min(size, span.nbytes - at), span.dtype, (), span.where)
-            for at in range(0, span.nbytes, size)] or [span]
 
 
 def _same_stored(a, b) -> bool:
@@ -596,8 +566,8 @@ def _same_file_bytes(a, b) -> bool:
     twice that in RSS)."""
     if a.nbytes != b.nbytes:
         return False
-    for x_span, y_span in zip(_windows(a), _windows(b)):
-        with _mapped(x_span) as x, _mapped(y_span) as y:
+    for x_span, y_span in zip(a.windows(), b.windows()):
+        with x_span.mapped() as x, y_span.mapped() as y:
             if not _same_bytes(x, y):
                 return False
     return True

@@ -12,7 +12,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from helpers import VOCAB, make_hf_model  # noqa: E402
-from n2n_cli import api, hf_stream, hf_verify  # noqa: E402
+from n2n_cli import api, checkpoints, hf_stream, hf_verify  # noqa: E402
 from n2n_cli.spec import spec_from_steps  # noqa: E402
 
 FAMILIES = [
@@ -168,7 +168,7 @@ def test_bytes_compared_in_place_window_by_window(tmp_path, monkeypatch):
     in any window (the last, short one included), at any offset, is seen."""
     from n2n_cli.checkpoints import RawSpan
 
-    monkeypatch.setattr(hf_stream, "MAP_BYTES", 24)
+    monkeypatch.setattr(checkpoints, "MAP_BYTES", 24)
     data = bytes(range(7)) + bytes(100)  # an unaligned start, 100 zero bytes
     for name in ("a", "b"):
         (tmp_path / name).write_bytes(data)
