@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hf_io
+from .checkpoints import RawSpan
 from .hf import arch_from_config, families
 from . import hf_verify
 from .hf_verify import probe_batches, require_transformers
@@ -315,24 +316,24 @@ class _Model:
 
     def rows(self, key: str, ids: torch.Tensor | None = None, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """Rows of a tensor in the files (the rows ``ids``, else ``start:stop``), read alone: only
-        those rows' bytes are read (``pread``), never the whole table."""
+        those rows' bytes are read, never the whole table (a slice in place, through a mapping of
+        its bytes; the rows ``ids`` with ``pread``)."""
         span = self.source.raw(key)
         if span is None:  # a pickled shard: torch.load maps it
             t = self.source.get(key)
             return t[ids].clone() if ids is not None else t[start:stop].clone()
         shape, dtype = tuple(span.shape), span.dtype
         row = span.nbytes // shape[0] if shape[0] else 0
-        if ids is None:
+        if ids is None:  # a slice: read in place (the caller converts it, which copies it)
             stop = shape[0] if stop is None else min(stop, shape[0])
-            spans = [(start, stop)]
-        else:
-            wanted = sorted(set(int(i) for i in ids.reshape(-1).tolist()))
-            spans = []
-            for i in wanted:  # runs of consecutive rows: one read each
-                if spans and spans[-1][1] == i:
-                    spans[-1] = (spans[-1][0], i + 1)
-                else:
-                    spans.append((i, i + 1))
+            return RawSpan(span.fd, span.offset + start * row, max(0, stop - start) * row, dtype,
+                           (max(0, stop - start), *shape[1:]), span.where).tensor()
+        spans: list[tuple[int, int]] = []
+        for i in sorted(set(int(i) for i in ids.reshape(-1).tolist())):  # runs of consecutive rows: one read each
+            if spans and spans[-1][1] == i:
+                spans[-1] = (spans[-1][0], i + 1)
+            else:
+                spans.append((i, i + 1))
         parts = []
         for a, b in spans:
             buf, n = bytearray((b - a) * row), (b - a) * row
@@ -340,8 +341,6 @@ class _Model:
             parts.append(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(b - a, *shape[1:]) if n
                          else torch.empty(0, *shape[1:], dtype=dtype))
         out = torch.cat(parts) if len(parts) != 1 else parts[0]
-        if ids is None:
-            return out
         pos = {i: n for n, i in enumerate(r for a, b in spans for r in range(a, b))}
         return out[torch.tensor([pos[int(i)] for i in ids.reshape(-1).tolist()], dtype=torch.long)].reshape(
             *ids.shape, *shape[1:])
@@ -664,7 +663,7 @@ class _TeacherSide:
         if self._outputs is None:
             h = self.stream(self.t.arch.layers)
             with torch.no_grad(), full_precision():
-                outputs = [self.t.head(x)[st["keep"]] for x, st in zip(h, self.state)]
+                outputs = kept_outputs(self.t, h, [st["keep"] for st in self.state])
             with self._cv:
                 self._outputs = outputs
                 self._cv.notify_all()
@@ -868,15 +867,16 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
         # position over a 32k vocabulary in float64 would be the largest thing in memory)
         parts = []
         head_copied = head_alike and all(same(h, st["s"]) for h, st in zip(side.stream(T), state))
-        for a_all, st in zip(side.outputs(), state):
-            b_all = a_all if head_copied else s.head(st["s"])[st["keep"]]
+        teacher_out = side.outputs()
+        student_out = teacher_out if head_copied else kept_outputs(s, [st["s"] for st in state],
+                                                                   [st["keep"] for st in state])
+        for a_all, b_all in zip(teacher_out, student_out):
             for r in range(0, a_all.shape[0], COMPARE_ROWS):
                 a, b = a_all[r:r + COMPARE_ROWS].to("cpu", torch.float64), b_all[r:r + COMPARE_ROWS].to("cpu", torch.float64)
                 if not t.causal and b.shape[-1] != a.shape[-1]:
                     a = _tile(a, b.shape[-1])
                 parts.append((len(a), compare_outputs(a, b, atol=atol, rtol=rtol, probes=0, seed=seed, device=device,
                                                       dtype=dtype)))
-            del b_all
     c = _combine(parts, atol=atol, rtol=rtol, probes=sum(len(x[0]) for x in side.batches))
     if not t.causal:
         c.argmax_agreement = None
@@ -885,6 +885,14 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
     return StreamComparison(**c.to_dict(), first_divergence=first, blocks_compared=compared,
                             stream_max_rel_error=worst, student_blocks_inserted=inserted,
                             student_blocks_copied=copied, student_head_copied=head_copied)
+
+
+def kept_outputs(m: _Model, streams: list[torch.Tensor], keep: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The outputs (:meth:`_Model.head`) at the kept positions of every probe batch, computed in
+    one pass over the head (read and converted once, not once per batch; the final norm and the
+    head act on each position alone, so only the kept positions are run)."""
+    rows = [h[k] for h, k in zip(streams, keep)]
+    return list(m.head(torch.cat(rows)).split([len(r) for r in rows]))
 
 
 def _combine(parts: list[tuple[int, Comparison]], *, atol: float, rtol: float, probes: int) -> Comparison:
