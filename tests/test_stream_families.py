@@ -118,6 +118,37 @@ def test_embedding_and_head_tables_are_never_read_whole(tmp_path, monkeypatch, m
     assert rel_error(full, hf_stream.forward(src, b)) <= 1e-5
 
 
+@pytest.mark.parametrize("model_type,kw,packed", [
+    ("qwen3", {}, True), ("gemma2", {}, True), ("mixtral", {}, True),  # causal, windows per layer, experts
+    ("gemma3_text", dict(use_bidirectional_attention=True), False),  # an overlay on the masks
+    ("gpt2", {}, False),  # learned positions: 0..n-1 of each batch
+])
+def test_short_probes_run_packed_where_the_masks_allow(tmp_path, model_type, kw, packed):
+    """Causal models with rotary positions run the short probes as one sequence (each probe's own
+    tokens, positions from 0, attention confined to it by transformers' packed-sequence masks);
+    the long probes keep their batches; the report still counts probe sequences. What the packed
+    forward computes is transformers' own model on the padded batches: the forward tests here."""
+    src = make(tmp_path, model_type, layers=2, **kw)
+    m = hf_stream._Model(src, torch.float32, torch.device("cpu"))
+    try:
+        b = batches()
+        long_ids = torch.arange(40).unsqueeze(0) % 50
+        long = (long_ids, torch.ones_like(long_ids), torch.ones_like(long_ids, dtype=torch.bool))
+        laid = hf_stream._layout(m, [*b, long])
+        real = sum(int(mask.sum()) for _, mask in b)
+        if packed:
+            assert len(laid) == 2 and laid[0][1] is None and laid[0][0].shape == (1, real)
+            starts = (laid[0][3][0] == 0).nonzero().reshape(-1).tolist()
+            assert len(starts) == sum(len(ids) for ids, _ in b)  # one segment per probe sequence
+            assert laid[1][0] is long_ids
+        else:
+            assert len(laid) == 4 and all(x[1] is not None for x in laid)
+        side = hf_stream._TeacherSide(m, [*b, long], None, None)
+        assert side.sequences == sum(len(ids) for ids, _ in b) + 1
+    finally:
+        m.close()
+
+
 @pytest.mark.parametrize("model_type,kw", [
     ("gemma3_text", dict(use_bidirectional_attention=True)),  # bidirectional masks (symmetric windows)
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),  # the layer index enters the attention's scaling
