@@ -16,7 +16,8 @@ interleaving) and widen (intermediate_size x 2), every tool runs in a fresh proc
 - ``mergekit`` (deepen only: it cannot widen): passthrough with zeroed output projections, run
   from ``--mergekit-python`` when that interpreter can import mergekit, else skipped with a note.
 
-Reported per tool: median wall time, peak RSS of the child (``os.wait4``'s rusage), bytes
+Before each run the disk is synced (untimed), so that what one tool leaves to write back (the
+naive script and mergekit do not fsync) is not billed to the next. Reported per tool: median wall time, peak RSS of the child (``os.wait4``'s rusage), bytes
 written, the ratio to the floor (the ``cp`` time scaled by (bytes read + written) / (2 x input
 bytes)) and to ``n2n-noverify``. Temporary files live under ``--workdir`` (default
 /tmp/n2n-bench) and are deleted at the end unless ``--keep``.
@@ -274,6 +275,10 @@ def main(argv: list[str] | None = None) -> dict:
                     cmd = commands(tool, op, src, out, cfg, args.dtype, work, args.mergekit_python)
                     if cmd is None:
                         continue
+                    # each tool starts on a quiet disk: what the previous one left to write back
+                    # (the naive script and mergekit do not fsync) or to discard (its deleted
+                    # output) is not billed to the next one
+                    os.sync()
                     secs, rss, rc, err = timed(cmd, env)
                     if rc != 0:
                         raise SystemExit(f"{tool} {op} failed (exit {rc}):\n{err}")
