@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import threading
 from pathlib import Path
 
-# bytes hashed per call, in place through a read-only mapping: hashlib releases the GIL while it
-# hashes, so a big window keeps the thread off the GIL that torch's import holds (with 1 MiB
-# reads the hashing thread waited for the GIL twice a MiB and barely ran during the import)
-WINDOW = 64 << 20
+# bytes read and hashed per call: both calls release the GIL, so a big block keeps the thread off
+# the GIL that torch's import holds (with 1 MiB reads the hashing thread waited for the GIL twice
+# a MiB and barely ran during the import). Read, not mapped: a file truncated while it is hashed
+# must be an error, not a SIGBUS that ends the process.
+BLOCK = 32 << 20
 
 
 class _Ahead:
@@ -45,11 +45,10 @@ def _identity(path: str | os.PathLike) -> tuple:
 def _sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
-        size = os.fstat(f.fileno()).st_size
-        for at in range(0, size, WINDOW):  # one window mapped at a time: its pages count in RSS only then
-            with mmap.mmap(f.fileno(), min(WINDOW, size - at), flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                           offset=at) as m:
-                h.update(m)
+        buf = bytearray(min(BLOCK, max(1, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -86,7 +85,7 @@ def prefetch(paths: list[Path]) -> threading.Thread | None:
                 digest = _sha256(p)
                 if _identity(p) == before:
                     ahead.identity, ahead.digest = before, digest
-            except OSError:
+            except Exception:  # noqa: BLE001 - whatever it is, the library meets it again when it asks
                 pass
             finally:
                 ahead.done.set()

@@ -157,6 +157,7 @@ class _Model:
         self.rotary = getattr(self.module, self.facts["rotary"])(config=self.config).to(device) \
             if self.facts.get("rotary") else None  # None: learned positions (``positions`` table)
         self.dtype, self.device = dtype, device
+        self._packs: bool | None = None  # packable(), once found
         self.prefix = self.arch.prefix
         archs = self.config.architectures or []
         # the outputs are logits: a causal LM's, or an encoder's masked-LM head's (``mlm_heads``)
@@ -278,9 +279,30 @@ class _Model:
         the position ids) and plain token embeddings; not for encoders, learned positions (GPT-2)
         or an overlay."""
         bi = self.facts.get("bidirectional")
-        return (self.facts["masks"] in ("causal", "window", "layer_types") and self.rotary is not None
+        if not (self.facts["masks"] in ("causal", "window", "layer_types") and self.rotary is not None
                 and not self.facts.get("positions") and not self.facts.get("embeddings")
-                and not (bi and getattr(self.config, bi["flag"], False)))
+                and not (bi and getattr(self.config, bi["flag"], False))):
+            return False
+        if self._packs is None:
+            self._packs = self._masks_separate_packed_probes()
+        return self._packs
+
+    def _masks_separate_packed_probes(self) -> bool:
+        """Do the masks transformers builds here keep two packed probes apart? Two one-token probes
+        (positions 0 and 0): every layer's mask must block the second from seeing the first. Not
+        so where transformers does not apply its packed-sequence masks (with torch before 2.6), or
+        where the config makes the model bidirectional (``is_causal: false``): then the probes run
+        in their padded batches."""
+        h = torch.zeros(1, 2, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        masks = self.masks(h, None, torch.zeros(1, 2, dtype=torch.long, device=self.device))
+        for i in range(self.arch.layers):
+            m = masks(i)
+            if m is None:
+                return False
+            seen = m[..., 1, 0]  # the second probe's token attending to the first's
+            if bool(seen.any()) if m.dtype == torch.bool else bool((seen == 0).any()):
+                return False
+        return True
 
     def masks(self, h: torch.Tensor, mask: torch.Tensor | None, position_ids: torch.Tensor) -> Callable[[int], torch.Tensor]:
         """Layer index -> its attention mask, as the model's forward builds them (``masks``); no
@@ -603,7 +625,7 @@ def _layout(t: _Model, batches: list) -> list[tuple]:
     per block instead of once per batch (one matmul of 216 rows instead of 20, 64 and 132: 28%
     less time at 1B). The long probes (past the attention windows) keep their own batches."""
     out, packed = [], []
-    pack = t.packable()
+    pack = any(len(b) == 2 and bool(b[1].any()) for b in batches) and t.packable()
     for ids, mask, *keep in batches:
         if pack and not keep:
             packed += [row[m.bool()] for row, m in zip(ids, mask)]

@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import mmap
 import os
 import subprocess
 import sys
@@ -22,9 +21,9 @@ def _sha(path: Path) -> str:
 
 
 def test_a_digest_computed_ahead_is_used_while_the_file_is_unchanged(tmp_path, monkeypatch):
-    monkeypatch.setattr(digests, "WINDOW", mmap.ALLOCATIONGRANULARITY)
+    monkeypatch.setattr(digests, "BLOCK", 4096)
     f, empty = tmp_path / "w.bin", tmp_path / "empty.bin"
-    f.write_bytes(os.urandom(3 * digests.WINDOW + 5))  # several windows and a partial one
+    f.write_bytes(os.urandom(3 * digests.BLOCK + 5))  # several blocks and a partial one
     empty.write_bytes(b"")
     digests.prefetch([f, empty]).join()
     calls = []

@@ -149,6 +149,29 @@ def test_short_probes_run_packed_where_the_masks_allow(tmp_path, model_type, kw,
         m.close()
 
 
+@pytest.mark.parametrize("case", ["is_causal false", "transformers without packed masks"])
+def test_probes_stay_in_their_batches_where_the_masks_would_not_keep_them_apart(tmp_path, monkeypatch, case):
+    """Packing relies on the masks transformers builds; where they would let one packed probe see
+    another (a config that makes the model bidirectional; transformers not applying its
+    packed-sequence masks, as with torch before 2.6), the probes run in their padded batches and
+    the forward is still transformers' own."""
+    from helpers import make_hf_model
+    import transformers.masking_utils as masking_utils
+
+    if case == "is_causal false":
+        src = make_hf_model(tmp_path, "llama", is_causal=False)
+    else:
+        src = make_hf_model(tmp_path, "llama")
+        monkeypatch.setattr(masking_utils, "find_packed_sequence_indices", lambda position_ids: None)
+    m = hf_stream._Model(src, torch.float32, torch.device("cpu"))
+    try:
+        assert not m.packable()
+        assert all(x[1] is not None for x in hf_stream._layout(m, batches()))
+    finally:
+        m.close()
+    assert rel_error(full_outputs(src, batches()), hf_stream.forward(src, batches())) <= 1e-5
+
+
 @pytest.mark.parametrize("model_type,kw", [
     ("gemma3_text", dict(use_bidirectional_attention=True)),  # bidirectional masks (symmetric windows)
     ("gpt2", dict(scale_attn_by_inverse_layer_idx=True)),  # the layer index enters the attention's scaling
