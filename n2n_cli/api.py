@@ -24,8 +24,8 @@ from .phases import PhaseClock
 from .layers import PRODUCERS
 from .model import ModelDescription
 from .seq_plan import Plan, build_plan, exact_counterpart
-from .certify import (Certificate, certify_file, certify_hf, describe_difference, grown_lineage, inexact_methods,
-                      read_lineage)
+from .certify import (META_LINEAGE, META_VERIFICATION, META_VERSION, Certificate, certify_file, certify_hf,
+                      describe_difference, grown_lineage, inexact_methods, read_lineage)
 from .certify import none as certify_none
 from .certify import summary_of as certificate_summary
 from .hf import HFGrowthSpec
@@ -47,9 +47,6 @@ __all__ = ["grow", "verify", "inspect", "validate", "spec_from_steps", "model_fr
 DESCRIPTION_NOTE = ("the network the model description describes, run by n2n, not your own nn.Module: if they "
                     "differ, check with your module (README: 'Check with your own module')")
 
-META_LINEAGE = "n2n_lineage"
-META_VERIFICATION = "n2n_verification"
-META_VERSION = "n2n_version"
 
 
 # ----------------------------------------------------------------------------- checkpoint + model

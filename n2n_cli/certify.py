@@ -30,7 +30,10 @@ from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
 from .planner import Create, Scale, Widen
 
+# the safetensors metadata keys n2n writes (every growth path names them from here)
 META_LINEAGE = "n2n_lineage"
+META_VERIFICATION = "n2n_verification"
+META_VERSION = "n2n_version"
 
 #: bits of precision (mantissa digits, with the implicit one) by floating dtype, for ulps
 _DIGITS = {torch.float64: 53, torch.float32: 24, torch.float16: 11, torch.bfloat16: 8}

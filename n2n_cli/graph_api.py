@@ -16,7 +16,7 @@ import torch
 
 from . import __version__, optim_state, outputs
 from .hf_io import planned_bytes
-from .certify import grown_lineage, read_lineage
+from .certify import META_LINEAGE, META_VERIFICATION, META_VERSION, grown_lineage, read_lineage
 from .checkpoints import atomic_output, check_output_path, open_checkpoint, write_safetensors
 from .errors import CheckpointError, SpecError, UserError
 from .execute import Materializer
@@ -31,9 +31,6 @@ from .verify import (compare_outputs, compute_dtype, default_tolerances, resolve
                      verification_failed, verification_settings)
 
 META_MODEL_CODE = "n2n_model_code"
-META_LINEAGE = "n2n_lineage"
-META_VERIFICATION = "n2n_verification"
-META_VERSION = "n2n_version"
 SPEC_KEYS = ("model_code", "model_args", "example_input")
 
 
