@@ -76,8 +76,13 @@ class RawSpan:
             return
         self._check_size()
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                       offset=start) as m:
+        try:
+            m = mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
+                          offset=start)
+        except OSError:  # a file system that cannot map files (FUSE with direct_io): read it
+            yield self._read()
+            return
+        with m:
             with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
                 warnings.simplefilter("ignore", UserWarning)
                 t = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=self.offset - start)
@@ -94,10 +99,19 @@ class RawSpan:
             return torch.empty(self.shape, dtype=self.dtype)
         self._check_size()
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-        m = mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_PRIVATE,
-                      prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        try:
+            m = mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_PRIVATE,
+                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except OSError:  # a file system that cannot map files (FUSE with direct_io): read it
+            return self._read().view(self.dtype).reshape(self.shape)
         raw = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=self.offset - start)
         return raw.view(self.dtype).reshape(self.shape)  # the tensor holds the mapping
+
+    def _read(self) -> torch.Tensor:
+        """The bytes read into a fresh uint8 tensor (``pread``)."""
+        out = torch.empty(self.nbytes, dtype=torch.uint8)
+        self.read_into(memoryview(out.numpy()), 0)
+        return out
 
     def _check_size(self) -> None:
         if os.fstat(self.fd).st_size < self.offset + self.nbytes:

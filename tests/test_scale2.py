@@ -217,3 +217,31 @@ def test_lineage_records_the_mapping_and_old_lineages_replay_random(tmp_path, cl
     _rewrite_lineage(tmp_path / "tile" / "model.safetensors", drop)  # now claims random: the replay differs
     r = cli("verify", src, tmp_path / "tile", "--device", "cpu")
     assert r.exit_code == 3, r.output
+
+
+def test_file_systems_that_cannot_map_files_are_read_instead(tmp_path, cli, monkeypatch):
+    """Tensors are read in place through mappings; where the file system refuses to map (FUSE with
+    direct_io: ENODEV), they are read with pread: the same output bytes, and verification passes."""
+    import errno
+    import mmap as mmap_module
+
+    src = make_hf_model(tmp_path, "llama")
+    mapped_out = tmp_path / "mapped"
+    assert cli("widen", src, mapped_out, "--dim", "intermediate_size", "--factor", "2").exit_code == 0
+
+    def refuse(*a, **kw):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(mmap_module, "mmap", refuse)
+    source = hf_io.open_hf_dir(src)
+    try:
+        for k in source.keys():
+            with safe_open(str(src / "model.safetensors"), "pt") as f:
+                assert torch.equal(source.get(k), f.get_tensor(k)), k
+            assert source.raw(k).all_finite()
+    finally:
+        source.close()
+    read_out = tmp_path / "read"
+    r = cli("widen", src, read_out, "--dim", "intermediate_size", "--factor", "2")
+    assert r.exit_code == 0, r.output
+    assert (read_out / "model.safetensors").read_bytes() == (mapped_out / "model.safetensors").read_bytes()
