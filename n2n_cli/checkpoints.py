@@ -69,23 +69,19 @@ class RawSpan:
     def mapped(self) -> Iterator[torch.Tensor]:
         """The bytes as a uint8 tensor over a read-only mapping of the file, unmapped on leaving:
         read in place from the page cache instead of copied into a buffer first (3-4x faster), and
-        the pages count in RSS only while mapped. A file shorter than the span (truncated since its
-        header was read) is a CheckpointError here rather than a SIGBUS on access."""
+        the pages count in RSS only while mapped."""
         if self.nbytes == 0:
             yield torch.empty(0, dtype=torch.uint8)
             return
-        self._check_size()
-        start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-        try:
-            m = mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ,
-                          offset=start)
-        except OSError:  # a file system that cannot map files (FUSE with direct_io): read it
+        mapping = self._map(private=False)
+        if mapping is None:
             yield self._read()
             return
+        m, at = mapping
         with m:
             with warnings.catch_warnings():  # read-only on purpose: nothing writes through it
                 warnings.simplefilter("ignore", UserWarning)
-                t = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=self.offset - start)
+                t = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=at)
             try:
                 yield t
             finally:
@@ -97,26 +93,36 @@ class RawSpan:
         the tensor and every view of it are freed."""
         if self.nbytes == 0:
             return torch.empty(self.shape, dtype=self.dtype)
-        self._check_size()
+        mapping = self._map(private=True)
+        if mapping is None:
+            raw = self._read()
+        else:
+            m, at = mapping
+            raw = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=at)  # holds the mapping
+        return raw.view(self.dtype).reshape(self.shape)
+
+    def _map(self, private: bool) -> tuple[mmap.mmap, int] | None:
+        """A mapping of the file from the page boundary before the span, and the span's offset in
+        it; private: copy-on-write, else read-only. None where the file system cannot map files
+        (FUSE with direct_io): the caller reads instead. A file shorter than the span (truncated
+        since its header was read) is a CheckpointError here rather than a SIGBUS on access."""
+        if os.fstat(self.fd).st_size < self.offset + self.nbytes:
+            raise CheckpointError("the file is shorter than its header says (changed while n2n ran?)",
+                                  where=self.where)
         start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+        flags, prot = (mmap.MAP_PRIVATE, mmap.PROT_READ | mmap.PROT_WRITE) if private else \
+            (mmap.MAP_SHARED, mmap.PROT_READ)
         try:
-            m = mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=mmap.MAP_PRIVATE,
-                          prot=mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
-        except OSError:  # a file system that cannot map files (FUSE with direct_io): read it
-            return self._read().view(self.dtype).reshape(self.shape)
-        raw = torch.frombuffer(m, dtype=torch.uint8, count=self.nbytes, offset=self.offset - start)
-        return raw.view(self.dtype).reshape(self.shape)  # the tensor holds the mapping
+            return mmap.mmap(self.fd, self.offset - start + self.nbytes, flags=flags, prot=prot,
+                             offset=start), self.offset - start
+        except OSError:
+            return None
 
     def _read(self) -> torch.Tensor:
         """The bytes read into a fresh uint8 tensor (``pread``)."""
         out = torch.empty(self.nbytes, dtype=torch.uint8)
         self.read_into(memoryview(out.numpy()), 0)
         return out
-
-    def _check_size(self) -> None:
-        if os.fstat(self.fd).st_size < self.offset + self.nbytes:
-            raise CheckpointError("the file is shorter than its header says (changed while n2n ran?)",
-                                  where=self.where)
 
     def windows(self, size: int | None = None) -> list["RawSpan"]:
         """The span as consecutive spans of at most ``size`` bytes (default ``MAP_BYTES``; a

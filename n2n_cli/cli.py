@@ -394,7 +394,6 @@ def _hash_ahead(ctx, src) -> None:
 def _run_grow(ctx, spec, src, out_path):
     """Run ``api.grow`` with the command's own options (``ctx.params``), a progress display, and
     the report printed or written."""
-    _hash_ahead(ctx, src)
     params = ctx.params
     options = {k: params[k] for k in _GROW_OPTIONS if k in params}
     if "verify_mode" in params:
@@ -443,6 +442,7 @@ def grow(
     Nothing is written if any check or the verification fails.
     """
     _setup(ctx, report=report, json_=json_, quiet=quiet)
+    _hash_ahead(ctx, src)
     _run_grow(ctx, spec, src, out_path)
 
 

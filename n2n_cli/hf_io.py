@@ -162,27 +162,6 @@ class HFDirSource(TensorSource):
                 raise CheckpointError(f"cannot open ({e.strerror})", where=str(self.path / shard)) from None
         return fd
 
-    def read_bytes(self, key: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The raw bytes of a safetensors tensor (a fresh uint8 tensor, little-endian as stored;
-        or the first bytes of ``out``, a uint8 tensor at least that long, reused by the caller),
-        read with ``pread``: a pass-through copy needs no decoding, and nothing stays mapped."""
-        shard = self._where[key]
-        offset, n = self._span[key]
-        buf = torch.empty(n, dtype=torch.uint8) if out is None else out[:n]
-        view = memoryview(buf.numpy()) if n else memoryview(b"")
-        try:
-            fd = self._fd(shard)
-            done = 0
-            while done < n:
-                got = os.preadv(fd, [view[done:]], offset + done)
-                if got <= 0:
-                    raise OSError(0, "the file is shorter than its header says (truncated while n2n ran?)")
-                done += got
-        except OSError as e:
-            raise CheckpointError(f"cannot read tensor '{key}' ({e.strerror or e})",
-                                  where=str(self.path / shard)) from None
-        return buf
-
     def close(self) -> None:
         for shard, handle in list(self._open.items()):
             if isinstance(handle, int):

@@ -651,7 +651,7 @@ class _TeacherSide:
     runner's own buffers (``memory``) are the runner's alone until it has finished."""
 
     def __init__(self, t: _Model, batches: list, note: str | None, key: tuple | None):
-        self.t, self.batches, self.note, self.key = t, batches, note, key
+        self.t, self.note, self.key = t, note, key
         self.memory = _Memory(t.device, t.dtype)
         self.sequences = sum(len(b[0]) for b in batches)  # probe sequences, however they are laid out
         self.state, first = [], []
@@ -972,25 +972,12 @@ def _combine(parts: list[tuple[int, Comparison]], *, atol: float, rtol: float, p
 def forward(path: Path, batches, *, dtype: torch.dtype = torch.float32,
             device: torch.device = torch.device("cpu")) -> torch.Tensor:
     """One model's outputs, blockwise, at the kept positions of every batch (as
-    ``hf_verify.outputs`` gives them from the full model): the streaming forward on its own, laid
-    out as a comparison runs it (:func:`_layout`), for checking it against transformers' model
-    class."""
+    ``hf_verify.outputs`` gives them from the full model): the teacher's side of a comparison
+    (:class:`_TeacherSide`, probes laid out as :func:`_layout` lays them out) on its own, for
+    checking it against transformers' model class."""
     m = _Model(Path(path), dtype, device)
     try:
-        with torch.no_grad(), full_precision():
-            streams, keeps = [], []
-            for ids, mask, keep, pos in _layout(m, batches):
-                ids, pos = ids.to(device), pos.to(device)
-                mask = None if mask is None else mask.to(device)
-                h = m.embed(ids)
-                masks, pe = m.masks(h, mask, pos), m.positions(h, pos)
-                for i in range(m.arch.layers):
-                    o = m.block(i)(h, attention_mask=masks(i), position_embeddings=pe(i), position_ids=pos,
-                                   past_key_values=None, use_cache=False)
-                    h = o[0] if isinstance(o, tuple) else o
-                streams.append(h)
-                keeps.append(keep.to(device))
-            return torch.cat([o.to("cpu", torch.float64) for o in kept_outputs(m, streams, keeps)])
+        return torch.cat([o.to("cpu", torch.float64) for o in _TeacherSide(m, batches, None, None).outputs()])
     finally:
         m.close()
 
