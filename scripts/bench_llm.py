@@ -16,10 +16,13 @@ interleaving) and widen (intermediate_size x 2), every tool runs in a fresh proc
 - ``mergekit`` (deepen only: it cannot widen): passthrough with zeroed output projections, run
   from ``--mergekit-python`` when that interpreter can import mergekit, else skipped with a note.
 
-Before each run the disk is synced (untimed), so that what one tool leaves to write back (the
-naive script and mergekit do not fsync) is not billed to the next. Reported per tool: median wall time, peak RSS of the child (``os.wait4``'s rusage), bytes
-written, the ratio to the floor (the ``cp`` time scaled by (bytes read + written) / (2 x input
-bytes)) and to ``n2n-noverify``. Temporary files live under ``--workdir`` (default
+Before each run the disk is synced (untimed), so that what one tool leaves to write back is not
+billed to the next. Every tool is timed until its output is on disk, as ``cp`` + ``sync`` is: n2n
+fsyncs its files before it exits; the naive script and mergekit do not, so after they exit their
+output files are fsynced too and that time added ("exit" is what the process alone took, "time"
+the total). Reported per tool: median time (durable) and exit time, peak RSS of the child
+(``os.wait4``'s rusage), bytes written, the ratio to the floor (the ``cp`` time scaled by (bytes
+read + written) / (2 x input bytes)) and to ``n2n-noverify``, both on durable times. Temporary files live under ``--workdir`` (default
 /tmp/n2n-bench) and are deleted at the end unless ``--keep``.
 """
 
@@ -175,6 +178,19 @@ def dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
+def sync_files(path: Path) -> float:
+    """fsync every file under ``path`` (what ``sync FILE...`` does); the seconds it took."""
+    t0 = time.perf_counter()
+    for p in sorted(path.rglob("*")) if path.exists() else []:
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - t0
+
+
 def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, int, str]:
     """(seconds, peak RSS MB, exit code, stderr tail) of one fresh child process."""
     t0 = time.perf_counter()
@@ -282,9 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
                     secs, rss, rc, err = timed(cmd, env)
                     if rc != 0:
                         raise SystemExit(f"{tool} {op} failed (exit {rc}):\n{err}")
-                    results.setdefault((op, tool), []).append((secs, rss, dir_bytes(out)))
-                    print(f"round {rnd + 1}/{args.repeat} {op:6} {tool:13} {secs:7.2f} s  {rss:8.0f} MB",
-                          file=sys.stderr)
+                    flush = sync_files(out)  # ~0 for cp and n2n, which synced already
+                    results.setdefault((op, tool), []).append((secs + flush, rss, dir_bytes(out), secs))
+                    print(f"round {rnd + 1}/{args.repeat} {op:6} {tool:13} {secs + flush:7.2f} s "
+                          f"(exit {secs:.2f} s)  {rss:8.0f} MB", file=sys.stderr)
                     shutil.rmtree(out, ignore_errors=True)
     finally:
         if not args.keep:
@@ -301,8 +318,8 @@ def report(results, in_bytes: int, args) -> dict:
     load = os.getloadavg()
     print(f"\nLLaMA {args.size} {args.dtype}: {in_bytes / 1e9:.2f} GB in; median of {args.repeat}; "
           f"{os.cpu_count()} CPUs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
-    print("| op | tool | time (s) | peak RSS (MB) | written (GB) | x floor | x n2n --no-verify |")
-    print("|---|---|---|---|---|---|---|")
+    print("| op | tool | time (s) | exit (s) | peak RSS (MB) | written (GB) | x floor | x n2n --no-verify |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
     for op in dict.fromkeys(op for op, _ in results):
         floor = results.get((op, "cp"))
@@ -311,6 +328,7 @@ def report(results, in_bytes: int, args) -> dict:
             if o != op:
                 continue
             secs = statistics.median(r[0] for r in runs)
+            exit_secs = statistics.median(r[3] for r in runs)
             rss = max(r[1] for r in runs)
             written = runs[-1][2]
             x_floor = x_n2n = None
@@ -319,10 +337,11 @@ def report(results, in_bytes: int, args) -> dict:
                 x_floor = secs / scaled
             if base:
                 x_n2n = secs / statistics.median(r[0] for r in base)
-            rows.append({"op": op, "tool": tool, "seconds": secs, "peak_rss_mb": rss, "written_bytes": written,
+            rows.append({"op": op, "tool": tool, "seconds": secs, "exit_seconds": exit_secs, "peak_rss_mb": rss,
+                         "written_bytes": written,
                          "x_floor": x_floor, "x_n2n_noverify": x_n2n, "runs": [r[0] for r in runs]})
             fmt = (lambda v: "-" if v is None else f"{v:.2f}")
-            print(f"| {op} | {tool} | {secs:.2f} | {rss:.0f} | {written / 1e9:.3f} | {fmt(x_floor)} | {fmt(x_n2n)} |")
+            print(f"| {op} | {tool} | {secs:.2f} | {exit_secs:.2f} | {rss:.0f} | {written / 1e9:.3f} | {fmt(x_floor)} | {fmt(x_n2n)} |")
     return {"size": args.size, "dtype": args.dtype, "input_bytes": in_bytes, "repeat": args.repeat,
             "loadavg": load, "rows": rows}
 

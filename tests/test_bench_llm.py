@@ -33,6 +33,8 @@ def test_quick(tmp_path, capsys):
     rows = {(r["op"], r["tool"]): r for r in table["rows"]}
     assert set(rows) == {("deepen", "cp"), ("deepen", "naive"), ("deepen", "n2n-noverify")}
     assert rows[("deepen", "n2n-noverify")]["x_n2n_noverify"] == 1.0
+    # every tool is timed until its output is on disk: the exit time plus the fsync of its files
+    assert all(0 < r["exit_seconds"] <= r["seconds"] for r in rows.values())
     assert rows[("deepen", "n2n-noverify")]["written_bytes"] > rows[("deepen", "cp")]["written_bytes"]
     assert "| deepen | n2n-noverify |" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())  # cleaned up
