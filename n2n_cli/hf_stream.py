@@ -900,15 +900,28 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
         head_alike = t.same_head(s)  # the files only: compared before waiting for any teacher stream
         check(0, "after the embeddings")
         i = 0
+        matched = 0  # the student block that ran teacher block i - 1
+
+        def students(j: int) -> str:
+            """The student blocks that may have made the stream differ by block j: teacher block
+            i - 1's counterpart (unless it was a byte copy fed an equal stream) and the blocks
+            inserted after it."""
+            first = matched + 1 if matched in copied else matched
+            if first >= j:
+                return f"student block {j}" + (f", inserted after {matched}" if j in inserted else "")
+            return f"student blocks {first}-{j}, inserted after {matched}"
         for j in range(S):
             if progress:
                 progress("verifying (blockwise)", j, S)
-            if i > 0 and (S - j > T - i) and s.zero_output(j):
-                run(j)  # an inserted block: the stream must come out unchanged
+            # an inserted block: all-zero outputs where the student has blocks to spare; one
+            # facing an all-zero teacher block (a teacher deepened before) is that block's copy
+            if i > 0 and (S - j > T - i) and s.zero_output(j) and not (i < T and t.zero_output(i)):
+                run(j)  # the stream must come out unchanged
                 inserted.append(j)
                 continue
             if i > 0:
-                check(i, f"after teacher block {i - 1} (student block {j - 1})")
+                check(i, f"after teacher block {i - 1} ({students(j - 1)})")
+            matched = j
             if i < T:
                 skip = copy_of_teacher(i, j)
                 i += 1
@@ -920,7 +933,7 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
                     continue
             run(j)
         # a student with fewer blocks: the teacher's rest runs too (the outputs will differ)
-        check(T, f"after teacher block {T - 1} (student block {S - 1})")
+        check(T, f"after teacher block {T - 1} ({students(S - 1)})")
         if progress:
             progress("verifying (blockwise)", S, S)
         # the outputs compared in float64 a few positions at a time (the logits of every probe

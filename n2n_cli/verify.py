@@ -151,9 +151,16 @@ def verification_facts(v: dict) -> dict:
     passed or not, probes, seed, tolerances, dtype, device), never float measurements, whose last
     digits depend on the thread count: the same inputs and seed give the same bytes. The measured
     errors are in the JSON report and on stdout."""
-    measured = {"max_abs_error", "max_rel_error", "max_abs_teacher", "argmax_agreement", "cosine_max_abs_error"}
-    return {k: ({kk: vv for kk, vv in x.items() if kk not in measured} if isinstance(x, dict) else x)
-            for k, x in v.items()}
+    measured = {"max_abs_error", "max_rel_error", "max_abs_teacher", "argmax_agreement", "cosine_max_abs_error",
+                "stream_max_rel_error"}
+
+    def fact(k, x):
+        if k in measured:
+            return None
+        if k == "first_divergence" and isinstance(x, str):
+            return x.split(": max abs error")[0]  # where, not by how much
+        return {kk: fact(kk, vv) for kk, vv in x.items() if kk not in measured} if isinstance(x, dict) else x
+    return {k: fact(k, x) for k, x in v.items() if k not in measured}
 
 
 def verification_failed(c: dict, where, report: dict, *, grown: bool,

@@ -112,7 +112,7 @@ def test_hf_verified_on_cuda(tmp_path, case):
     src = llama(tmp_path, "fp32")
     report = api.grow(spec_from_steps(HF_CASES[case], seed=5), src, tmp_path / "out", device="cuda")
     v = report["verification"]
-    assert v["passed"] is True and v["device"].startswith("cuda"), v
+    assert v["passed"] is True and v["exact"]["device"].startswith("cuda"), v
 
 
 def test_transforms_device_unavailable_is_a_user_error(tmp_path):

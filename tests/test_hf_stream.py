@@ -97,6 +97,39 @@ def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
     assert c.student_blocks_inserted == [2]
 
 
+def test_a_mismatch_before_an_inserted_block_names_both(tmp_path):
+    """The stream is compared only where a teacher block ends; with a block inserted after the
+    changed one, the message names the student blocks run since (the changed one first)."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    out = tmp_path / "student"
+    api.grow(spec_from_steps([{"deepen": {"after": [1]}}], seed=1), src, out, device="cpu", verify=False)
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.1.mlp.up_proj.weight"][0] *= 1.5  # student block 1 = teacher block 1; block 2 inserted
+    save_file(sd, f, metadata={"format": "pt"})
+    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert not c.passed
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 1 "
+                                         "(student blocks 1-2, inserted after 1)"), c
+
+
+def test_a_teacher_deepened_before_is_aligned_block_by_block(tmp_path):
+    """Deepening a deepened model: the teacher's own all-zero blocks are matched with their copies
+    (not taken for inserted ones, which shifted every later comparison by a block: a passing
+    verdict that also said the stream differed)."""
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    once, twice = tmp_path / "once", tmp_path / "twice"
+    api.grow(spec_from_steps([{"deepen": {"layers": 6}}], seed=1), src, once, device="cpu", verify=False)
+    api.grow(spec_from_steps([{"deepen": {"layers": 9}}], seed=1), once, twice, device="cpu", verify=False)
+    c = hf_stream.compare_dirs(once, twice, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                               device=torch.device("cpu"), dtype=torch.float32)
+    assert c.passed and c.first_divergence is None, c
+    assert len(c.student_blocks_inserted) == 3 and c.blocks_compared == 7, c
+
+
 def test_supports(tmp_path):
     assert hf_stream.supports(make_hf_model(tmp_path, "qwen2", name="q"))
     assert hf_stream.supports(make_hf_model(tmp_path, "gpt2", name="g"))

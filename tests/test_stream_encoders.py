@@ -193,7 +193,8 @@ def test_post_ln_deepen_deviation_is_full_modes(tmp_path, model_type, arch):
     full = hf_stream.compare(src, out, mode="full", **KW)
     assert c.mode == "streaming" and not c.passed and not full.passed
     assert c.student_blocks_inserted == [2] and c.student_blocks_copied == [0, 1]
-    assert c.first_divergence.startswith("the residual stream differs after teacher block 1 (student block 2)"), c
+    assert c.first_divergence.startswith("the residual stream differs after teacher block 1 (student block 2, inserted "
+                                         "after 1)"), c
     assert c.max_abs_error == pytest.approx(full.max_abs_error, rel=1e-5)
     assert c.max_rel_error == pytest.approx(full.max_rel_error, rel=1e-5)
 
