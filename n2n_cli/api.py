@@ -430,6 +430,17 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
     Face model over 1e8 parameters then runs on the documented probe budget, as grow does)."""
     from . import graph_api
 
+    clock = PhaseClock()
+    result = _verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
+                     probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, progress=progress,
+                     model_code=model_code, model_args=model_args, example_input=example_input,
+                     verify_mode=verify_mode, clock=clock, graph_api=graph_api)
+    clock.mark("verify")
+    return {**result, "timings": clock.seconds}
+
+
+def _verify(teacher, student, *, model, student_model, device, seed, probes, atol, rtol, verify_dtype, progress,
+            model_code, model_args, example_input, verify_mode, clock: PhaseClock, graph_api) -> dict:
     budget, probes = probes is None, probes or 64
 
     code, _ = graph_api.model_code_of(None, Path(student), model_code, model_args, example_input) \
@@ -439,7 +450,8 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
                                 atol=atol, rtol=rtol, verify_dtype=verify_dtype)
     if Path(teacher).is_dir() or Path(student).is_dir():
         return _verify_hf(Path(teacher), Path(student), device=device, seed=seed, probes=probes, atol=atol, rtol=rtol,
-                          verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode, budget=budget)
+                          verify_dtype=verify_dtype, progress=progress, verify_mode=verify_mode, budget=budget,
+                          clock=clock)
     if isinstance(model, (str, Path)):
         model = load_model_description(model)
     if isinstance(student_model, (str, Path)):
@@ -456,6 +468,7 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
             cert = certify_file(t_src, t_desc, s_src, s_desc, lineage, t_sha, progress)
         else:
             cert = certify_none("the student records no growth (n2n lineage): probe check only")
+        clock.mark("certificate")
         dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
         dev, dtype = resolve_device(device), compute_dtype(dtypes, verify_dtype)
         rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
@@ -553,7 +566,7 @@ def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, 
 
 
 def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None,
-               verify_mode="auto", budget: bool = False) -> dict:
+               verify_mode="auto", budget: bool = False, clock: PhaseClock | None = None) -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (t_src, t_arch, t_head), _open_hf(student) as (s_src, s_arch, s_head):
@@ -570,6 +583,8 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
             cert = certify_hf(t_src, t_arch, t_head, s_src, lineage, t_src.sha256(), progress)
         else:
             cert = certify_none("the student records no growth (n2n lineage): probe check only")
+        if clock is not None:
+            clock.mark("certificate")
         rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
     dtype = compute_dtype(dtypes, verify_dtype)
@@ -578,7 +593,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
     atol, rtol = (d_atol if atol is None else atol), (d_rtol if rtol is None else rtol)
     c = hf_stream.compare(teacher, student, mode=verify_mode, vocab=t_arch.vocab,
                           max_len=min(t_arch.positions or 64, 64), probes=probes, seed=seed, atol=atol, rtol=rtol,
-                          device=resolve_device(device), dtype=dtype, budget=budget).to_dict()
+                          device=resolve_device(device), dtype=dtype, budget=budget, progress=progress).to_dict()
     if hf_st.read_modules(teacher) is not None and hf_st.read_modules(student) is not None:
         # sentence-transformers directories: what users consume is the embedding after pooling,
         # Dense and Normalize (which the hidden states alone do not check), as grow compares it

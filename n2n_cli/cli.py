@@ -657,9 +657,17 @@ def verify(
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
-    result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
-                        probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
-                        model_args=_model_args(model_args), example_input=example_input, verify_mode=verify_mode.value)
+    bar, update = _progress(ctx)
+    if bar is not None:
+        bar.start()
+    try:
+        result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
+                               probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
+                               model_args=_model_args(model_args), example_input=example_input,
+                               verify_mode=verify_mode.value, progress=update)
+    finally:
+        if bar is not None:
+            bar.stop()
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

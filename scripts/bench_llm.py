@@ -3,6 +3,7 @@ mergekit, each run in a fresh process, all in one interleaved loop (issue 8).
 
     python scripts/bench_llm.py --size 1b --dtype bf16 --repeat 3 [--mergekit-python PATH]
     python scripts/bench_llm.py --quick          # tiny size, one round: a smoke test
+    python scripts/bench_llm.py --device cuda    # n2n transforms and verifies on the GPU
 
 The checkpoint (random weights, norms perturbed around 1) is written tensor by tensor with
 safetensors' own format, sharded like ``save_pretrained`` (5 GB shards plus an index when it
@@ -214,7 +215,7 @@ def mergekit_slices(layers: int) -> str:
 
 
 def commands(tool: str, op: str, src: Path, out: Path, cfg: dict, dtype: str, work: Path,
-             mergekit_python: str | None) -> list[str] | None:
+             mergekit_python: str | None, device: str = "cpu") -> list[str] | None:
     n2n = [sys.executable, "-m", "n2n_cli"]
     L = cfg["num_hidden_layers"]
     grow = (["deepen", str(src), str(out), "--layers", str(L + L // 2)] if op == "deepen" else
@@ -224,9 +225,9 @@ def commands(tool: str, op: str, src: Path, out: Path, cfg: dict, dtype: str, wo
     if tool == "naive":
         return [sys.executable, "-c", NAIVE, str(src), str(out), op]
     if tool == "n2n-noverify":
-        return n2n + grow + ["--no-verify", "--device", "cpu", "--quiet"]
+        return n2n + grow + ["--no-verify", "--device", device, "--quiet"]
     if tool == "n2n":
-        return n2n + grow + ["--device", "cpu", "--quiet"]
+        return n2n + grow + ["--device", device, "--quiet"]
     if tool == "mergekit":
         if op != "deepen" or not mergekit_python:
             return None
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--ops", default="deepen,widen", help="comma-separated: deepen, widen")
     ap.add_argument("--tools", default="cp,naive,mergekit,n2n-noverify,n2n")
     ap.add_argument("--mergekit-python", default=None)
+    ap.add_argument("--device", default="cpu", help="n2n's --device (cpu, cuda, ...): where it transforms and verifies")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/n2n-bench"))
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--quick", action="store_true", help="tiny size, one round, deepen only (smoke test)")
@@ -288,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
                 for tool in tools:
                     out = work / f"out-{op}-{tool}"
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = commands(tool, op, src, out, cfg, args.dtype, work, args.mergekit_python)
+                    cmd = commands(tool, op, src, out, cfg, args.dtype, work, args.mergekit_python, args.device)
                     if cmd is None:
                         continue
                     # each tool starts on a quiet disk: what the previous one left to write back
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
 def report(results, in_bytes: int, args) -> dict:
     load = os.getloadavg()
     print(f"\nLLaMA {args.size} {args.dtype}: {in_bytes / 1e9:.2f} GB in; median of {args.repeat}; "
-          f"{os.cpu_count()} CPUs; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"{os.cpu_count()} CPUs; n2n --device {args.device}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("| op | tool | time (s) | exit (s) | peak RSS (MB) | written (GB) | x floor | x n2n --no-verify |")
     print("|---|---|---|---|---|---|---|---|")
     rows = []
@@ -342,7 +344,8 @@ def report(results, in_bytes: int, args) -> dict:
                          "x_floor": x_floor, "x_n2n_noverify": x_n2n, "runs": [r[0] for r in runs]})
             fmt = (lambda v: "-" if v is None else f"{v:.2f}")
             print(f"| {op} | {tool} | {secs:.2f} | {exit_secs:.2f} | {rss:.0f} | {written / 1e9:.3f} | {fmt(x_floor)} | {fmt(x_n2n)} |")
-    return {"size": args.size, "dtype": args.dtype, "input_bytes": in_bytes, "repeat": args.repeat,
+    return {"size": args.size, "dtype": args.dtype, "device": args.device, "input_bytes": in_bytes,
+            "repeat": args.repeat,
             "loadavg": load, "rows": rows}
 
 

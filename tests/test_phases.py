@@ -48,6 +48,21 @@ def test_grow_reports_phases_timings_and_mode(tmp_path, cli):
     assert r.exit_code == 0 and json.loads(r.stdout)["mode"] == "full"
 
 
+def test_verify_prints_its_phases_and_reports_their_timings(tmp_path, cli):
+    """`n2n verify` of a big model is minutes of work: a line per phase on stderr (not a TTY here),
+    and the timings in its JSON, as grow has them."""
+    src = make_hf_model(tmp_path, "llama")
+    out, rep = tmp_path / "out", tmp_path / "r.json"
+    assert cli("deepen", src, out, "--layers", "3", "--device", "cpu", "--quiet").exit_code == 0
+    r = cli("verify", src, out, "--device", "cpu", "--report", rep)
+    assert r.exit_code == 0, r.output
+    for phase in ("certificate", "verifying (blockwise)"):
+        assert f"n2n: {phase} (" in r.stderr and f"n2n: {phase}: done in " in r.stderr, r.stderr
+    assert set(json.loads(rep.read_text())["timings"]) == {"certificate", "verify"}
+    r = cli("verify", src, out, "--device", "cpu", "--quiet")
+    assert r.exit_code == 0 and "n2n:" not in r.stderr
+
+
 def test_streaming_mode_refused_for_unsupported_family(tmp_path, cli):
     """Every model type n2n grows is streamed; a task head (a classifier) is verified in full mode."""
     src = tmp_path / "classifier"
