@@ -142,6 +142,28 @@ def test_raw_copies_without_kernel_copy_give_the_same_bytes(tmp_path, cli, monke
     assert torch.equal(a["model.layers.0.mlp.up_proj.weight"], t["model.layers.0.mlp.up_proj.weight"])
 
 
+def test_deepen_copies_pass_through_tensors_as_bytes(tmp_path, cli, monkeypatch):
+    """Every tensor a deepen only passes through (the teacher's own, and the inserted blocks'
+    copies of them) goes from the input file to the output as bytes (RawSpan.copy_to), never
+    decoded and re-encoded; only the inserted blocks' zeroed output projections are computed."""
+    from n2n_cli import checkpoints
+
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    copied = []
+    real = checkpoints.RawSpan.copy_to
+
+    def counting(self, out, buf):
+        copied.append((self.offset, self.nbytes))
+        return real(self, out, buf)
+
+    monkeypatch.setattr(checkpoints.RawSpan, "copy_to", counting)
+    assert cli("deepen", src, tmp_path / "a", "--layers", "3", "--no-verify").exit_code == 0
+    t, a = _tensors(src), _tensors(tmp_path / "a")
+    zeroed = [k for k, v in a.items() if k.endswith(("o_proj.weight", "down_proj.weight")) and not v.any()]
+    assert len(zeroed) == 2  # the one inserted block's
+    assert len(copied) == len(a) - len(zeroed) > len(t)
+
+
 def test_patch_headers_refuses_a_missing_placeholder(tmp_path):
     save_file({"a": torch.zeros(2)}, str(tmp_path / "x.safetensors"), metadata={"k": "?" * 64})
     hf_io.patch_headers(tmp_path, "?" * 64, "a" * 64, tmp_path)
