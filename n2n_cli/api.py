@@ -428,19 +428,20 @@ def verify(teacher: str | Path, student: str | Path, *, model: ModelDescription 
     architectures cannot be teacher and grown student. ``model_code`` (or the student's recorded
     n2n_model_code): both run through the user's module. ``probes``: 64 when not given (a Hugging
     Face model over 1e8 parameters then runs on the documented probe budget, as grow does)."""
-    from . import graph_api
-
     clock = PhaseClock()
     result = _verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
                      probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, progress=progress,
                      model_code=model_code, model_args=model_args, example_input=example_input,
-                     verify_mode=verify_mode, clock=clock, graph_api=graph_api)
+                     verify_mode=verify_mode, clock=clock)
     clock.mark("verify")
     return {**result, "timings": clock.seconds}
 
 
 def _verify(teacher, student, *, model, student_model, device, seed, probes, atol, rtol, verify_dtype, progress,
-            model_code, model_args, example_input, verify_mode, clock: PhaseClock, graph_api) -> dict:
+            model_code, model_args, example_input, verify_mode, clock: PhaseClock) -> dict:
+    """:func:`verify`'s work; ``clock`` marks the certificate's end (the caller marks the rest)."""
+    from . import graph_api
+
     budget, probes = probes is None, probes or 64
 
     code, _ = graph_api.model_code_of(None, Path(student), model_code, model_args, example_input) \
@@ -566,7 +567,7 @@ def _verify_result(teacher, student, c: dict, cert: Certificate, params_t: int, 
 
 
 def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol, verify_dtype, progress=None,
-               verify_mode="auto", budget: bool = False, clock: PhaseClock | None = None) -> dict:
+               verify_mode="auto", budget: bool = False, clock: PhaseClock) -> dict:
     if not (teacher.is_dir() and student.is_dir()):
         raise UserError("compare a Hugging Face directory with another directory", where=str(student))
     with _open_hf(teacher) as (t_src, t_arch, t_head), _open_hf(student) as (s_src, s_arch, s_head):
@@ -583,8 +584,7 @@ def _verify_hf(teacher: Path, student: Path, *, device, seed, probes, atol, rtol
             cert = certify_hf(t_src, t_arch, t_head, s_src, lineage, t_src.sha256(), progress)
         else:
             cert = certify_none("the student records no growth (n2n lineage): probe check only")
-        if clock is not None:
-            clock.mark("certificate")
+        clock.mark("certificate")
         rounding = cert.rounding if cert.rounding is not None else differing_dtypes(t_src, s_src)
     dtypes = [d for d, _ in [*t_head.values(), *s_head.values()]]
     dtype = compute_dtype(dtypes, verify_dtype)

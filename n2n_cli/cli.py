@@ -6,6 +6,7 @@ turned into exit codes and messages in exactly one place, ``_Group.invoke``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -260,6 +261,21 @@ def _setup(ctx, *, report=None, json_=False, quiet=False):
     ctx.obj["report"] = report
 
 
+@contextlib.contextmanager
+def _shown_progress(ctx):
+    """Yields the progress callback of :func:`_progress` (None with --quiet), its bar shown on
+    stderr while the body runs."""
+    bar, update = _progress(ctx)
+    if bar is None:
+        yield update
+        return
+    bar.start()
+    try:
+        yield update
+    finally:
+        bar.stop()
+
+
 def _progress(ctx):
     """A rich progress bar on stderr for interactive terminals; otherwise one plain line per phase."""
     if ctx.obj.get("quiet"):
@@ -400,15 +416,9 @@ def _run_grow(ctx, spec, src, out_path):
         options["verify_mode"] = params["verify_mode"].value
     if "model_args" in params:
         options["model_args"] = _model_args(params["model_args"])
-    bar, update = _progress(ctx)
-    if bar is not None:
-        bar.start()
-    try:
+    with _shown_progress(ctx) as update:
         report = _api().grow(spec, src, out_path, verify=False if params.get("no_verify") else None, progress=update,
                              **options)
-    finally:
-        if bar is not None:
-            bar.stop()
     _finish(ctx, report, _print_grow)
 
 
@@ -657,17 +667,11 @@ def verify(
 ):
     """Check that STUDENT computes TEACHER's function on seeded random probes (exit 3 if not)."""
     _setup(ctx, report=report, json_=json_, quiet=quiet)
-    bar, update = _progress(ctx)
-    if bar is not None:
-        bar.start()
-    try:
+    with _shown_progress(ctx) as update:
         result = _api().verify(teacher, student, model=model, student_model=student_model, device=device, seed=seed,
                                probes=probes, atol=atol, rtol=rtol, verify_dtype=verify_dtype, model_code=model_code,
                                model_args=_model_args(model_args), example_input=example_input,
                                verify_mode=verify_mode.value, progress=update)
-    finally:
-        if bar is not None:
-            bar.stop()
 
     def human(r):
         out.print(f"PASS: {_fmt_err(r)}", markup=False)

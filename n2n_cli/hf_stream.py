@@ -51,7 +51,7 @@ from .hf import arch_from_config, families
 from . import hf_verify
 from .hf_verify import probe_batches, require_transformers
 from .errors import UserError
-from .verify import Comparison, compare_outputs, full_precision
+from .verify import DIVERGENCE_AMOUNT, Comparison, compare_outputs, full_precision
 
 CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")  # architectures whose outputs are logits
 HEAD_ROWS = 4096  # vocabulary rows of the head converted to the compute dtype at a time
@@ -850,7 +850,8 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             worst = max(worst, err / ref if ref > 0 else (0.0 if err == 0 else float("inf")))
             compared += 1
             if not ok and first is None:
-                first = f"the residual stream differs {where}: max abs error {err:.3g} > atol {atol:g} + rtol {rtol:g} * {ref:.3g}"
+                first = (f"the residual stream differs {where}{DIVERGENCE_AMOUNT}{err:.3g} > atol {atol:g} + "
+                         f"rtol {rtol:g} * {ref:.3g}")
 
         def same(a, b) -> bool:
             if a is None or b is None:

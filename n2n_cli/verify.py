@@ -146,6 +146,10 @@ def compare_outputs(teacher: torch.Tensor, student: torch.Tensor, *, atol: float
                       str(dtype).removeprefix("torch."))
 
 
+#: what separates where a divergence was found from by how much, in a ``first_divergence`` message
+DIVERGENCE_AMOUNT = ": max abs error "
+
+
 def verification_facts(v: dict) -> dict:
     """What goes into a written checkpoint's metadata: deterministic facts only (what was checked,
     passed or not, probes, seed, tolerances, dtype, device), never float measurements, whose last
@@ -154,13 +158,14 @@ def verification_facts(v: dict) -> dict:
     measured = {"max_abs_error", "max_rel_error", "max_abs_teacher", "argmax_agreement", "cosine_max_abs_error",
                 "stream_max_rel_error"}
 
+    def facts(d: dict) -> dict:
+        return {k: fact(k, x) for k, x in d.items() if k not in measured}
+
     def fact(k, x):
-        if k in measured:
-            return None
         if k == "first_divergence" and isinstance(x, str):
-            return x.split(": max abs error")[0]  # where, not by how much
-        return {kk: fact(kk, vv) for kk, vv in x.items() if kk not in measured} if isinstance(x, dict) else x
-    return {k: fact(k, x) for k, x in v.items() if k not in measured}
+            return x.split(DIVERGENCE_AMOUNT)[0]  # where, not by how much
+        return facts(x) if isinstance(x, dict) else x
+    return facts(v)
 
 
 def verification_failed(c: dict, where, report: dict, *, grown: bool,

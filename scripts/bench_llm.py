@@ -23,8 +23,8 @@ fsyncs its files before it exits; the naive script and mergekit do not, so after
 output files are fsynced too and that time added ("exit" is what the process alone took, "time"
 the total). Reported per tool: median time (durable) and exit time, peak RSS of the child
 (``os.wait4``'s rusage), bytes written, the ratio to the floor (the ``cp`` time scaled by (bytes
-read + written) / (2 x input bytes)) and to ``n2n-noverify``, both on durable times. Temporary files live under ``--workdir`` (default
-/tmp/n2n-bench) and are deleted at the end unless ``--keep``.
+read + written) / (2 x input bytes)) and to ``n2n-noverify``, both on durable times. Temporary
+files live under ``--workdir`` (default /tmp/n2n-bench) and are deleted at the end unless ``--keep``.
 """
 
 from __future__ import annotations
