@@ -80,7 +80,9 @@ def test_streaming_verification_passes_exact_growth(tmp_path, family, kw, steps)
         c.max_abs_teacher, rel=1e-5)
 
 
-def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
+def _compare_deepened_with(tmp_path, edit) -> hf_stream.StreamComparison:
+    """A 4-block llama deepened after block 1 (student block 2 inserted), ``edit``ed (a function of
+    the student's state dict), compared blockwise with its teacher."""
     from safetensors.torch import load_file, save_file
 
     src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
@@ -88,10 +90,16 @@ def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
     api.grow(spec_from_steps([{"deepen": {"after": [1]}}], seed=1), src, out, device="cpu", verify=False)
     f = out / "model.safetensors"
     sd = load_file(f)
-    sd["model.layers.3.post_attention_layernorm.weight"] *= 1.01  # student block 3 = teacher block 2
+    edit(sd)
     save_file(sd, f, metadata={"format": "pt"})
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+    return hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
+                                  device=torch.device("cpu"), dtype=torch.float32)
+
+
+def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
+    def edit(sd):
+        sd["model.layers.3.post_attention_layernorm.weight"] *= 1.01  # student block 3 = teacher block 2
+    c = _compare_deepened_with(tmp_path, edit)
     assert not c.passed
     assert c.first_divergence.startswith("the residual stream differs after teacher block 2 (student block 3)"), c
     assert c.student_blocks_inserted == [2]
@@ -100,17 +108,9 @@ def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
 def test_a_mismatch_before_an_inserted_block_names_both(tmp_path):
     """The stream is compared only where a teacher block ends; with a block inserted after the
     changed one, the message names the student blocks run since (the changed one first)."""
-    from safetensors.torch import load_file, save_file
-
-    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
-    out = tmp_path / "student"
-    api.grow(spec_from_steps([{"deepen": {"after": [1]}}], seed=1), src, out, device="cpu", verify=False)
-    f = out / "model.safetensors"
-    sd = load_file(f)
-    sd["model.layers.1.mlp.up_proj.weight"][0] *= 1.5  # student block 1 = teacher block 1; block 2 inserted
-    save_file(sd, f, metadata={"format": "pt"})
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+    def edit(sd):
+        sd["model.layers.1.mlp.up_proj.weight"][0] *= 1.5  # student block 1 = teacher block 1; block 2 inserted
+    c = _compare_deepened_with(tmp_path, edit)
     assert not c.passed
     assert c.first_divergence.startswith("the residual stream differs after teacher block 1 "
                                          "(student blocks 1-2, inserted after 1)"), c
