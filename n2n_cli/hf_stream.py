@@ -12,8 +12,8 @@ side never depends on the student: while a grown student is being written, it ru
 thread (:func:`teacher_ahead`), keeping its stream after every block for the comparison.
 
 At scale the probes' cost is blocks x tokens: a model over ``BUDGET_PARAMETERS`` parameters runs
-the first ``BUDGET_SEQUENCES`` probe sequences of each length (plus the long probes past every
-attention window, in full) unless the user chose the probes (:func:`probe_budget`).
+the first ``BUDGET_SEQUENCES`` probe sequences of each length (and one of the two long probes past
+every attention window) unless the user chose the probes (:func:`probe_budget`).
 
 Which student blocks correspond to teacher block i: the student's blocks are taken in order;
 a block whose output projections are all zero (LLaMA Pro's inserted blocks) is an inserted
@@ -45,7 +45,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import hf_io
+from . import hf_attention, hf_io
 from .checkpoints import RawSpan
 from .hf import arch_from_config, families
 from . import hf_verify
@@ -140,7 +140,7 @@ class _Model:
         self.source = hf_io.open_hf_dir(path)
         self.arch = arch_from_config(self.source.config, set(self.source.keys()), where=str(path / "config.json"))
         self.config = transformers.AutoConfig.from_pretrained(str(path))
-        self.config._attn_implementation = "eager"
+        self.config._attn_implementation = hf_attention.register()  # eager attention, a slice of queries at a time
         if hasattr(self.config, "_experts_implementation"):  # the reference loop over experts, as hf_verify loads it
             self.config._experts_implementation = "eager"
         # by the model type transformers makes of config.json (a mistral one with layer_types is ministral)
@@ -212,6 +212,8 @@ class _Model:
             layer = self.layer_cls(self.config, i)
         layer.load_state_dict(sd, assign=True, strict=True)
         del sd
+        if isinstance(getattr(layer, "mlp", None), torch.nn.Module):  # the decoders' MLP: each token on its own
+            hf_attention.token_wise(layer.mlp)
         return layer.to(self.device, self.dtype).eval()
 
     def signature(self, i: int) -> tuple:
@@ -494,7 +496,7 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
     the short probes at their kept positions, and the long probes past every declared attention
     window at their last ``LONG_TAIL`` positions. With ``budget`` (``probes`` is the default, not
     the user's), a teacher of more than ``BUDGET_PARAMETERS`` parameters runs the first
-    ``BUDGET_SEQUENCES`` short probes of each length (:func:`probe_budget`); the long probes always.
+    ``BUDGET_SEQUENCES`` short probes of each length and one of the two long probes (:func:`probe_budget`).
     ``ahead``: the teacher's side, computed while the student was written (:func:`teacher_ahead`),
     used when it ran on these same probes."""
     max_len = min(max_len, hf_verify._max_tokens(teacher))  # RoBERTa's positions start after the padding index
@@ -520,9 +522,10 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
 def _probes(t: _Model, student_config, *, vocab, max_len, probes, seed, budget) -> tuple[list, str | None]:
     """The probe batches ``(ids, mask[, kept positions])`` and the budget's note (None: no budget)."""
     batches = probe_batches(vocab, max_len, probes, seed)
-    batches, note = probe_budget(batches, t.source) if budget else (batches, None)
     long_len = hf_verify.long_probe_length(t.config, student_config)
-    for ids, mask in hf_verify.long_batches(vocab, long_len, seed) if long_len else []:
+    batches, note = probe_budget(batches, t.source, long_len) if budget else (batches, None)
+    long = hf_verify.long_batches(vocab, long_len, seed) if long_len else []
+    for ids, mask in long[-1:] if note else long:  # the budget's: the right-padded one
         keep = mask.bool()
         keep[:, :-hf_verify.LONG_TAIL] = False
         batches.append((ids, mask, keep))
@@ -543,13 +546,16 @@ AHEAD_BYTES = 256 * 2**20
 BESIDE_BYTES = 768 * 2**20
 
 
-def probe_budget(batches, source) -> tuple[list, str | None]:
+def probe_budget(batches, source, long_len: int | None = None) -> tuple[list, str | None]:
     """The first ``BUDGET_SEQUENCES`` sequences of each short-probe batch (a subset of the full
     probes: the same seeded tokens) when the model in ``source`` is bigger than
     ``BUDGET_PARAMETERS``, and a note saying so (None, batches unchanged, when it is not). What
     the budget keeps is what catches errors that only some positions show: every length (the
-    longest past nothing here; the long probes past every attention window are added apart, in
-    full), padded and unpadded sequences; a wrong weight, rope or norm changes every position."""
+    longest past nothing here), padded and unpadded sequences; a wrong weight, rope or norm
+    changes every position. The long probes (``long_len`` tokens, past every attention window)
+    are added apart: under the budget the right-padded one of the two (a causal position does not
+    see the padding after it: before the padding it computes what an unpadded one computes;
+    tokens x parameters is most of a 7B verification's time at 4112 tokens)."""
     params = sum(math.prod(source.shape(k)) for k in source.keys())
     full = sum(len(ids) for ids, _ in batches)
     if params <= BUDGET_PARAMETERS or all(len(ids) <= BUDGET_SEQUENCES for ids, _ in batches):
@@ -558,27 +564,30 @@ def probe_budget(batches, source) -> tuple[list, str | None]:
     n = sum(len(ids) for ids, _ in kept)
     tokens, all_tokens = sum(ids.numel() for ids, _ in kept), sum(ids.numel() for ids, _ in batches)
     return kept, (f"a model of {params / 1e9:.2f}B parameters verifies on a probe budget by default: {n} of the "
-                  f"{full} probe sequences ({tokens} of {all_tokens} tokens; every length, padded and not), plus "
-                  f"the probes past every attention window in full; --probes N runs N")
+                  f"{full} probe sequences ({tokens} of {all_tokens} tokens; every length, padded and not)"
+                  + (f", and 1 of the 2 probes of {long_len} tokens past the attention windows" if long_len else "")
+                  + "; --probes N runs N")
 
 
 class _Memory:
-    """Reused memory for loading one side's blocks: per tensor name, the tensor in the compute
+    """Reused memory for loading blocks: per tensor name and shape, the tensor in the compute
     dtype. A fresh allocation of a block's size costs more than converting it (the kernel maps and
     zeroes new pages each time, and frees them again); a block built here is valid until the next
-    block of its side is loaded here."""
+    block is loaded here. Teacher and student share one when their blocks run one after the other:
+    a deepened student's blocks then reuse the teacher's buffers (one block in memory, not two);
+    a widened one's have other shapes (two sets)."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
-        self._out: dict[str, torch.Tensor] = {}
+        self._out: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
 
     def tensor(self, source, key: str, name: str) -> torch.Tensor:
         """``key`` in the compute dtype, in the buffer for ``name``: converted from the file's pages
         in place (a mapping of the tensor alone, closed right after: no copy into a read buffer)."""
         shape = tuple(source.shape(key))
-        out = self._out.get(name)
-        if out is None or tuple(out.shape) != shape:
-            out = self._out[name] = torch.empty(shape, dtype=self.dtype, device=self.device)
+        out = self._out.get((name, shape))
+        if out is None:
+            out = self._out[name, shape] = torch.empty(shape, dtype=self.dtype, device=self.device)
         span = source.raw(key)
         if span is None:  # not in a safetensors file
             return out.copy_(source.get(key))
@@ -860,8 +869,6 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
                 return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
             return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
 
-        memory = _Memory(device, dtype)
-
         def copy_of_teacher(i: int, j: int) -> bool:
             """May student block j be skipped, its output taken from teacher block i's?
 
@@ -887,6 +894,7 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
         # the student's blocks run beside the teacher's thread when both sides' block buffers fit
         # in BESIDE_BYTES; else (a 7B model's block is 0.8 GB in float32) after it, one at a time
         beside = 2 * side.block_bytes() <= BESIDE_BYTES
+        memory = _Memory(device, dtype) if beside else side.memory  # one after the other: the same buffers
 
         def run(j: int):
             if not beside:

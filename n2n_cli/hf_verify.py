@@ -4,8 +4,9 @@ Seeded random token ids at several lengths, half of the sequences right-padded w
 attention mask; compare logits (causal LMs) or hidden states (encoders; when the hidden
 size grew r-fold the student's states must be the teacher's tiled r times) at the
 positions the mask keeps. Where a config declares an attention window (``sliding_window``) that
-the position limit lets a sequence exceed, one extra sequence per padding pattern goes past it,
-so that a grown model whose windows sit on other layers cannot pass.
+the position limit lets a sequence exceed, one extra sequence per padding pattern goes past it
+(past twice it where only some layers slide), so that a grown model whose windows sit on other
+layers cannot pass.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ LENGTHS = (5, 16, 33)
 # config attributes (as transformers' config classes expose them) that bound how far attention looks
 WINDOW_FIELDS = ("sliding_window", "attention_window", "attention_chunk_size", "local_window_size")
 POSITION_FIELDS = ("max_position_embeddings", "n_positions")
-PAST_WINDOW = 16  # the long probes run this many tokens past the largest window
+PAST_WINDOW = 16  # the long probes run this many tokens past the largest window (twice it: per-layer types)
 LONG_TAIL = 48  # positions of each long probe compared (the last ones: those past the window)
 
 
@@ -99,15 +100,25 @@ def _ints(v) -> list[int]:
     return [x for x in vals if isinstance(x, int) and not isinstance(x, bool) and x > 0]
 
 
+def per_layer_windows(config) -> bool:
+    """Do the layers of this config attend over different spans (``layer_types`` of more than one
+    kind: some layers slide, others attend to everything)?"""
+    types = getattr(config, "layer_types", None)
+    return isinstance(types, (list, tuple)) and len(set(types)) > 1
+
+
 def long_probe_length(*configs) -> int | None:
-    """A length past every attention window the configs declare, within every position limit;
-    None when no declared window can be exceeded (or none is declared)."""
+    """A length past every attention window the configs declare (``PAST_WINDOW`` tokens past the
+    longest) and, where the layers' window types differ, past twice the longest window (through
+    two sliding layers a position reaches two windows back: which layers slide shows in full only
+    there), within every position limit; None when no declared window can be exceeded (or none
+    is declared)."""
     windows = [w for c in configs for f in WINDOW_FIELDS for w in _ints(getattr(c, f, None))]
     limits = [n for c in configs for f in POSITION_FIELDS for n in _ints(getattr(c, f, None))]
     if not windows:
         return None
-    limit = min(limits) if limits else max(windows) + PAST_WINDOW
-    n = min(max(windows) + PAST_WINDOW, limit)
+    reach = max(windows) * (2 if any(per_layer_windows(c) for c in configs) else 1) + PAST_WINDOW
+    n = min(reach, min(limits)) if limits else reach
     return n if n > max(windows) + 1 else None
 
 

@@ -111,13 +111,25 @@ def test_grow_refuses_the_wrong_config_it_would_have_written(tmp_path, cli, qwen
 
 def test_long_probe_length():
     C = transformers.Qwen2Config
-    assert hf_verify.long_probe_length(C(use_sliding_window=True, sliding_window=40, max_position_embeddings=64)) == 56
+    uniform = C(use_sliding_window=True, sliding_window=40, max_window_layers=0, max_position_embeddings=64)
+    assert not hf_verify.per_layer_windows(uniform) and hf_verify.long_probe_length(uniform) == 56  # every layer slides
     assert hf_verify.long_probe_length(C(use_sliding_window=True, sliding_window=60, max_position_embeddings=64)) == 64
     assert hf_verify.long_probe_length(C(use_sliding_window=True, sliding_window=64, max_position_embeddings=64)) is None
     assert hf_verify.long_probe_length(C(use_sliding_window=False, sliding_window=40)) is None  # no window in use
     assert hf_verify.long_probe_length(transformers.MistralConfig(sliding_window=100, max_position_embeddings=4096)) \
         == 116
     assert hf_verify.long_probe_length(transformers.LlamaConfig()) is None
+    # layers of two kinds (some slide, some attend to all): past twice the longest window
+    per_layer = C(use_sliding_window=True, sliding_window=40, max_window_layers=2, num_hidden_layers=4,
+                  max_position_embeddings=4096)
+    assert hf_verify.per_layer_windows(per_layer) and hf_verify.long_probe_length(per_layer) == 96
+    assert hf_verify.long_probe_length(C(use_sliding_window=True, sliding_window=40, max_window_layers=2,
+                                         num_hidden_layers=4, max_position_embeddings=64)) == 64  # the limit
+    assert hf_verify.long_probe_length(transformers.Gemma2Config(sliding_window=100)) == 216
+    assert hf_verify.long_probe_length(transformers.Gemma3TextConfig(sliding_window=512)) == 1040
+    # a teacher of one kind, a student whose layers differ: the pair is probed past twice the window
+    assert hf_verify.long_probe_length(transformers.MistralConfig(sliding_window=100), transformers.Gemma2Config(
+        sliding_window=50)) == 216
 
 
 def test_mistral_uniform_window_survives_deepening_and_is_probed(tmp_path, cli):

@@ -96,6 +96,44 @@ def test_streaming_forward_is_transformers_forward(tmp_path, model_type):
     assert err <= 1e-5, err
 
 
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_attention_and_mlp_run_in_slices_as_transformers_forward(tmp_path, monkeypatch, model_type):
+    """Memory at long range: the blockwise forward runs each family's own eager attention a slice
+    of queries at a time (here 1 to 3 rows of 33 keys: keys and values of grouped heads repeated once, the
+    boolean mask sliced with the queries) and the MLP a few tokens at a time; what it computes is
+    still transformers' own model's forward (soft-capping, windows, experts' routing included)."""
+    from n2n_cli import hf_attention
+
+    src = make(tmp_path, model_type, layers=3)
+    b = batches()
+    full = full_outputs(src, b)
+    slices, mlp_tokens = [], []
+    float_mask, token_wise = hf_attention._float_mask, hf_attention.token_wise
+
+    def counted_mask(mask, dtype):
+        slices.append(None if mask is None else mask.shape[-2])
+        return float_mask(mask, dtype)
+
+    def counted_mlp(module):
+        forward = module.forward
+
+        def counting(h, *a, **k):
+            mlp_tokens.append(h.shape[1] if h.dim() == 3 else None)
+            return forward(h, *a, **k)
+        module.forward = counting
+        token_wise(module)
+
+    monkeypatch.setattr(hf_attention, "QUERY_BYTES", 3 * 4 * 4 * 33)  # 4 heads, 33 keys, float32: 3 rows
+    monkeypatch.setattr(hf_attention, "MLP_TOKENS", 4)
+    monkeypatch.setattr(hf_attention, "_float_mask", counted_mask)
+    monkeypatch.setattr(hf_attention, "token_wise", counted_mlp)
+    stream = hf_stream.forward(src, b)
+    assert rel_error(full, stream) <= 1e-5
+    rows = [n for n in slices if n is not None]  # query rows per call: a 5-token batch fits in one
+    assert rows and max(rows) <= 5 and len(rows) > 33, rows
+    assert mlp_tokens and max(n for n in mlp_tokens if n is not None) <= 4
+
+
 @pytest.mark.parametrize("model_type", ["llama", "gemma", "gpt2"])  # untied head, tied head, learned positions
 def test_embedding_and_head_tables_are_never_read_whole(tmp_path, monkeypatch, model_type):
     """Memory: the probe tokens' embedding rows and the head's vocabulary slices are read alone
