@@ -224,3 +224,39 @@ def test_bytes_compared_in_place_window_by_window(tmp_path, monkeypatch):
     finally:
         os.close(fa)
         os.close(fb)
+
+
+@pytest.mark.parametrize("growth", ["deepen", "widen"])
+def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_path, monkeypatch, growth):
+    """``n2n verify`` (no teacher thread) on blocks too big to hold two (BESIDE_BYTES): teacher and
+    student load their blocks, one after the other, into the same buffers: a deepened student's
+    blocks have the teacher's shapes (one block's buffers in all), a widened one's their own (two
+    sets). The student's block must still be the one that runs: a weight changed in it is found."""
+    from safetensors.torch import load_file, save_file
+
+    monkeypatch.setattr(hf_stream, "BESIDE_BYTES", 0)
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    out = tmp_path / "student"
+    step = {"deepen": {"after": [1]}} if growth == "deepen" else {"widen": {"dim": "intermediate_size", "factor": 2}}
+    api.grow(spec_from_steps([step], seed=1), src, out, device="cpu", verify=False)
+    buffers = {}  # per _Memory: how many buffers it has held at most
+    tensor = hf_stream._Memory.tensor
+
+    def counted(self, *a):
+        out = tensor(self, *a)
+        buffers[id(self)] = max(buffers.get(id(self), 0), len(self._out))
+        return out
+
+    monkeypatch.setattr(hf_stream._Memory, "tensor", counted)
+    kw = dict(vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4, device=torch.device("cpu"),
+              dtype=torch.float32)
+    c = hf_stream.compare_dirs(src, out, **kw)
+    assert c.passed, c
+    per_block = 9  # q k v o, gate up down, two norms
+    assert list(buffers.values()) == [per_block if growth == "deepen" else per_block + 3], buffers  # widened MLP
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.3.mlp.down_proj.weight"][0] *= 1.5  # the student's last block
+    save_file(sd, f, metadata={"format": "pt"})
+    c = hf_stream.compare_dirs(src, out, **kw)
+    assert not c.passed and "after teacher block" in c.first_divergence, c
