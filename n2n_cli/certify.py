@@ -16,6 +16,7 @@ The library returns a :class:`Certificate`; ``api.verify`` puts it in the report
 
 from __future__ import annotations
 
+import functools
 import math
 
 import json
@@ -29,6 +30,7 @@ from .checkpoints import TensorSource
 from .errors import CheckpointError, N2NError, UserError
 from .execute import Materializer
 from .planner import Create, Scale, Widen
+from .transforms import make_mapping
 
 # the safetensors metadata keys n2n writes (every growth path names them from here)
 META_LINEAGE = "n2n_lineage"
@@ -208,6 +210,15 @@ def _noisy(recipe) -> bool:
     return any(isinstance(op, (Widen, Scale)) and op.noise > 0 for op in recipe)
 
 
+@functools.lru_cache(maxsize=256)
+def _divides_exactly(mapping) -> bool:
+    """Is every unit copied a power-of-two number of times (a tile mapping by 2, 4, ...)? Then
+    dividing by the copy count only changes the exponent: exact in every float dtype (but below
+    the smallest normal number, 1.2e-38 in bfloat16 and float32, where no weight matters)."""
+    counts = torch.bincount(make_mapping(mapping), minlength=mapping.old)
+    return bool(((counts > 0) & ((counts & (counts - 1)) == 0)).all())
+
+
 def may_round(recipe, dtype: torch.dtype) -> bool:
     """Can computing this tensor round in its dtype (a division, a scale, noise, a random or a
     non-representable constant)? Copies, zeros and identities cannot. Used to set verification
@@ -219,7 +230,8 @@ def may_round(recipe, dtype: torch.dtype) -> bool:
             if op.method != "net2wider" or op.noise > 0:
                 return True
             for _, axis, mapping in op.axes:
-                if axis.role in ("in", "norm_in") or (axis.role == "norm" and mapping.norm_scale != 1.0) \
+                if (axis.role == "in" and not _divides_exactly(mapping)) or axis.role == "norm_in" \
+                        or (axis.role == "norm" and mapping.norm_scale != 1.0) \
                         or (axis.role == "embed" and mapping.embed_scale != 1.0):
                     return True
         elif isinstance(op, Scale):

@@ -197,6 +197,27 @@ def test_bf16_intermediate_widening_by_two_is_exact_with_the_tile_mapping(tmp_pa
     assert errors["tile"] < 1e-12 < 1e-6 < errors["random"], errors
 
 
+def test_an_exact_bf16_widening_is_verified_at_float32_tolerances(tmp_path, cli):
+    """Tolerances follow the tensors whose computation rounds: halving a bf16 column (tile x2)
+    does not round, so the tile-widened student is held to float32's (1e-5, 1e-4), not to
+    bf16's; the random mapping divides some columns by 3 and gets bf16's."""
+    from n2n_cli import certify
+    from n2n_cli.planner import Mapping
+
+    assert certify._divides_exactly(Mapping("tile", 4, 8)) and certify._divides_exactly(Mapping("tile", 3, 12))
+    assert not certify._divides_exactly(Mapping("tile", 4, 12))  # x3
+    assert certify._divides_exactly(Mapping("tile", 3, 5))  # counts 2, 2, 1: each a power of two
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    tol = {}
+    for mapping in ("tile", "random"):
+        r = cli("widen", src, tmp_path / mapping, "--dim", "intermediate_size", "--factor", "2", "--mapping", mapping,
+                "--json")
+        assert r.exit_code == 0, r.output
+        v = json.loads(r.stdout)["verification"]["exact"]
+        tol[mapping] = (v["atol"], v["rtol"])
+    assert tol["tile"] == (1e-5, 1e-4) and tol["random"][1] > 1e-3, tol
+
+
 def test_mapping_is_refused_where_it_does_not_apply(tmp_path, cli):
     src = make_hf_model(tmp_path, "llama")
     r = cli("widen", src, tmp_path / "o", "--dim", "hidden_size", "--factor", "2", "--mapping", "random")
