@@ -76,6 +76,7 @@ def grow(spec: GrowthSpec | str | Path, src: str | Path, out: str | Path, *, mod
     Raises a ``UserError`` for bad input and ``VerificationFailed`` when the grown network
     does not compute the teacher's function; in both cases nothing is written.
     """
+    resolve_device(device)  # a dry run too: it stands for the real run, which would fail there
     # --- models built by the user's own code (issue 7)
     from . import graph_api
 
@@ -685,6 +686,7 @@ def _inspect_hf(src: Path) -> dict:
 
 def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None, model_code: str | None = None,
             model_args: dict | None = None, example_input=None) -> dict:
+    resolve_device(device)  # a dry run too: it stands for the real run, which would fail there
     # --- models built by the user's own code (issue 7)
     from . import graph_api
 

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from helpers import CNN_YAML, MLP_YAML, ROOT, SPECS, load_student, max_rel_error
+from helpers import CNN_YAML, MLP_YAML, ROOT, SPECS, load_student, make_hf_model, max_rel_error
 
 GROW = SPECS / "mnist-cnn-grow.yaml"
 
@@ -331,6 +331,14 @@ def test_unknown_device(tmp_path, cli, cnn_teacher):
     _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors", "--device", "tpu"), "--device: unknown device 'tpu'")
     if not torch.cuda.is_available():
         _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors", "--device", "cuda"), "CUDA is not available")
+        # a dry run too: it stands for the real run, which would fail there (an HF directory as well)
+        _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors", "--device", "cuda", "--dry-run"),
+             "--device cuda: CUDA is not available")
+        src = make_hf_model(tmp_path, "llama")
+        _bad(cli("deepen", src, tmp_path / "o", "--layers", "3", "--device", "cuda:1", "--dry-run"),
+             "--device cuda:1: CUDA is not available")
+    _bad(cli("grow", GROW, cnn_teacher, tmp_path / "o.safetensors", "--device", "tpu", "--dry-run"),
+         "--device: unknown device 'tpu'")
 
 
 def test_missing_model_description(tmp_path, cli, cnn_teacher):
