@@ -854,13 +854,15 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             nonlocal first, worst, compared
             a = torch.cat([_tile(h, st["s"].shape[-1])[st["keep"]] for h, st in zip(side.stream(k), state)]).double()
             b = torch.cat([st["s"][st["keep"]] for st in state]).double()
-            err, ref = float((a - b).abs().max()), float(a.abs().max())
-            ok = bool(torch.isfinite(b).all()) and err <= atol + rtol * ref
+            finite = bool(torch.isfinite(b).all())
+            err, ref = float((a - b).abs().max()) if finite else float("inf"), float(a.abs().max())
+            ok = finite and err <= atol + rtol * ref
             worst = max(worst, err / ref if ref > 0 else (0.0 if err == 0 else float("inf")))
             compared += 1
             if not ok and first is None:
-                first = (f"the residual stream differs {where}{DIVERGENCE_AMOUNT}{err:.3g} > atol {atol:g} + "
-                         f"rtol {rtol:g} * {ref:.3g}")
+                first = (f"the residual stream differs {where}: the student's is not finite (NaN or Inf)" if not finite
+                         else f"the residual stream differs {where}{DIVERGENCE_AMOUNT}{err:.3g} > atol {atol:g} + "
+                              f"rtol {rtol:g} * {ref:.3g}")
 
         def same(a, b) -> bool:
             if a is None or b is None:

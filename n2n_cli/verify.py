@@ -134,9 +134,10 @@ def compare_outputs(teacher: torch.Tensor, student: torch.Tensor, *, atol: float
         raise UserError(f"teacher and student outputs differ in shape: {list(teacher.shape[1:])} vs "
                         f"{list(student.shape[1:])}; they are not the same function")
     diff = (teacher - student).abs()
-    finite = bool(torch.isfinite(teacher).all() and torch.isfinite(student).all())
+    teacher_finite = bool(torch.isfinite(teacher).all())
+    finite = teacher_finite and bool(torch.isfinite(student).all())
     max_abs = float(diff.max()) if finite else float("inf")
-    ref = float(teacher.abs().max()) if finite else float("inf")
+    ref = float(teacher.abs().max()) if teacher_finite else float("inf")
     rel = max_abs / ref if ref > 0 else (0.0 if max_abs == 0 else float("inf"))
     passed = finite and max_abs <= atol + rtol * ref
     agree = None
@@ -182,9 +183,15 @@ def verification_failed(c: dict, where, report: dict, *, grown: bool,
     else:
         hint = "This is a bug in n2n or a numerically extreme checkpoint; please report it with --report." if grown \
             else None
+    if c["max_abs_teacher"] == float("inf"):
+        how = "the teacher's own outputs are not finite (NaN or Inf) on the probes"
+    elif c["max_abs_error"] == float("inf"):
+        how = f"{what}'s outputs are not finite (NaN or Inf) where the teacher's are"
+    else:
+        how = (f"max abs error {c['max_abs_error']:.3g} > atol {c['atol']:g} + rtol {c['rtol']:g} * max|teacher| "
+               f"{c['max_abs_teacher']:.3g}")
     return VerificationFailed(
-        f"{what} does not compute the teacher's function: max abs error {c['max_abs_error']:.3g} > atol "
-        f"{c['atol']:g} + rtol {c['rtol']:g} * max|teacher| {c['max_abs_teacher']:.3g}"
+        f"{what} does not compute the teacher's function: {how}"
         + ("; nothing was written" if grown else "")
         + (f" ({c['first_divergence']})" if c.get("first_divergence") else ""), where=str(where), report=report,
         hint=hint)

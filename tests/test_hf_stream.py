@@ -260,3 +260,28 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
     save_file(sd, f, metadata={"format": "pt"})
     c = hf_stream.compare_dirs(src, out, **kw)
     assert not c.passed and "after teacher block" in c.first_divergence, c
+
+
+@pytest.mark.parametrize("mode", ["streaming", "full"])
+def test_a_student_that_computes_nan_is_told_so(tmp_path, cli, mode):
+    """A NaN weight in the student: exit 3, the message says the student's outputs are not finite
+    (not "max abs error inf > ... * max|teacher| inf": the teacher's are finite) and, blockwise,
+    after which block the stream stops being finite."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    out = tmp_path / "student"
+    assert cli("deepen", src, out, "--layers", "5", "--no-verify").exit_code == 0
+    f = out / "model.safetensors"
+    sd = load_file(f)
+    sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(sd, f, metadata={"format": "pt"})
+    r = cli("verify", src, out, "--verify-mode", mode, "--json")
+    assert r.exit_code == 3, r.output
+    assert "the student's outputs are not finite (NaN or Inf) where the teacher's are" in r.stderr, r.stderr
+    assert "max|teacher| inf" not in r.stderr
+    v = json.loads(r.stdout)["verification"]["exact"]
+    assert v["max_abs_error"] == float("inf") and 0 < v["max_abs_teacher"] < float("inf")
+    if mode == "streaming":
+        assert v["first_divergence"] == "the residual stream differs after teacher block 1 (student block 1): the " \
+                                        "student's is not finite (NaN or Inf)", v["first_divergence"]
