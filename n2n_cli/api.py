@@ -686,7 +686,6 @@ def _inspect_hf(src: Path) -> dict:
 
 def inspect(src: str | Path, *, model: ModelDescription | str | Path | None = None, model_code: str | None = None,
             model_args: dict | None = None, example_input=None) -> dict:
-    resolve_device(device)  # a dry run too: it stands for the real run, which would fail there
     # --- models built by the user's own code (issue 7)
     from . import graph_api
 
