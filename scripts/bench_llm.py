@@ -50,7 +50,7 @@ SIZES = {  # hidden, intermediate, layers, heads, kv_heads, vocab
     "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
 }
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
-SHARD_BYTES = 5 * 10**9  # save_pretrained's default max_shard_size
+SHARD_BYTES = 5 * 10**9  # save_pretrained's max_shard_size before transformers 5 (50GB since), as most hubs' 7B are
 
 NAIVE = r'''
 import json, sys, torch
@@ -103,11 +103,16 @@ slices:
 """
 
 
-def config_for(size: str, dtype: str) -> dict:
+def config_for(size: str, dtype: str, window: int | None = None) -> dict:
+    """LLaMA's config of that size; with ``window``, Mistral's (the same tensors) with that sliding
+    window, whose verification runs a probe past the window (``window`` + 16 tokens)."""
     hidden, inter, layers, heads, kv, vocab = SIZES[size]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+    kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} if window is None else \
+        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+    return {**kind, "hidden_size": hidden,
             "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-            "num_key_value_heads": kv, "vocab_size": vocab, "max_position_embeddings": 2048,
+            "num_key_value_heads": kv, "vocab_size": vocab,
+            "max_position_embeddings": 2048 if window is None else max(2048, 2 * window),
             "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False,
             "attention_bias": False, "mlp_bias": False, "bos_token_id": 1, "eos_token_id": 2,
             "torch_dtype": {"bf16": "bfloat16", "fp32": "float32"}[dtype]}
@@ -128,11 +133,11 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out + [("model.norm.weight", (h,)), ("lm_head.weight", (v, h))]
 
 
-def build_checkpoint(out: Path, size: str, dtype: str, seed: int = 0) -> int:
+def build_checkpoint(out: Path, size: str, dtype: str, seed: int = 0, window: int | None = None) -> int:
     """Write config.json and the shards; returns the weight bytes. One tensor in memory at a time."""
     import torch
 
-    cfg = config_for(size, dtype)
+    cfg = config_for(size, dtype, window)
     tdtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     entries = tensor_shapes(cfg)
     item = 2 if dtype == "bf16" else 4
@@ -261,10 +266,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and outputs")
     ap.add_argument("--quick", action="store_true", help="tiny size, one round, deepen only (smoke test)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results here")
+    ap.add_argument("--window", type=int, default=None,
+                    help="a Mistral-shaped checkpoint with this sliding window (verification probes past it)")
     ap.add_argument("--build-only", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.build_only:  # in a child, so that this process never imports torch: a forked child's peak
-        print(build_checkpoint(args.build_only, args.size, args.dtype))  # RSS starts from its parent's
+        print(build_checkpoint(args.build_only, args.size, args.dtype, window=args.window))  # RSS starts from its parent's
         return {}
     if args.quick:
         args.size, args.repeat, args.ops = "tiny", 1, "deepen"
@@ -274,14 +281,15 @@ def main(argv: list[str] | None = None) -> dict:
     if note:
         print(note, file=sys.stderr)
         tools = [t for t in tools if t != "mergekit"]
-    work = args.workdir / f"llama-{args.size}-{args.dtype}-{os.getpid()}"
+    work = args.workdir / f"{'llama' if args.window is None else 'mistral'}-{args.size}-{args.dtype}-{os.getpid()}"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     src = work / "teacher"
     results: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     try:
         t0 = time.perf_counter()
         in_bytes = int(subprocess.run([sys.executable, __file__, "--build-only", str(src), "--size", args.size,
-                                       "--dtype", args.dtype], check=True, capture_output=True, text=True).stdout)
+                                       "--dtype", args.dtype, *(["--window", str(args.window)] if args.window else [])],
+                                      check=True, capture_output=True, text=True).stdout)
         os.sync()  # the build's own write-back would slow the first round's tools (cp 4.9 s instead of 1.5 s)
         cfg = json.loads((src / "config.json").read_text())
         print(f"built {src}: {in_bytes / 1e9:.2f} GB of weights in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -318,7 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def report(results, in_bytes: int, args) -> dict:
     load = os.getloadavg()
-    print(f"\nLLaMA {args.size} {args.dtype}: {in_bytes / 1e9:.2f} GB in; median of {args.repeat}; "
+    shape = "LLaMA" if args.window is None else f"Mistral (sliding window {args.window})"
+    print(f"\n{shape} {args.size} {args.dtype}: {in_bytes / 1e9:.2f} GB in; median of {args.repeat}; "
           f"{os.cpu_count()} CPUs; n2n --device {args.device}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     print("| op | tool | time (s) | exit (s) | peak RSS (MB) | written (GB) | x floor | x n2n --no-verify |")
     print("|---|---|---|---|---|---|---|---|")
@@ -344,7 +353,7 @@ def report(results, in_bytes: int, args) -> dict:
                          "x_floor": x_floor, "x_n2n_noverify": x_n2n, "runs": [r[0] for r in runs]})
             fmt = (lambda v: "-" if v is None else f"{v:.2f}")
             print(f"| {op} | {tool} | {secs:.2f} | {exit_secs:.2f} | {rss:.0f} | {written / 1e9:.3f} | {fmt(x_floor)} | {fmt(x_n2n)} |")
-    return {"size": args.size, "dtype": args.dtype, "device": args.device, "input_bytes": in_bytes,
+    return {"size": args.size, "dtype": args.dtype, "window": args.window, "device": args.device, "input_bytes": in_bytes,
             "repeat": args.repeat,
             "loadavg": load, "rows": rows}
 

@@ -27,6 +27,21 @@ def test_checkpoint_loads_in_transformers(tmp_path):
     assert n == sum(p.numel() * 4 for p in model.parameters())
 
 
+def test_windowed_checkpoint_is_mistral_and_its_verification_probes_past_the_window(tmp_path):
+    import torch
+    import transformers
+
+    from n2n_cli import api
+    from n2n_cli.spec import spec_from_steps
+
+    bench = load_bench()
+    bench.build_checkpoint(tmp_path / "m", "tiny", "fp32", window=40)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    assert type(model).__name__ == "MistralForCausalLM" and model.config.sliding_window == 40
+    r = api.grow(spec_from_steps([{"deepen": {"layers": 5}}], seed=0), tmp_path / "m", tmp_path / "o", device="cpu")
+    assert r["verification"]["exact"]["passed"] and r["verification"]["exact"]["probes"] == 63 + 2  # two long ones
+
+
 def test_quick(tmp_path, capsys):
     bench = load_bench()
     table = bench.main(["--quick", "--tools", "cp,naive,n2n-noverify", "--workdir", str(tmp_path)])
