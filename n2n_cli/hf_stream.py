@@ -213,7 +213,7 @@ class _Model:
         layer.load_state_dict(sd, assign=True, strict=True)
         del sd
         if isinstance(getattr(layer, "mlp", None), torch.nn.Module):  # the decoders' MLP: each token on its own
-            hf_attention.token_wise(layer.mlp)
+            layer.mlp = hf_attention.TokenWise(layer.mlp)
         return layer.to(self.device, self.dtype).eval()
 
     def signature(self, i: int) -> tuple:
