@@ -125,6 +125,13 @@ def _dotted(name: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def _cache_parameter(mask_function) -> str:
+    """The name transformers gives the cache in its mask functions' signature."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(mask_function).parameters else "past_key_values"
+
+
 def supports(path: str | Path) -> bool:
     """Can :func:`compare_dirs` verify the model in this directory (by its config.json)?"""
     return unsupported(path) is None
@@ -311,8 +318,9 @@ class _Model:
         ``mask``: probes packed in one sequence, told apart by their position ids."""
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-        kw = dict(config=self.config, inputs_embeds=h, attention_mask=mask, past_key_values=None,
-                  position_ids=position_ids)
+        # no cache: the 4th parameter, named past_key_values before transformers 5.24 and cache since
+        kw = dict(config=self.config, inputs_embeds=h, attention_mask=mask,
+                  **{_cache_parameter(create_causal_mask): None}, position_ids=position_ids)
         sliding_kw = dict(kw)
         bi = self.facts.get("bidirectional")
         if bi and getattr(self.config, bi["flag"], False):
@@ -700,7 +708,7 @@ class _TeacherSide:
             layer = self.t.block(i, self.memory)
             with torch.no_grad(), full_precision():
                 out = [layer(h, attention_mask=st["masks"](i), position_embeddings=st["pe"](i), position_ids=st["pos"],
-                             past_key_values=None, use_cache=False) for h, st in zip(self.streams[i], self.state)]
+                             use_cache=False) for h, st in zip(self.streams[i], self.state)]
             del layer
             with self._cv:
                 self.streams[i + 1] = [o[0] if isinstance(o, tuple) else o for o in out]
@@ -904,7 +912,7 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
             layer = s.block(j, memory)
             for st in state:
                 out = layer(st["s"], attention_mask=st["sm"](j), position_embeddings=st["spe"](j), position_ids=st["pos"],
-                            past_key_values=None, use_cache=False)
+                            use_cache=False)
                 st["s"] = out[0] if isinstance(out, tuple) else out
             del layer
 
