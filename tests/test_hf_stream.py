@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,6 +23,11 @@ FAMILIES = [
     ("qwen2", {"layer_types": ["sliding_attention", "full_attention"], "use_sliding_window": True,
                "sliding_window": 6, "max_window_layers": 1}),
 ]
+
+
+#: the probes and tolerances of the comparisons here (both verifiers take the same ones)
+STREAM_KW = dict(vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4, device=torch.device("cpu"),
+                 dtype=torch.float32)
 
 
 def batches(n=(5, 16, 33)):
@@ -70,30 +76,38 @@ def test_streaming_verification_passes_exact_growth(tmp_path, family, kw, steps)
     src = make_hf_model(tmp_path, family, **kw)
     out = tmp_path / "student"
     api.grow(spec_from_steps(steps, seed=1), src, out, device="cpu", verify=False)
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert c.passed and c.first_divergence is None, c
     assert c.mode == "streaming" and c.blocks_compared >= 3
-    full = hf_verify.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                                  device=torch.device("cpu"), dtype=torch.float32)
+    full = hf_verify.compare_dirs(src, out, **STREAM_KW)
     assert abs(full.max_abs_error - c.max_abs_error) <= 1e-5 and full.max_abs_teacher == pytest.approx(
         c.max_abs_teacher, rel=1e-5)
 
 
-def _compare_deepened_with(tmp_path, edit) -> hf_stream.StreamComparison:
-    """A 4-block llama deepened after block 1 (student block 2 inserted), ``edit``ed (a function of
-    the student's state dict), compared blockwise with its teacher."""
-    from safetensors.torch import load_file, save_file
-
+def _grown(tmp_path, step: dict, edit=None) -> tuple[Path, Path]:
+    """(teacher, student): a 4-block llama grown by ``step`` unverified, the student then
+    ``edit``ed (a function of its state dict) when given."""
     src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
     out = tmp_path / "student"
-    api.grow(spec_from_steps([{"deepen": {"after": [1]}}], seed=1), src, out, device="cpu", verify=False)
+    api.grow(spec_from_steps([step], seed=1), src, out, device="cpu", verify=False)
+    if edit is not None:
+        _edit(out, edit)
+    return src, out
+
+
+def _edit(out: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
     f = out / "model.safetensors"
     sd = load_file(f)
     edit(sd)
     save_file(sd, f, metadata={"format": "pt"})
-    return hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                                  device=torch.device("cpu"), dtype=torch.float32)
+
+
+def _compare_deepened_with(tmp_path, edit) -> hf_stream.StreamComparison:
+    """A 4-block llama deepened after block 1 (student block 2 inserted), ``edit``ed, compared
+    blockwise with its teacher."""
+    return hf_stream.compare_dirs(*_grown(tmp_path, {"deepen": {"after": [1]}}, edit), **STREAM_KW)
 
 
 def test_mismatch_is_located_at_the_block_where_it_starts(tmp_path):
@@ -145,12 +159,10 @@ def test_byte_identical_blocks_with_equal_inputs_are_not_run_twice(tmp_path, fam
     src = make_hf_model(tmp_path, family, **kw)  # 2 blocks
     out = tmp_path / "student"
     api.grow(spec_from_steps([{"deepen": {"after": [0, 1]}}], seed=1), src, out, device="cpu", verify=False)
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert c.passed and c.student_blocks_inserted == [1, 3] and c.student_blocks_copied == [0, 2], c
     assert c.student_head_copied  # same final norm and head bytes, bitwise-equal final stream
-    full = hf_verify.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                                  device=torch.device("cpu"), dtype=torch.float32)
+    full = hf_verify.compare_dirs(src, out, **STREAM_KW)
     assert full.passed and c.max_abs_error == full.max_abs_error == 0.0
 
 
@@ -163,8 +175,7 @@ def test_identical_weights_under_a_different_config_are_run(tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     cfg["rms_norm_eps"] = 0.5
     (out / "config.json").write_text(json.dumps(cfg))
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert c.student_blocks_copied == [] and not c.passed, c
     assert c.first_divergence.startswith("the residual stream differs after teacher block 0"), c
 
@@ -174,8 +185,6 @@ def test_a_head_that_differs_is_run(tmp_path, what):
     """The student's head is taken from the teacher's only when its bytes and config are the
     teacher's: one changed value of lm_head or of the final norm, or the norms' eps in config.json,
     and it runs, and the difference is found in the outputs (not in the streams)."""
-    from safetensors.torch import load_file, save_file
-
     src = make_hf_model(tmp_path, "llama", num_hidden_layers=2, tie_word_embeddings=False)
     out = tmp_path / "student"
     api.grow(spec_from_steps([{"deepen": {"after": [0]}}], seed=1), src, out, device="cpu", verify=False)
@@ -184,13 +193,8 @@ def test_a_head_that_differs_is_run(tmp_path, what):
         cfg["rms_norm_eps"] = 0.5
         (out / "config.json").write_text(json.dumps(cfg))
     else:
-        f = out / "model.safetensors"
-        sd = load_file(f)
-        key = "lm_head.weight" if what == "head" else "model.norm.weight"
-        sd[key][3] += 0.5
-        save_file(sd, f, metadata={"format": "pt"})
-    c = hf_stream.compare_dirs(src, out, vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4,
-                               device=torch.device("cpu"), dtype=torch.float32)
+        _edit(out, lambda sd: sd["lm_head.weight" if what == "head" else "model.norm.weight"][3].add_(0.5))
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert not c.student_head_copied and not c.passed, c
     if what != "eps":
         assert c.first_divergence == "the residual streams agree after every block; the final norm or the head differs"
@@ -232,13 +236,9 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
     student load their blocks, one after the other, into the same buffers: a deepened student's
     blocks have the teacher's shapes (one block's buffers in all), a widened one's their own (two
     sets). The student's block must still be the one that runs: a weight changed in it is found."""
-    from safetensors.torch import load_file, save_file
-
     monkeypatch.setattr(hf_stream, "BESIDE_BYTES", 0)
-    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
-    out = tmp_path / "student"
     step = {"deepen": {"after": [1]}} if growth == "deepen" else {"widen": {"dim": "intermediate_size", "factor": 2}}
-    api.grow(spec_from_steps([step], seed=1), src, out, device="cpu", verify=False)
+    src, out = _grown(tmp_path, step)
     buffers = {}  # per _Memory: how many buffers it has held at most
     tensor = hf_stream._Memory.tensor
 
@@ -248,17 +248,12 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
         return out
 
     monkeypatch.setattr(hf_stream._Memory, "tensor", counted)
-    kw = dict(vocab=VOCAB, max_len=64, probes=12, seed=0, atol=1e-5, rtol=1e-4, device=torch.device("cpu"),
-              dtype=torch.float32)
-    c = hf_stream.compare_dirs(src, out, **kw)
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert c.passed, c
     per_block = 9  # q k v o, gate up down, two norms
     assert list(buffers.values()) == [per_block if growth == "deepen" else per_block + 3], buffers  # widened MLP
-    f = out / "model.safetensors"
-    sd = load_file(f)
-    sd["model.layers.3.mlp.down_proj.weight"][0] *= 1.5  # the student's last block
-    save_file(sd, f, metadata={"format": "pt"})
-    c = hf_stream.compare_dirs(src, out, **kw)
+    _edit(out, lambda sd: sd["model.layers.3.mlp.down_proj.weight"][0].mul_(1.5))  # the student's last block
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert not c.passed and "after teacher block" in c.first_divergence, c
 
 
@@ -267,15 +262,9 @@ def test_a_student_that_computes_nan_is_told_so(tmp_path, cli, mode):
     """A NaN weight in the student: exit 3, the message says the student's outputs are not finite
     (not "max abs error inf > ... * max|teacher| inf": the teacher's are finite) and, blockwise,
     after which block the stream stops being finite."""
-    from safetensors.torch import load_file, save_file
-
-    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
-    out = tmp_path / "student"
-    assert cli("deepen", src, out, "--layers", "5", "--no-verify").exit_code == 0
-    f = out / "model.safetensors"
-    sd = load_file(f)
-    sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
-    save_file(sd, f, metadata={"format": "pt"})
+    def edit(sd):
+        sd["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    src, out = _grown(tmp_path, {"deepen": {"layers": 5}}, edit)
     r = cli("verify", src, out, "--verify-mode", mode, "--json")
     assert r.exit_code == 3, r.output
     assert "the student's outputs are not finite (NaN or Inf) where the teacher's are" in r.stderr, r.stderr
