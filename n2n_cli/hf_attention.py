@@ -15,15 +15,17 @@ of the whole matrix compute. A sequence short enough runs in one call, as eager 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import torch
 
 NAME = "n2n_query_slices"
-#: the attention weights of one slice of queries take at most this many bytes (all heads)
-QUERY_BYTES = 64 * 2**20
+#: the attention weights of one slice of queries take at most this many bytes (its heads' scores;
+#: eager attention holds two or three such matrices at once: scaled, masked, softmaxed)
+QUERY_BYTES = 32 * 2**20
 #: the MLP runs this many tokens at a time (a [tokens, intermediate] float32 activation of a 7B
-#: model's MLP is 59 MB at 1024 tokens)
-MLP_TOKENS = 1024
+#: model's MLP is 29 MB at 512 tokens; the MLP holds four at once)
+MLP_TOKENS = 512
 
 
 class _Expanded:
@@ -47,23 +49,35 @@ def _float_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor |
 
 
 def attention(module, query, key, value, attention_mask, *args, **kwargs):
-    """The module's family's ``eager_attention_forward``, a slice of the queries at a time."""
+    """The module's family's ``eager_attention_forward``, on slices of the queries: a group of
+    query heads (those sharing one key/value head) and a run of query rows at a time, each slice's
+    output written in place into the whole output (no list of slices concatenated: at 4,112
+    tokens of a 7B model each copy of the output is 67 MB). Every family's eager attention treats
+    heads on their own (a head's scores, mask, soft-capping and softmax involve that head only),
+    as it treats query rows."""
     eager = sys.modules[type(module).__module__].eager_attention_forward
     batch, heads, q_len = query.shape[:3]
-    rows = max(1, QUERY_BYTES // (batch * heads * key.shape[-2] * query.element_size()))
-    if rows >= q_len:
+    k_len, kv_heads = key.shape[-2], key.shape[1]
+    if QUERY_BYTES // (batch * heads * k_len * query.element_size()) >= q_len:
         return eager(module, query, key, value, _float_mask(attention_mask, query.dtype), *args, **kwargs)
-    groups = getattr(module, "num_key_value_groups", 1)
-    if groups > 1:  # repeated once here, not once per slice
-        key, value = (x.repeat_interleave(groups, dim=1) for x in (key, value))
-        module = _Expanded(module)
-    outs = []
-    for start in range(0, q_len, rows):
-        mask = None if attention_mask is None else attention_mask[..., start:start + rows, :]
-        out, _ = eager(module, query[:, :, start:start + rows].contiguous(), key, value, _float_mask(mask, query.dtype),
-                       *args, **kwargs)
-        outs.append(out)
-    return torch.cat(outs, dim=1), None
+    group = heads // kv_heads  # query heads per key/value head (1: every head has its own)
+    rows = max(1, QUERY_BYTES // (batch * group * k_len * query.element_size()))
+    inner = _Expanded(module) if group > 1 else module
+    out = query.new_empty(batch, q_len, heads, value.shape[-1])
+    for g in range(kv_heads):
+        heads_g = slice(g * group, (g + 1) * group)
+        # this key/value head repeated for its query heads: once per group, not once per slice
+        k, v = (x[:, g:g + 1] if group == 1 else x[:, g:g + 1].repeat_interleave(group, dim=1) for x in (key, value))
+        for start in range(0, q_len, rows):
+            stop = min(q_len, start + rows)
+            mask = attention_mask
+            if mask is not None:
+                mask = mask[:, heads_g] if mask.dim() == 4 and mask.shape[1] == heads else mask
+                mask = _float_mask(mask[..., start:stop, :], query.dtype)
+            o, _ = eager(inner, query[:, heads_g, start:stop].contiguous(), k, v, mask, *args, **kwargs)
+            out[:, start:stop, heads_g] = o
+            del o
+    return out, None
 
 
 def _mask(*args, **kwargs):
@@ -88,6 +102,26 @@ def register() -> str:
     return NAME
 
 
+class Widened(torch.nn.Linear):
+    """A linear layer whose weight stays in its narrower stored dtype (bfloat16) and is widened to
+    the input's dtype for each call, into a buffer shared by the block's layers (``scratch(n)``:
+    the same memory each time, so one projection is widened at a time). Computes exactly what
+    the layer computes with its weight converted beforehand: the widening is exact."""
+
+    scratch: Callable[[int], torch.Tensor]
+
+    @classmethod
+    def adopt(cls, module: torch.nn.Linear, scratch: Callable[[int], torch.Tensor]) -> None:
+        module.__class__ = cls
+        module.scratch = scratch
+
+    def forward(self, x):
+        w = self.weight
+        if w.dtype != x.dtype:
+            w = self.scratch(w.numel()).view(w.shape).copy_(w)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+
 class TokenWise(torch.nn.Module):
     """``module`` (an MLP: [batch, tokens, width] in and out, each token on its own) run
     ``MLP_TOKENS`` tokens at a time. A wrapping module, not a patched ``forward``: a closure over
@@ -101,7 +135,12 @@ class TokenWise(torch.nn.Module):
     def forward(self, h, *args, **kwargs):
         if h.dim() != 3 or h.shape[1] <= MLP_TOKENS:
             return self.inner(h, *args, **kwargs)
-        outs = [self.inner(h[:, s:s + MLP_TOKENS].contiguous(), *args, **kwargs) for s in range(0, h.shape[1], MLP_TOKENS)]
-        if not all(isinstance(o, torch.Tensor) for o in outs):  # more than the tokens' outputs (router logits)
-            return self.inner(h, *args, **kwargs)
-        return torch.cat(outs, dim=1)
+        out = None
+        for s in range(0, h.shape[1], MLP_TOKENS):
+            o = self.inner(h[:, s:s + MLP_TOKENS].contiguous(), *args, **kwargs)
+            if not isinstance(o, torch.Tensor):  # more than the tokens' outputs (router logits)
+                return self.inner(h, *args, **kwargs)
+            if out is None:  # written in place, chunk by chunk: no list of chunks concatenated
+                out = o.new_empty(h.shape[0], h.shape[1], *o.shape[2:])
+            out[:, s:s + o.shape[1]] = o
+        return out

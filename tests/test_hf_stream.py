@@ -84,10 +84,10 @@ def test_streaming_verification_passes_exact_growth(tmp_path, family, kw, steps)
         c.max_abs_teacher, rel=1e-5)
 
 
-def _grown(tmp_path, step: dict, edit=None) -> tuple[Path, Path]:
+def _grown(tmp_path, step: dict, edit=None, dtype=torch.float32) -> tuple[Path, Path]:
     """(teacher, student): a 4-block llama grown by ``step`` unverified, the student then
     ``edit``ed (a function of its state dict) when given."""
-    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4)
+    src = make_hf_model(tmp_path, "llama", num_hidden_layers=4, dtype=dtype)
     out = tmp_path / "student"
     api.grow(spec_from_steps([step], seed=1), src, out, device="cpu", verify=False)
     if edit is not None:
@@ -242,8 +242,8 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
     buffers = {}  # per _Memory: how many buffers it has held at most
     tensor = hf_stream._Memory.tensor
 
-    def counted(self, *a):
-        out = tensor(self, *a)
+    def counted(self, *a, **kw):
+        out = tensor(self, *a, **kw)
         buffers[id(self)] = max(buffers.get(id(self), 0), len(self._out))
         return out
 
@@ -255,6 +255,33 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
     _edit(out, lambda sd: sd["model.layers.3.mlp.down_proj.weight"][0].mul_(1.5))  # the student's last block
     c = hf_stream.compare_dirs(src, out, **STREAM_KW)
     assert not c.passed and "after teacher block" in c.first_divergence, c
+
+
+@pytest.mark.parametrize("beside", [True, False])
+@pytest.mark.parametrize("growth", ["deepen", "widen"])
+def test_big_bfloat16_blocks_keep_their_weights_narrow_and_still_catch_a_wrong_block(tmp_path, monkeypatch, growth,
+                                                                                      beside):
+    """Blocks too big to convert whole (NARROW_BYTES; a 7B one is 0.87 GB in float32) keep their
+    bfloat16 linear weights as stored, each widened into one buffer per side as it runs, teacher
+    and student in their own threads (beside) or one after the other in shared buffers: the grown
+    student still passes, and a weight changed in its last block is found there."""
+    from n2n_cli import hf_attention
+
+    monkeypatch.setattr(hf_stream, "NARROW_BYTES", 0)
+    if not beside:
+        monkeypatch.setattr(hf_stream, "BESIDE_BYTES", 0)
+    widened = []
+    forward = hf_attention.Widened.forward
+    monkeypatch.setattr(hf_attention.Widened, "forward", lambda self, x: (widened.append(self.weight.dtype),
+                                                                          forward(self, x))[1])
+    step = {"deepen": {"after": [1]}} if growth == "deepen" else {"widen": {"dim": "intermediate_size", "factor": 2}}
+    src, out = _grown(tmp_path, step, dtype=torch.bfloat16)
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
+    assert c.passed, c
+    assert widened and set(widened) == {torch.bfloat16}
+    _edit(out, lambda sd: sd["model.layers.3.mlp.down_proj.weight"][0].mul_(1.5))
+    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
+    assert not c.passed and "after teacher block" in c.first_divergence and "student block 3" in c.first_divergence, c
 
 
 @pytest.mark.parametrize("mode", ["streaming", "full"])

@@ -99,8 +99,8 @@ def test_streaming_forward_is_transformers_forward(tmp_path, model_type):
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_attention_and_mlp_run_in_slices_as_transformers_forward(tmp_path, monkeypatch, model_type):
     """Memory at long range: the blockwise forward runs each family's own eager attention a slice
-    of queries at a time (here 1 to 3 rows of 33 keys: keys and values of grouped heads repeated once, the
-    boolean mask sliced with the queries) and the MLP a few tokens at a time; what it computes is
+    of queries at a time (here 1 to 3 rows of 33 keys, the heads that share a key/value head at a
+    time: those keys and values repeated once, the boolean mask sliced with the queries) and the MLP a few tokens at a time; what it computes is
     still transformers' own model's forward (soft-capping, windows, experts' routing included)."""
     from n2n_cli import hf_attention
 
@@ -119,7 +119,7 @@ def test_attention_and_mlp_run_in_slices_as_transformers_forward(tmp_path, monke
             super().__init__(module)
             module.register_forward_pre_hook(lambda m, args: mlp_tokens.append(args[0].shape[1]))
 
-    monkeypatch.setattr(hf_attention, "QUERY_BYTES", 3 * 4 * 4 * 33)  # 4 heads, 33 keys, float32: 3 rows
+    monkeypatch.setattr(hf_attention, "QUERY_BYTES", 3 * 4 * 33)  # 33 keys, float32: 3 rows of a head, 1 of two
     monkeypatch.setattr(hf_attention, "MLP_TOKENS", 4)
     monkeypatch.setattr(hf_attention, "_float_mask", counted_mask)
     monkeypatch.setattr(hf_attention, "TokenWise", Counted)
@@ -128,6 +128,43 @@ def test_attention_and_mlp_run_in_slices_as_transformers_forward(tmp_path, monke
     rows = [n for n in slices if n is not None]  # query rows per call: a 5-token batch fits in one
     assert rows and max(rows) <= 5 and len(rows) > 33, rows
     assert mlp_tokens and max(mlp_tokens) <= 4
+
+
+def _to_bf16(path: Path) -> Path:
+    """The model's weights stored in bfloat16 (as most released checkpoints are)."""
+    from safetensors.torch import load_file, save_file
+
+    f = path / "model.safetensors"
+    save_file({k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in load_file(f).items()}, f,
+              metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": "bfloat16", "dtype": "bfloat16"}))
+    return path
+
+
+@pytest.mark.parametrize("model_type", ["qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2"])
+def test_narrow_weights_widened_as_each_layer_runs_compute_the_forward(tmp_path, monkeypatch, model_type):
+    """Big blocks (a 7B one is 0.87 GB in float32) keep their bfloat16 linear weights as stored and
+    widen each one as its layer runs, into one shared buffer: the blockwise forward is still
+    transformers' own forward in float32 over the same bfloat16 weights (here every block is
+    "big"; the long probes sliced as well), and the linear layers are those widened ones."""
+    from n2n_cli import hf_attention
+
+    src = _to_bf16(make(tmp_path, model_type, layers=3))
+    b = batches()
+    full = full_outputs(src, b)
+    adopted = []
+    adopt = hf_attention.Widened.adopt.__func__
+    monkeypatch.setattr(hf_attention.Widened, "adopt",
+                        classmethod(lambda cls, m, scratch: (adopted.append(m.weight.dtype), adopt(cls, m, scratch))))
+    monkeypatch.setattr(hf_stream, "NARROW_BYTES", 0)
+    monkeypatch.setattr(hf_attention, "QUERY_BYTES", 3 * 4 * 33)
+    monkeypatch.setattr(hf_attention, "MLP_TOKENS", 4)
+    stream = hf_stream.forward(src, b)
+    assert rel_error(full, stream) <= 1e-5
+    model = hf_verify.load_model(src, torch.float32, torch.device("cpu"))[0]
+    linears = sum(type(m) is torch.nn.Linear for m in model.get_decoder().layers[0].modules())
+    assert set(adopted) == {torch.bfloat16} and len(adopted) == 3 * linears, (adopted, linears)  # every block's
 
 
 def test_blocks_are_freed_as_soon_as_they_have_run(tmp_path, monkeypatch):
