@@ -190,6 +190,9 @@ def _grow_hf(spec: HFGrowthSpec, src: Path, out: Path, *, device, seed, probes, 
         seed = spec.seed if seed is None else seed
         check_later(hf_verify.check_config, source.config, grown=False, where=str(src / "config.json"))
         plan = build_hf_plan(source.config, arch, header, spec.steps, seed)
+        disagreement = hf_io.dtype_disagreement(source.config, header)
+        if disagreement:
+            warnings.append(disagreement)
         budget = probes is None and "probes" not in spec.verify.model_fields_set  # hf_stream.probe_budget
         probes, atol, rtol, user_tol = verification_settings(spec, header, plan, probes=probes, atol=atol, rtol=rtol,
                                                  verify_dtype=verify_dtype)

@@ -372,10 +372,10 @@ def _print_plan(plan: dict) -> None:
 
 def _print_grow(report: dict) -> None:
     plan = report["plan"]
+    for w in report.get("warnings", []):
+        err.print(f"warning: {w}", markup=False)
     if report["dry_run"]:
         _print_plan(plan)
-        for w in report.get("warnings", []):
-            err.print(f"warning: {w}", markup=False)
         out.print("dry run: nothing written", markup=False)
         return
     for s in plan["steps"]:

@@ -253,6 +253,31 @@ def _read_index(root: Path, name: str) -> dict[str, str]:
 # --------------------------------------------------------------------------- writing
 
 
+def dtype_disagreement(config: dict, header: dict) -> str | None:
+    """A warning when config.json's dtype (``dtype``, as transformers 5 writes it, or
+    ``torch_dtype``) is not the dtype most of the weights are stored in (``header``: name ->
+    (dtype, shape)): transformers' ``dtype="auto"`` loads the weights in the declared one. None
+    when they agree or the config declares none (or "auto")."""
+    field = "dtype" if isinstance(config.get("dtype"), str) else "torch_dtype"
+    declared = config.get(field)
+    declared_t = getattr(torch, declared, None) if isinstance(declared, str) else None
+    if not isinstance(declared_t, torch.dtype) or not declared_t.is_floating_point:
+        return None
+    sizes: dict[torch.dtype, int] = {}
+    for dtype, shape in header.values():
+        if dtype.is_floating_point:
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+    stored = max(sizes, key=sizes.get) if sizes else declared_t
+    if stored == declared_t:
+        return None
+    name = str(stored).removeprefix("torch.")
+    overflow = declared_t == torch.float16 and stored in (torch.bfloat16, torch.float32)
+    return (f"config.json declares {field} {declared} but most weights are stored as {name}: transformers' "
+            f"dtype=\"auto\" loads them as {declared}"
+            + (" (values beyond float16's range, about 65504, become inf)" if overflow else "")
+            + f"; n2n copies {field} to the output as it is")
+
+
 def parse_size(text: str | int) -> int:
     """A size in bytes, as transformers' ``convert_file_size_to_int`` reads it: a plain integer,
     or an integer with a unit: KiB/MiB/GiB/TiB (powers of 2) or KB/MB/GB/TB (powers of 10). As in

@@ -49,6 +49,7 @@ SIZES = {  # hidden, intermediate, layers, heads, kv_heads, vocab
     "3b": (3200, 8640, 26, 32, 32, 32000),  # open_llama_3b
     "7b": (4096, 11008, 32, 32, 32, 32000),  # Llama-2-7B
 }
+MISTRAL_SIZES = {**SIZES, "7b": (4096, 14336, 32, 32, 8, 32000)}  # --window: Mistral-7B-v0.1's own shape at 7b
 ST_DTYPE = {"bf16": "BF16", "fp32": "F32"}
 SHARD_BYTES = 5 * 10**9  # save_pretrained's max_shard_size before transformers 5 (50GB since), as most hubs' 7B are
 
@@ -104,9 +105,10 @@ slices:
 
 
 def config_for(size: str, dtype: str, window: int | None = None) -> dict:
-    """LLaMA's config of that size; with ``window``, Mistral's (the same tensors) with that sliding
-    window, whose verification runs a probe past the window (``window`` + 16 tokens)."""
-    hidden, inter, layers, heads, kv, vocab = SIZES[size]
+    """LLaMA's config of that size; with ``window``, Mistral's with that sliding window, whose
+    verification runs a probe past the window (``window`` + 16 tokens): at 7b Mistral-7B-v0.1's
+    shape (intermediate 14336, 8 key/value heads), else LLaMA's tensors."""
+    hidden, inter, layers, heads, kv, vocab = (SIZES if window is None else MISTRAL_SIZES)[size]
     kind = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} if window is None else \
         {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
     return {**kind, "hidden_size": hidden,

@@ -328,3 +328,26 @@ def test_old_llama_rotary_buffers_are_dropped_with_a_note(tmp_path, cli):
     assert any("dropped 2 tensor(s) that transformers ignores on load (rotary_emb.inv_freq" in n
                for n in report["plan"]["notes"]), report["plan"]
     assert not any("inv_freq" in k for k in load_file(str(out / "model.safetensors")))
+
+
+@pytest.mark.parametrize("field", ["torch_dtype", "dtype"])
+def test_a_config_dtype_that_is_not_the_weights_dtype_is_warned_about(tmp_path, cli, field):
+    """config.json saying float16 over bfloat16 weights (transformers' dtype="auto" would load
+    them as float16, overflowing past 65504): a warning on stderr and in the report, the config
+    copied as it is; none when they agree (transformers 5 writes ``dtype``, older ones
+    ``torch_dtype``)."""
+    src = make_hf_model(tmp_path, "llama", dtype=torch.bfloat16)
+    cfg = json.loads((src / "config.json").read_text())
+    for k in ("dtype", "torch_dtype"):
+        cfg.pop(k, None)
+    (src / "config.json").write_text(json.dumps({**cfg, field: "float16"}))
+    r = cli("deepen", src, tmp_path / "o", "--layers", "3")
+    assert r.exit_code == 0, r.output
+    assert (f"warning: config.json declares {field} float16 but most weights are stored as bfloat16: "
+            f"transformers' dtype=\"auto\" loads them as float16 (values beyond float16's range") in r.stderr, r.stderr
+    assert json.loads((tmp_path / "o" / "config.json").read_text())[field] == "float16"
+    report = json.loads(cli("deepen", src, tmp_path / "o2", "--layers", "3", "--dry-run", "--json").stdout)
+    assert any("declares" in w for w in report["warnings"]), report
+    (src / "config.json").write_text(json.dumps({**cfg, field: "bfloat16"}))
+    r = cli("deepen", src, tmp_path / "o3", "--layers", "3")
+    assert r.exit_code == 0 and "warning" not in r.stderr, r.output
