@@ -21,19 +21,32 @@ class PhaseClock:
         self._last = now
 
 
-def line_progress(stream: TextIO | None = None, prefix: str = "n2n: ") -> Callable[[str, int, int], None]:
-    """A progress callback ``(phase, done, total)`` that prints one plain line when a phase starts
-    and one when it ends (with its duration), so a log shows what a long run is doing."""
+#: a phase still running prints where it is after this many seconds without a line
+PERIOD = 30.0
+
+
+def line_progress(stream: TextIO | None = None, prefix: str = "n2n: ",
+                  clock: Callable[[], float] = time.perf_counter) -> Callable[[str, int, int], None]:
+    """A progress callback ``(phase, done, total)`` that prints one plain line when a phase starts,
+    one when it ends (with its duration) and, in between, one every ``PERIOD`` seconds or more
+    (at the next update) with how far it is, so a log shows what a long run is doing (verifying
+    a 7B model blockwise takes minutes)."""
     started: dict[str, float] = {}
+    last: dict[str, float] = {}
     finished: set[str] = set()
 
     def update(phase: str, done: int, total: int) -> None:
         out = stream or sys.stderr
+        now = clock()
         if phase not in started:
-            started[phase] = time.perf_counter()
+            started[phase] = last[phase] = now
             print(f"{prefix}{phase} ({total})...", file=out, flush=True)
-        if done >= total and phase not in finished:
-            finished.add(phase)
-            print(f"{prefix}{phase}: done in {time.perf_counter() - started[phase]:.1f} s", file=out, flush=True)
+        if done >= total:
+            if phase not in finished:
+                finished.add(phase)
+                print(f"{prefix}{phase}: done in {now - started[phase]:.1f} s", file=out, flush=True)
+        elif now - last[phase] >= PERIOD:
+            last[phase] = now
+            print(f"{prefix}{phase}: {done}/{total} after {now - started[phase]:.0f} s", file=out, flush=True)
 
     return update

@@ -26,6 +26,23 @@ def test_line_progress_prints_a_line_per_phase_start_and_end():
     assert lines[0] == "n2n: checking weights (3)..." and lines[1].startswith("n2n: checking weights: done in ")
 
 
+def test_line_progress_says_where_a_long_phase_is_every_period():
+    """A phase of minutes (blockwise verification of a 7B model) prints how far it is at the
+    first update PERIOD seconds or more after its last line, and no more often."""
+    from n2n_cli import phases
+
+    buf, now = io.StringIO(), [0.0]
+    p = line_progress(buf, clock=lambda: now[0])
+    for k, t in enumerate((0, 10, 29, 31, 40, 70, 95, 100)):
+        now[0] = t
+        p("verifying (blockwise)", k, 7)
+    assert buf.getvalue().splitlines() == ["n2n: verifying (blockwise) (7)...",
+                                           "n2n: verifying (blockwise): 3/7 after 31 s",
+                                           "n2n: verifying (blockwise): 5/7 after 70 s",
+                                           "n2n: verifying (blockwise): done in 100.0 s"]
+    assert phases.PERIOD == 30
+
+
 def test_phase_clock_accumulates():
     c = PhaseClock()
     c.mark("a")
