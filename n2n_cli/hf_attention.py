@@ -103,21 +103,27 @@ def register() -> str:
 
 
 class Widened(torch.nn.Linear):
-    """A linear layer whose weight stays in its narrower stored dtype (bfloat16) and is widened to
-    the input's dtype for each call, into a buffer shared by the block's layers (``scratch(n)``:
-    the same memory each time, so one projection is widened at a time). Computes exactly what
-    the layer computes with its weight converted beforehand: the widening is exact."""
+    """A linear layer whose weight is stored narrower (bfloat16) than the input's dtype and
+    widened for each call into a buffer shared by the block's layers (``scratch(n)``: the same
+    memory each time, so one projection is widened at a time): read from the file's pages
+    (``span``, a ``RawSpan``: mapped for the call only, so the stored weight does not stay in
+    memory; the parameter itself is then on the meta device) or else from ``weight``. Computes
+    exactly what the layer computes with its weight converted beforehand: widening is exact."""
 
     scratch: Callable[[int], torch.Tensor]
+    span: object | None
 
     @classmethod
-    def adopt(cls, module: torch.nn.Linear, scratch: Callable[[int], torch.Tensor]) -> None:
+    def adopt(cls, module: torch.nn.Linear, scratch: Callable[[int], torch.Tensor], span=None) -> None:
         module.__class__ = cls
-        module.scratch = scratch
+        module.scratch, module.span = scratch, span
 
     def forward(self, x):
         w = self.weight
-        if w.dtype != x.dtype:
+        if self.span is not None:
+            with self.span.mapped() as raw:
+                w = self.scratch(w.numel()).view(w.shape).copy_(raw.view(self.span.dtype).view(w.shape))
+        elif w.dtype != x.dtype:
             w = self.scratch(w.numel()).view(w.shape).copy_(w)
         return torch.nn.functional.linear(x, w, self.bias)
 

@@ -211,27 +211,31 @@ class _Model:
         each tensor converted to the compute dtype as it is read (never the block twice in memory;
         the files are read with ``pread``, nothing stays mapped); with ``memory``, into its reused
         buffers (the block is valid until the next one is loaded there). There, a big block's
-        linear weights stored narrower than the compute dtype (bfloat16 under float32) stay as
-        stored and are widened one at a time as each runs (:class:`hf_attention.Widened`): a 7B
-        block holds 0.44 GB of bfloat16 and one 0.23 GB projection in float32, not 0.87 GB."""
+        linear weights stored narrower than the compute dtype (bfloat16 under float32) are not
+        loaded: each is read from the file's pages and widened as its layer runs, into one buffer
+        (:class:`hf_attention.Widened`): a 7B block then takes one 0.23 GB float32 projection, not
+        0.87 GB."""
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
-        narrow: set[str] = set()
+        narrow: dict[str, object] = {}  # weight name -> its bytes in the files (None: not mappable, kept)
         if memory is None or self.facts.get("experts") or self.facts.get("renamed"):
             sd = self._state(i)  # renamed or stacked (fused experts) tensors: fresh ones
         else:
             keys = self.block_keys(i)
             if self.block_bytes(i) > NARROW_BYTES:
                 item = torch.empty((), dtype=self.dtype).element_size()
-                narrow = {f"{n}.weight" for n, m in layer.named_modules() if type(m) is torch.nn.Linear
-                          and f"{n}.weight" in keys and self.source.dtype(keys[f"{n}.weight"]).is_floating_point
-                          and self.source.dtype(keys[f"{n}.weight"]).itemsize < item}
-            sd = {name: memory.tensor(self.source, k, name, stored=name in narrow) for name, k in keys.items()}
+                narrow = {w: self.source.raw(keys[w]) for w in (f"{n}.weight" for n, m in layer.named_modules()
+                                                                 if type(m) is torch.nn.Linear)
+                          if w in keys and self.source.dtype(keys[w]).is_floating_point
+                          and self.source.dtype(keys[w]).itemsize < item}
+            sd = {name: torch.empty(self.source.shape(k), dtype=self.source.dtype(k), device="meta")
+                  if narrow.get(name) is not None else memory.tensor(self.source, k, name, stored=name in narrow)
+                  for name, k in keys.items()}
         layer.load_state_dict(sd, assign=True, strict=True)
         del sd
         for name, m in layer.named_modules():
             if f"{name}.weight" in narrow:
-                hf_attention.Widened.adopt(m, memory.scratch)
+                hf_attention.Widened.adopt(m, memory.scratch, narrow[f"{name}.weight"])
             else:  # the rest in the compute dtype (a no-op for what was read into it)
                 m._apply(lambda x: x.to(self.device, self.dtype) if x.is_floating_point() else x.to(self.device),
                          recurse=False)

@@ -144,8 +144,8 @@ def _to_bf16(path: Path) -> Path:
 
 @pytest.mark.parametrize("model_type", ["qwen3", "smollm3", "gemma2", "gemma3_text", "phi3", "olmo2"])
 def test_narrow_weights_widened_as_each_layer_runs_compute_the_forward(tmp_path, monkeypatch, model_type):
-    """Big blocks (a 7B one is 0.87 GB in float32) keep their bfloat16 linear weights as stored and
-    widen each one as its layer runs, into one shared buffer: the blockwise forward is still
+    """Big blocks (a 7B one is 0.87 GB in float32) do not load their bfloat16 linear weights: each
+    is read from the file and widened as its layer runs, into one shared buffer: the blockwise forward is still
     transformers' own forward in float32 over the same bfloat16 weights (here every block is
     "big"; the long probes sliced as well), and the linear layers are those widened ones."""
     from n2n_cli import hf_attention
@@ -155,8 +155,8 @@ def test_narrow_weights_widened_as_each_layer_runs_compute_the_forward(tmp_path,
     full = full_outputs(src, b)
     adopted = []
     adopt = hf_attention.Widened.adopt.__func__
-    monkeypatch.setattr(hf_attention.Widened, "adopt",
-                        classmethod(lambda cls, m, scratch: (adopted.append(m.weight.dtype), adopt(cls, m, scratch))))
+    monkeypatch.setattr(hf_attention.Widened, "adopt", classmethod(
+        lambda cls, m, scratch, span=None: (adopted.append((m.weight.dtype, span is not None)), adopt(cls, m, scratch, span))))
     monkeypatch.setattr(hf_stream, "NARROW_BYTES", 0)
     monkeypatch.setattr(hf_attention, "QUERY_BYTES", 3 * 4 * 33)
     monkeypatch.setattr(hf_attention, "MLP_TOKENS", 4)
@@ -164,7 +164,24 @@ def test_narrow_weights_widened_as_each_layer_runs_compute_the_forward(tmp_path,
     assert rel_error(full, stream) <= 1e-5
     model = hf_verify.load_model(src, torch.float32, torch.device("cpu"))[0]
     linears = sum(type(m) is torch.nn.Linear for m in model.get_decoder().layers[0].modules())
-    assert set(adopted) == {torch.bfloat16} and len(adopted) == 3 * linears, (adopted, linears)  # every block's
+    # every block's, read from the file's pages as each runs
+    assert set(adopted) == {(torch.bfloat16, True)} and len(adopted) == 3 * linears, (adopted, linears)
+
+
+def test_a_widened_layer_without_a_mapped_file_widens_its_loaded_weight():
+    """Where the file cannot be mapped (a pickled shard), the narrow weight is loaded as stored and
+    widened at each call, into the shared buffer."""
+    from n2n_cli import hf_attention
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(8, 5).to(torch.bfloat16)
+    lin.bias.data = lin.bias.data.float()
+    x = torch.randn(3, 8)
+    expected = torch.nn.functional.linear(x, lin.weight.float(), lin.bias)
+    buffer = torch.full((100,), float("nan"))
+    hf_attention.Widened.adopt(lin, lambda n: buffer[:n])
+    assert torch.equal(lin(x), expected) and lin.weight.dtype == torch.bfloat16
+    assert torch.equal(buffer[:40].view(5, 8), lin.weight.float())  # widened into the shared buffer
 
 
 def test_blocks_are_freed_as_soon_as_they_have_run(tmp_path, monkeypatch):
