@@ -548,6 +548,8 @@ def compare_dirs(teacher: Path, student: Path, *, vocab: int, max_len: int, prob
         c.probe_budget = side.note
         return c
     finally:
+        if ahead is not None and side.runner is not None:  # the student's side failed while the teacher's
+            ahead.cancel()  # thread is inside a block: stopped before its files (read as it runs) are closed
         side.t.close()
         s.close()
 

@@ -262,9 +262,10 @@ def test_big_blocks_share_one_set_of_buffers_and_still_catch_a_wrong_block(tmp_p
 def test_big_bfloat16_blocks_keep_their_weights_narrow_and_still_catch_a_wrong_block(tmp_path, monkeypatch, growth,
                                                                                       beside):
     """Blocks too big to convert whole (NARROW_BYTES; a 7B one is 0.87 GB in float32) keep their
-    bfloat16 linear weights as stored, each widened into one buffer per side as it runs, teacher
-    and student in their own threads (beside) or one after the other in shared buffers: the grown
-    student still passes, and a weight changed in its last block is found there."""
+    bfloat16 linear weights unloaded, each read and widened into one buffer per side as it runs,
+    the teacher's side in its own thread: beside the student's (each side its own buffer) or
+    before it (one set of buffers): the grown student still passes, and a weight changed in its
+    last block is found there."""
     from n2n_cli import hf_attention
 
     monkeypatch.setattr(hf_stream, "NARROW_BYTES", 0)
@@ -276,11 +277,21 @@ def test_big_bfloat16_blocks_keep_their_weights_narrow_and_still_catch_a_wrong_b
                                                                           forward(self, x))[1])
     step = {"deepen": {"after": [1]}} if growth == "deepen" else {"widen": {"dim": "intermediate_size", "factor": 2}}
     src, out = _grown(tmp_path, step, dtype=torch.bfloat16)
-    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in STREAM_KW.items() if k not in ("atol", "rtol")}
+
+    def compare():
+        with hf_stream.teacher_ahead(src, planned, **kw) as ahead:  # the teacher's side in its own thread
+            assert ahead is not None
+            c = hf_stream.compare_dirs(src, out, ahead=ahead, **STREAM_KW)
+            assert ahead.result() is not None  # it was the thread's side that was compared
+        return c
+
+    c = compare()
     assert c.passed, c
     assert widened and set(widened) == {torch.bfloat16}
     _edit(out, lambda sd: sd["model.layers.3.mlp.down_proj.weight"][0].mul_(1.5))
-    c = hf_stream.compare_dirs(src, out, **STREAM_KW)
+    c = compare()
     assert not c.passed and "after teacher block" in c.first_divergence and "student block 3" in c.first_divergence, c
 
 

@@ -256,6 +256,45 @@ def test_the_student_side_runs_behind_the_teacher_side_while_it_computes(tmp_pat
     assert c.passed and c.to_dict() == hf_stream.compare_dirs(src, out, **KW).to_dict()
 
 
+def test_a_failing_student_side_stops_the_teacher_thread_before_its_files_close(tmp_path, monkeypatch):
+    """The student's side fails while the teacher's thread is inside a block (whose big weights
+    are read from the files as each layer runs): the thread is stopped before the teacher's files
+    are closed, so it never reads through a closed (or reused) file descriptor; the error is the
+    student's."""
+    src, out = deepened(tmp_path)
+    planned = json.loads((out / "config.json").read_text())
+    kw = {k: v for k, v in KW.items() if k not in ("atol", "rtol")}
+    inside, release, alive_at_close = threading.Event(), threading.Event(), []
+    real_block, real_close, real_cancel = hf_stream._Model.block, hf_stream._Model.close, hf_stream.TeacherAhead.cancel
+
+    def block(self, i, memory=None):
+        if threading.current_thread().name == "n2n-teacher-ahead":
+            if i == 1:
+                inside.set()
+                assert release.wait(30)
+            return real_block(self, i, memory)
+        assert inside.wait(30)
+        raise RuntimeError("the student's side failed")
+
+    def close(self):
+        if self.source.path == src:
+            alive_at_close.append(any(t.name == "n2n-teacher-ahead" for t in threading.enumerate()))
+            release.set()
+        real_close(self)
+
+    def cancel(self):
+        release.set()
+        real_cancel(self)
+
+    monkeypatch.setattr(hf_stream._Model, "block", block)
+    monkeypatch.setattr(hf_stream._Model, "close", close)
+    monkeypatch.setattr(hf_stream.TeacherAhead, "cancel", cancel)
+    with pytest.raises(RuntimeError, match="the student's side failed"):
+        with hf_stream.teacher_ahead(src, planned, **kw) as ahead:
+            hf_stream.compare_dirs(src, out, ahead=ahead, **KW)
+    assert alive_at_close and alive_at_close[0] is False, alive_at_close
+
+
 def test_an_error_in_the_teacher_thread_reaches_the_comparison(tmp_path, monkeypatch):
     """A failure of the thread while the comparison waits for a stream is raised in the
     comparison (not a hang, not a silent recomputation)."""
