@@ -223,11 +223,10 @@ class _Model:
         else:
             keys = self.block_keys(i)
             if self.block_bytes(i) > NARROW_BYTES:
-                item = torch.empty((), dtype=self.dtype).element_size()
                 narrow = {w: self.source.raw(keys[w]) for w in (f"{n}.weight" for n, m in layer.named_modules()
                                                                  if type(m) is torch.nn.Linear)
                           if w in keys and self.source.dtype(keys[w]).is_floating_point
-                          and self.source.dtype(keys[w]).itemsize < item}
+                          and self.source.dtype(keys[w]).itemsize < self.dtype.itemsize}
             sd = {name: torch.empty(self.source.shape(k), dtype=self.source.dtype(k), device="meta")
                   if narrow.get(name) is not None else memory.tensor(self.source, k, name, stored=name in narrow)
                   for name, k in keys.items()}
@@ -244,9 +243,8 @@ class _Model:
         return layer.eval()
 
     def block_bytes(self, i: int = 0) -> int:
-        """What block ``i`` takes in the compute dtype."""
-        item = torch.empty((), dtype=self.dtype).element_size()
-        return sum(math.prod(self.source.shape(k)) for k in self.block_keys(i).values()) * item
+        """What block ``i`` takes in the compute dtype (as reused buffers, all converted)."""
+        return sum(math.prod(self.source.shape(k)) for k in self.block_keys(i).values()) * self.dtype.itemsize
 
     def signature(self, i: int) -> tuple:
         """What block ``i``'s forward depends on besides its weights and its inputs: the config
@@ -768,10 +766,6 @@ class _TeacherSide:
         with self._cv:
             self._wait(lambda: self.runner is None)
 
-    def block_bytes(self) -> int:
-        """What one block of this side takes in the compute dtype (its reused buffers)."""
-        return self.t.block_bytes(0)
-
     def release(self, k: int) -> None:
         """Streams before ``k`` are not needed any more (those still needed to compute it are kept)."""
         with self._cv:
@@ -948,7 +942,7 @@ def _run(side: _TeacherSide, s: _Model, *, atol, rtol, seed, device, dtype, prog
 
         # the student's blocks run beside the teacher's thread when both sides' block buffers fit
         # in BESIDE_BYTES; else (a 7B model's block is 0.8 GB in float32) after it, one at a time
-        beside = 2 * side.block_bytes() <= BESIDE_BYTES
+        beside = 2 * side.t.block_bytes() <= BESIDE_BYTES
         memory = _Memory(device, dtype) if beside else side.memory  # one after the other: the same buffers
 
         def run(j: int):
